@@ -1,0 +1,128 @@
+"""The torch.compile backend: Inductor with our pass installed as ``post_grad_custom_pre_pass``.
+
+``torch.compile(model, backend="inductor_fusion", mode=..., options=...)`` resolves through the
+``torch_dynamo_backends`` entry point to `inductor_fusion_backend`. torch hands a string backend
+``mode=`` (unless "default") or ``options=``; we turn them into Inductor config patches the way
+``backend="inductor"`` does, after taking our own key (``options["inductor_fusion"]``) out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from inductor_fusion import config as fusion_config
+from inductor_fusion import registry
+from inductor_fusion.report import FusionReport
+
+log = logging.getLogger("inductor_fusion")
+
+
+def inductor_config_patches(mode: str | None, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Inductor config for ``mode``/``options``, validated as ``backend="inductor"`` validates."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
+
+    patches: dict[str, Any] = {}
+    if mode and mode != "default":
+        patches.update(list_mode_options(mode))
+    known = inductor_config.get_config_copy()
+    for key, value in (options or {}).items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise RuntimeError(
+                f"Unexpected optimization option {key!r} for backend 'inductor_fusion'; "
+                f"our own options go under options[{fusion_config.OPTIONS_KEY!r}]"
+            )
+        patches[name] = value
+    return patches
+
+
+class InductorFusionBackend:
+    """A torch.compile backend object; ``report`` lists what it fused.
+
+    >>> b = inductor_fusion.backend(patterns=["rmsnorm_mlp"], mode="max-autotune-no-cudagraphs")
+    >>> torch.compile(model, backend=b)
+    """
+
+    def __init__(
+        self,
+        *,
+        patterns: Sequence[str] | None = None,
+        disable: Sequence[str] = (),
+        mode: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        options = dict(options or {})
+        ours = options.pop(fusion_config.OPTIONS_KEY, None)
+        self.fusion_options = fusion_config.FusionOptions.from_value(ours)
+        if patterns is not None or disable:
+            self.fusion_options = fusion_config.FusionOptions(
+                patterns=tuple(patterns) if patterns is not None else self.fusion_options.patterns,
+                disable=(*self.fusion_options.disable, *disable),
+            )
+        self.inductor_patches = inductor_config_patches(mode, options)
+        self.report = FusionReport()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        from inductor_fusion.fusion_pass import FusionPass
+        from inductor_fusion.kernel_config import find_model_plan
+
+        plan = fusion_config.resolve_plan(
+            options=self.fusion_options, model_plan=find_model_plan(example_inputs)
+        )
+        # A cache hit runs compiled code without running our pass: the ops it calls must exist.
+        registry.import_op_modules(plan.patterns)
+        patches = dict(self.inductor_patches)
+        user_pass = patches.get(
+            "post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass
+        )
+        patches["post_grad_custom_pre_pass"] = FusionPass(
+            plan, report=self.report, chained=user_pass
+        )
+        log.debug("inductor_fusion: compiling with %s (%s)", sorted(plan.patterns), plan.source)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    def reset(self) -> None:
+        """Called by torch._dynamo.reset(): drop CUDA-graph trees as Inductor's wrapper does."""
+        reset_cudagraphs()
+
+
+def reset_cudagraphs() -> None:
+    from torch._inductor import config as inductor_config
+
+    if inductor_config.triton.cudagraphs or torch.cuda.is_available():
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+
+
+def backend(
+    *,
+    patterns: Sequence[str] | None = None,
+    disable: Sequence[str] = (),
+    mode: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> InductorFusionBackend:
+    """The callable form: ``torch.compile(model, backend=inductor_fusion.backend(...))``."""
+    return InductorFusionBackend(patterns=patterns, disable=disable, mode=mode, options=options)
+
+
+def inductor_fusion_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Entry point behind ``backend="inductor_fusion"``."""
+    return InductorFusionBackend(mode=mode, options=options)(gm, example_inputs)
+
+
+inductor_fusion_backend.reset = reset_cudagraphs  # type: ignore[attr-defined]

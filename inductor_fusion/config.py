@@ -1,0 +1,191 @@
+"""Which patterns are active, and where: every toggle source resolved into one frozen plan.
+
+Sources, and how they combine (this function, `resolve_plan`, is the only place that decides):
+
+1. ``INDUCTOR_FUSION_DISABLE`` (environment): comma-separated pattern names, or ``all``. It is the
+   operator's kill switch and always wins: the named patterns are removed from whatever the other
+   sources selected.
+2. The positive selection comes from the most specific source present, in this order:
+   a. backend options: ``torch.compile(..., options={"inductor_fusion": {"patterns": [...]}})`` or
+      ``inductor_fusion.backend(patterns=[...])`` (the compile call site is the most explicit);
+   b. the model's KernelConfig, attached by ``from_pretrained(..., kernel_config=...)``: names
+      patterns *and* the module globs where each may fuse;
+   c. ``INDUCTOR_FUSION_PATTERNS`` (environment): comma-separated names, ``all`` or ``none``;
+   d. otherwise every registered pattern, everywhere.
+   Backend options may also list ``"disable": [...]``, removed like the environment's.
+
+Every name is validated; an unknown one is a ValueError that lists the valid names. Nothing here
+reads the environment at import time: `resolve_plan` reads it when a compile starts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from inductor_fusion import registry
+
+ENV_PATTERNS = "INDUCTOR_FUSION_PATTERNS"
+ENV_DISABLE = "INDUCTOR_FUSION_DISABLE"
+OPTIONS_KEY = "inductor_fusion"
+
+# A scope is a tuple of glob tuples; each glob tuple is aligned with the family's roles
+# (e.g. ("model.layers.*.post_attention_layernorm", "model.layers.*.mlp") for norm, mlp).
+Scope = tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """Our own backend options: which patterns to enable (None: leave it to other sources)."""
+
+    patterns: tuple[str, ...] | None = None
+    disable: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.patterns is not None:
+            object.__setattr__(
+                self,
+                "patterns",
+                registry.validate_names(self.patterns, source="inductor_fusion option 'patterns'"),
+            )
+        object.__setattr__(
+            self,
+            "disable",
+            registry.validate_names(self.disable, source="inductor_fusion option 'disable'"),
+        )
+
+    @classmethod
+    def from_value(cls, value: Any) -> FusionOptions:
+        """Parses the value stored under ``options["inductor_fusion"]``."""
+        if value is None:
+            return cls()
+        if isinstance(value, FusionOptions):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"options[{OPTIONS_KEY!r}] must be a dict with keys 'patterns' and/or 'disable', "
+                f"got {type(value).__name__}"
+            )
+        unknown = set(value) - {"patterns", "disable"}
+        if unknown:
+            raise ValueError(
+                f"options[{OPTIONS_KEY!r}]: unknown key(s) {sorted(unknown)}; "
+                "valid keys: 'patterns', 'disable'"
+            )
+        patterns = value.get("patterns")
+        disable = value.get("disable", ())
+        if isinstance(patterns, str):
+            patterns = _parse_list(patterns, source=f"options[{OPTIONS_KEY!r}]['patterns']")
+        if isinstance(disable, str):
+            disable = _parse_list(disable, source=f"options[{OPTIONS_KEY!r}]['disable']")
+        return cls(
+            patterns=None if patterns is None else tuple(patterns), disable=tuple(disable)
+        )
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """The resolved answer: active pattern families and, per family, where they may fuse.
+
+    A family missing from ``scopes`` may fuse anywhere; one present may fuse only where some glob
+    tuple matches the module paths of all its roles.
+    """
+
+    patterns: frozenset[str]
+    scopes: Mapping[str, Scope] = field(default_factory=dict)
+    source: str = "default"
+
+    def __post_init__(self) -> None:
+        registry.validate_names(sorted(self.patterns), source=f"fusion plan ({self.source})")
+        for name, scope in self.scopes.items():
+            roles = registry.get_family(name).roles
+            for globs in scope:
+                if len(globs) != len(roles):
+                    raise ValueError(
+                        f"fusion plan: scope {globs!r} of pattern {name!r} must give one glob per "
+                        f"role {roles}"
+                    )
+        # Freeze the mapping so that the plan, and the uuid derived from it, cannot drift.
+        object.__setattr__(
+            self, "scopes", dict(sorted((k, tuple(map(tuple, v))) for k, v in self.scopes.items()))
+        )
+
+    def allows(self, pattern: str, paths: Mapping[str, str | None]) -> bool:
+        if pattern not in self.patterns:
+            return False
+        scope = self.scopes.get(pattern)
+        if scope is None:
+            return True
+        roles = registry.get_family(pattern).roles
+        for globs in scope:
+            if all(
+                paths.get(role) is not None and fnmatch.fnmatchcase(paths[role], glob)
+                for role, glob in zip(roles, globs, strict=True)
+            ):
+                return True
+        return False
+
+    def key(self) -> str:
+        """A deterministic description, hashed into the pass's uuid."""
+        scopes = ";".join(f"{k}={v!r}" for k, v in self.scopes.items())
+        return f"patterns={sorted(self.patterns)!r};scopes={scopes}"
+
+    def without(self, names: tuple[str, ...], *, source: str) -> FusionPlan:
+        if not names:
+            return self
+        keep = self.patterns - frozenset(names)
+        return FusionPlan(
+            patterns=keep,
+            scopes={k: v for k, v in self.scopes.items() if k in keep},
+            source=f"{self.source}+{source}",
+        )
+
+
+def _parse_list(text: str, *, source: str) -> tuple[str, ...]:
+    """``"a, b"`` -> ("a", "b"); ``all`` -> every pattern; ``none`` or empty -> ()."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    lowered = [item.lower() for item in items]
+    if lowered == ["all"]:
+        return registry.pattern_names()
+    if lowered in ([], ["none"]):
+        return ()
+    if "all" in lowered or "none" in lowered:
+        raise ValueError(f"{source}: 'all'/'none' cannot be combined with names, got {text!r}")
+    return registry.validate_names(items, source=source)
+
+
+def env_patterns(environ: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
+    environ = os.environ if environ is None else environ
+    text = environ.get(ENV_PATTERNS)
+    return None if text is None else _parse_list(text, source=ENV_PATTERNS)
+
+
+def env_disable(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    environ = os.environ if environ is None else environ
+    return _parse_list(environ.get(ENV_DISABLE, ""), source=ENV_DISABLE)
+
+
+def resolve_plan(
+    *,
+    options: FusionOptions | None = None,
+    model_plan: FusionPlan | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> FusionPlan:
+    """Resolves all toggle sources into one frozen plan (precedence: see the module docstring)."""
+    options = options or FusionOptions()
+    # Parse both environment variables first so a typo is reported even when unused.
+    from_env = env_patterns(environ)
+    killed = env_disable(environ)
+    if options.patterns is not None:
+        plan = FusionPlan(frozenset(options.patterns), source="options")
+    elif model_plan is not None:
+        plan = model_plan
+    elif from_env is not None:
+        plan = FusionPlan(frozenset(from_env), source="env")
+    else:
+        plan = FusionPlan(frozenset(registry.pattern_names()), source="default")
+    plan = plan.without(options.disable, source="options.disable")
+    return plan.without(killed, source=ENV_DISABLE)

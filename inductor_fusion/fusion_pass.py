@@ -1,0 +1,213 @@
+"""The one graph pass: runs the active families' matchers over a post-grad graph.
+
+Installed as Inductor's ``post_grad_custom_pre_pass``: the *pre* pass sees ``mm`` and ``add``
+still apart; by the post pass Inductor has folded them into ``addmm`` and the MLP + residual
+pattern no longer matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import hashlib
+import importlib
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from inductor_fusion import registry
+from inductor_fusion.config import FusionPlan
+from inductor_fusion.report import FusedRegion, FusionReport, get_report
+
+log = logging.getLogger("inductor_fusion")
+
+
+@dataclass
+class _PassRun:
+    """State of one pass invocation, visible to the patterns' checks through a context var."""
+
+    plan: FusionPlan
+    regions: list[FusedRegion]
+
+
+_current_run: contextvars.ContextVar[_PassRun | None] = contextvars.ContextVar(
+    "inductor_fusion_pass_run", default=None
+)
+
+
+@contextlib.contextmanager
+def _running(run: _PassRun) -> Iterator[None]:
+    token = _current_run.set(run)
+    try:
+        yield
+    finally:
+        _current_run.reset(token)
+
+
+def on_match(region: FusedRegion) -> bool:
+    """Called by a pattern after its own legality/profitability checks passed.
+
+    Decides whether the current plan allows the region where it is (module globs) and, if so,
+    records it. Inductor replaces exactly the matches whose check returned True, so the records
+    equal the replacements.
+    """
+    run = _current_run.get()
+    if run is None:  # A matcher applied outside our pass: never fuse behind the user's back.
+        return False
+    if not run.plan.allows(region.pattern, dict(region.paths)):
+        log.debug("inductor_fusion: %s not allowed here by the plan (%s)", region, run.plan.source)
+        return False
+    run.regions.append(region)
+    return True
+
+
+# --- module paths ------------------------------------------------------------------------------
+
+# Dynamo names the root object after the frame's local (L['self'], L['args'][0], L['model']...).
+_ROOT = re.compile(r"^L\[[^\]]*\](?:\[[^\]]*\])*")
+_ITEM = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
+_MODULES = re.compile(r"\._modules\[(?:'([^']*)'|\"([^\"]*)\")\]")
+
+
+@functools.lru_cache(maxsize=4096)
+def normalize_module_path(raw: str) -> str:
+    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
+    path = _ROOT.sub("", raw)
+    path = _MODULES.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
+    path = _ITEM.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
+    return path.lstrip(".")
+
+
+def innermost_module(node: torch.fx.Node) -> str | None:
+    """Path of the innermost nn.Module the node was traced in, or None without metadata."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    raw = list(stack.values())[-1][0]
+    return normalize_module_path(raw)
+
+
+def common_module(paths: Sequence[str | None]) -> str | None:
+    """Longest dotted prefix shared by all paths (None if any is unknown)."""
+    if not paths or any(p is None for p in paths):
+        return None
+    split = [p.split(".") for p in paths if p is not None]
+    prefix: list[str] = []
+    for parts in zip(*split, strict=False):
+        if len(set(parts)) != 1:
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix) or None
+
+
+# --- the pass ----------------------------------------------------------------------------------
+
+
+def _source_files(module_names: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for name in module_names:
+        module = importlib.import_module(name)
+        origin = Path(module.__file__ or "")
+        # A package stands for all the sources in its folder (e.g. every kernel file).
+        if origin.name == "__init__.py":
+            files.extend(sorted(origin.parent.glob("*.py")))
+        else:
+            files.append(origin)
+    return files
+
+
+@functools.cache
+def _source_hash(module_names: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for path in _source_files(module_names):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class FusionPass(CustomGraphPass):
+    """Applies the plan's pattern families to a graph; its uuid() keys the FX graph cache.
+
+    ``chained`` is whatever the user had already installed as ``post_grad_custom_pre_pass``
+    (a pass, or a list of them): it runs first, on the graph it was written for, and our uuid
+    includes its uuid — or is None, disabling the cache, when it has none (as Inductor does).
+    """
+
+    def __init__(
+        self,
+        plan: FusionPlan,
+        *,
+        report: FusionReport | None = None,
+        chained: Any = None,
+    ) -> None:
+        self.plan = plan
+        self.report = report
+        if chained is None:
+            self.chained: tuple[Callable[[torch.fx.Graph], Any], ...] = ()
+        elif isinstance(chained, (list, tuple)):
+            self.chained = tuple(chained)
+        else:
+            self.chained = (chained,)
+        self.last_counts: dict[str, int] = {}
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for user_pass in self.chained:
+            user_pass(graph)
+        counts: dict[str, int] = {}
+        for name in sorted(self.plan.patterns):
+            run = _PassRun(plan=self.plan, regions=[])
+            with _running(run):
+                replaced = registry.matcher_pass(name).apply(graph)
+            if replaced != len(run.regions):  # Would mean a check approved without recording.
+                raise RuntimeError(
+                    f"inductor_fusion: {name} replaced {replaced} regions but recorded "
+                    f"{len(run.regions)}"
+                )
+            counts[name] = replaced
+            for region in run.regions:
+                get_report().record(region)
+                if self.report is not None:
+                    self.report.record(region)
+        if any(counts.values()):
+            graph.eliminate_dead_code()
+            graph.lint()
+            log.info(
+                "inductor_fusion: fused %s",
+                ", ".join(f"{n} x{c}" for n, c in counts.items() if c),
+            )
+        self.last_counts = counts
+
+    def uuid(self) -> str | None:
+        chained_ids = []
+        for user_pass in self.chained:
+            uid = user_pass.uuid() if isinstance(user_pass, CustomGraphPass) else None
+            if uid is None:
+                return None
+            chained_ids.append(repr(uid))
+        families = [registry.get_family(n) for n in sorted(self.plan.patterns)]
+        modules = (
+            "inductor_fusion",  # this package: pass, registry, config, backend
+            *(f.pattern_module for f in families),
+            "inductor_fusion.triton_kernels",  # every kernel source
+        )
+        digest = hashlib.sha256()
+        digest.update(_source_hash(modules).encode())
+        digest.update(self.plan.key().encode())
+        digest.update("|".join(chained_ids).encode())
+        return digest.hexdigest()
+
+
+def region_paths(
+    roles: Mapping[str, Sequence[torch.fx.Node]],
+) -> tuple[tuple[str, str | None], ...]:
+    """Module path per role: the common module of the nodes a pattern attributes to it."""
+    return tuple(
+        (role, common_module([innermost_module(n) for n in nodes])) for role, nodes in roles.items()
+    )

@@ -1,0 +1,119 @@
+"""The named pattern families, and their lazily built matcher passes.
+
+A family is what users switch on and off by name (environment variables, backend options,
+KernelConfig). It is declared here with the modules that implement it, so names can be
+validated and sources hashed without importing torch's pattern matcher or tracing anything.
+The matcher pass of a family is built once, the first time a compile needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch._inductor.pattern_matcher import PatternMatcherPass
+
+
+@dataclass(frozen=True)
+class PatternFamily:
+    """One named fusion: where its patterns and its op live, and which modules it spans."""
+
+    name: str
+    # Module holding the plain-PyTorch search/replacement pairs; it exposes
+    # `register(pass_, on_match)` and `ROLES`.
+    pattern_module: str
+    # Modules holding the custom op(s) the replacement calls. They must be imported before a
+    # graph from the FX cache runs, because a cache hit skips our pass entirely.
+    op_modules: tuple[str, ...]
+    # The module roles a match spans, in the order KernelConfig keys name them.
+    roles: tuple[str, ...]
+    description: str
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"pattern family name must be an identifier, got {self.name!r}")
+        if not self.roles:
+            raise ValueError(f"pattern family {self.name!r} declares no roles")
+
+
+FAMILIES: dict[str, PatternFamily] = {
+    family.name: family
+    for family in (
+        PatternFamily(
+            name="rmsnorm_mlp",
+            pattern_module="inductor_fusion.patterns.rmsnorm_mlp",
+            op_modules=("inductor_fusion.triton_kernels.rmsnorm_mlp",),
+            roles=("norm", "mlp"),
+            description=(
+                "Llama-style RMSNorm -> SwiGLU MLP (gate/up/down, SiLU), with or without the "
+                "residual add that follows"
+            ),
+        ),
+    )
+}
+
+
+def pattern_names() -> tuple[str, ...]:
+    """Every valid pattern family name, sorted."""
+    return tuple(sorted(FAMILIES))
+
+
+def get_family(name: str) -> PatternFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown inductor_fusion pattern {name!r}; valid names: {', '.join(pattern_names())}"
+        ) from None
+
+
+def validate_names(names: object, *, source: str) -> tuple[str, ...]:
+    """Checks a collection of pattern names; the error names the source and the valid choices."""
+    if isinstance(names, str) or not hasattr(names, "__iter__"):
+        raise TypeError(f"{source}: expected a list of pattern names, got {names!r}")
+    result = []
+    for name in names:  # type: ignore[union-attr]
+        if not isinstance(name, str) or name not in FAMILIES:
+            raise ValueError(
+                f"{source}: unknown inductor_fusion pattern {name!r}; "
+                f"valid names: {', '.join(pattern_names())}"
+            )
+        result.append(name)
+    return tuple(dict.fromkeys(result))
+
+
+def import_op_modules(names: tuple[str, ...] | frozenset[str]) -> None:
+    """Registers the custom ops the given families' replacements call."""
+    for name in sorted(names):
+        for module in get_family(name).op_modules:
+            importlib.import_module(module)
+
+
+def pattern_module(name: str) -> ModuleType:
+    return importlib.import_module(get_family(name).pattern_module)
+
+
+_build_lock = threading.Lock()
+
+
+@functools.cache
+def _built_pass(name: str) -> PatternMatcherPass:
+    from torch._inductor.pattern_matcher import PatternMatcherPass
+
+    from inductor_fusion import fusion_pass
+
+    matcher = PatternMatcherPass(pass_name=f"inductor_fusion.{name}")
+    pattern_module(name).register(matcher, on_match=fusion_pass.on_match)
+    return matcher
+
+
+def matcher_pass(name: str) -> PatternMatcherPass:
+    """The family's PatternMatcherPass, registering its patterns on first use (traces them)."""
+    get_family(name)
+    with _build_lock:
+        return _built_pass(name)

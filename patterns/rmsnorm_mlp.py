@@ -1,0 +1,308 @@
+"""RMSNorm -> SwiGLU MLP (-> residual add): Llama, Mistral, Qwen2, Qwen3 and their kin.
+
+The search functions are the Hugging Face modules' math written as plain PyTorch:
+
+    n   = weight * (h.float() * rsqrt(mean(h.float()**2, -1, keepdim) + eps)).to(h.dtype)
+    out = h + down(silu(gate(n)) * up(n))
+
+Inductor's pattern matcher traces them (with its own decompositions, so ``F.silu`` and
+``F.linear`` become exactly the nodes a compiled HF model shows) and finds them in post-grad
+graphs. The first match ignores literals (shapes, dtypes, exponents); torch then re-traces the
+search function with the real shapes and dtypes and re-matches with every literal compared, so a
+``pow(x, 3)``, a ``mean`` over another dim or a cast to another dtype never fuses.
+
+Variants come from one loop: dtype class (fp32 graphs lose the casts), 2-D or 3-D activations
+(3-D adds reshapes), biases (``mlp_bias=True``), and the residual add (absent, or on either side).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from inductor_fusion.report import FusedRegion
+
+log = logging.getLogger("inductor_fusion")
+
+NAME = "rmsnorm_mlp"
+ROLES = ("norm", "mlp")
+
+_WEIGHTS = ("norm_weight", "gate_weight", "up_weight", "down_weight")
+_BIASES = ("gate_bias", "up_bias", "down_bias")
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SUPPORTED_DEVICES = ("cuda", "cpu")
+# An example eps that equals no other literal of the pattern (2 in pow, 1 in silu, -1 in mean),
+# so the scalar workaround turns exactly this one into an argument.
+_EXAMPLE_EPS = 1e-5
+
+
+# --- the math, as plain PyTorch -----------------------------------------------------------------
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = hidden.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(hidden.dtype)
+
+
+def swiglu_mlp(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    gate = F.linear(x, gate_weight, gate_bias)
+    up = F.linear(x, up_weight, up_bias)
+    return F.linear(F.silu(gate) * up, down_weight, down_bias)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One registered shape of the region."""
+
+    lowp: bool  # bf16/fp16 graph: casts to fp32 and back are present
+    ndim: int  # 2 or 3: 3-D activations add reshapes around each mm
+    bias: bool  # mlp_bias=True: addmm instead of mm
+    residual: str  # "none", "left" (h + mlp, as HF writes it) or "right" (mlp + h)
+
+    @property
+    def name(self) -> str:
+        parts = ["lowp" if self.lowp else "fp32", f"{self.ndim}d"]
+        if self.bias:
+            parts.append("bias")
+        parts.append(f"residual_{self.residual}" if self.residual != "none" else "no_residual")
+        return "_".join(parts)
+
+    @property
+    def argnames(self) -> tuple[str, ...]:
+        return ("hidden", *_WEIGHTS, *(_BIASES if self.bias else ()), "eps")
+
+    def search(self, **a: Any) -> torch.Tensor:
+        biases = {k: a[k] for k in _BIASES} if self.bias else {}
+        out = swiglu_mlp(
+            rms_norm(a["hidden"], a["norm_weight"], a["eps"]),
+            a["gate_weight"],
+            a["up_weight"],
+            a["down_weight"],
+            **biases,
+        )
+        if self.residual == "left":
+            return a["hidden"] + out
+        if self.residual == "right":
+            return out + a["hidden"]
+        return out
+
+    def replace(self, **a: Any) -> torch.Tensor:
+        return torch.ops.inductor_fusion.rmsnorm_mlp.default(
+            a["hidden"],
+            a["norm_weight"],
+            a["gate_weight"],
+            a["up_weight"],
+            a["down_weight"],
+            a.get("gate_bias"),
+            a.get("up_bias"),
+            a.get("down_bias"),
+            None if self.residual == "none" else a["hidden"],
+            a["eps"],
+        )
+
+    def example_inputs(self) -> list[Any]:
+        # Distinct sizes (M=6, H=32, I=48) so no two dims are confused while tracing; values and
+        # device do not matter to the trace.
+        dtype = torch.bfloat16 if self.lowp else torch.float32
+        hidden_shape = (2, 3, 32) if self.ndim == 3 else (6, 32)
+        shapes = {
+            "hidden": hidden_shape,
+            "norm_weight": (32,),
+            "gate_weight": (48, 32),
+            "up_weight": (48, 32),
+            "down_weight": (32, 48),
+            "gate_bias": (48,),
+            "up_bias": (48,),
+            "down_bias": (32,),
+        }
+        return [
+            _EXAMPLE_EPS if name == "eps" else torch.empty(shapes[name], dtype=dtype)
+            for name in self.argnames
+        ]
+
+
+def variants() -> list[Variant]:
+    # "left" first: it is what HF writes, so it is tried first on each add.
+    return [
+        Variant(lowp=lowp, ndim=ndim, bias=bias, residual=residual)
+        for lowp, ndim, bias, residual in itertools.product(
+            (True, False), (3, 2), (False, True), ("left", "right", "none")
+        )
+    ]
+
+
+def _positional(fn: Callable[..., torch.Tensor], names: tuple[str, ...]) -> Callable[..., Any]:
+    """Gives a keyword-only body the explicit positional signature the matcher inspects."""
+
+    def call(*args: Any) -> torch.Tensor:
+        return fn(**dict(zip(names, args, strict=True)))
+
+    call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+    return call
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionArgs:
+    """The matched region's inputs as fake tensors (plus eps), for the checks."""
+
+    hidden: torch.Tensor
+    norm_weight: torch.Tensor
+    gate_weight: torch.Tensor
+    up_weight: torch.Tensor
+    down_weight: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    eps: Any
+
+
+def can_fuse(args: RegionArgs) -> str | None:
+    """Legality: None if our op computes this region exactly as written, else the reason not."""
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import supports
+
+    if not isinstance(args.eps, float):
+        # With dynamic=True eps may arrive as a graph input (SymFloat or tensor).
+        return f"eps is not a Python float ({type(args.eps).__name__})"
+    h = args.hidden
+    tensors = [t for t in (h, *_weights_of(args)) if t is not None]
+    if any(not isinstance(t, torch.Tensor) for t in tensors):
+        return "an input has no tensor metadata"
+    if h.dtype not in _SUPPORTED_DTYPES:
+        return f"unsupported dtype {h.dtype}"
+    if any(t.dtype != h.dtype for t in tensors):
+        return "mixed dtypes: " + ", ".join(sorted({str(t.dtype) for t in tensors}))
+    if h.device.type not in _SUPPORTED_DEVICES:
+        return f"unsupported device {h.device}"
+    if any(t.device != h.device for t in tensors):
+        return "inputs on different devices"
+    if h.dim() not in (2, 3):
+        return f"hidden has {h.dim()} dims"
+    hidden_size, inter = args.gate_weight.shape[1], args.gate_weight.shape[0]
+    if not all(isinstance(s, int) for s in (hidden_size, inter)):
+        return "symbolic hidden or intermediate size"
+    expected = {
+        "hidden[-1]": (tuple(h.shape[-1:]), (hidden_size,)),
+        "norm_weight": (tuple(args.norm_weight.shape), (hidden_size,)),
+        "up_weight": (tuple(args.up_weight.shape), (inter, hidden_size)),
+        "down_weight": (tuple(args.down_weight.shape), (hidden_size, inter)),
+        "gate_bias": (_shape(args.gate_bias), (inter,)),
+        "up_bias": (_shape(args.up_bias), (inter,)),
+        "down_bias": (_shape(args.down_bias), (hidden_size,)),
+    }
+    for what, (got, want) in expected.items():
+        if got is not None and got != want:
+            return f"{what} has shape {got}, expected {want}"
+    if h.device.type == "cuda":
+        reason = supports(h.dtype, "cuda", hidden_size, inter)
+        if reason is not None:
+            return reason
+    return None
+
+
+def should_fuse(args: RegionArgs) -> bool:
+    """Profitability. Every legal region pays on CUDA (the fused op saves the norm, activation and
+    residual round trips at every size we measured). On the CPU our op is the eager reference and
+    we still fuse, so that CPU runs exercise the same graphs as GPU ones."""
+    return True
+
+
+def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if t is None else tuple(t.shape)
+
+
+def _weights_of(args: RegionArgs) -> tuple[torch.Tensor | None, ...]:
+    return (
+        args.norm_weight,
+        args.gate_weight,
+        args.up_weight,
+        args.down_weight,
+        args.gate_bias,
+        args.up_bias,
+        args.down_bias,
+    )
+
+
+def _value(arg: Any) -> Any:
+    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+
+
+_NORM_TARGETS = (torch.ops.aten.mean.dim, torch.ops.aten.rsqrt.default)
+_MLP_TARGETS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+
+def _check(match: Any, *, variant: Variant, on_match: Callable[[FusedRegion], bool]) -> bool:
+    from inductor_fusion.fusion_pass import region_paths
+
+    args = RegionArgs(
+        **{
+            name: _value(match.kwargs.get(name))
+            for name in RegionArgs.__dataclass_fields__
+            if name != "eps"
+        },
+        eps=_value(match.kwargs.get("eps")),
+    )
+    reason = can_fuse(args)
+    if reason is not None:
+        # One line per rejected region; the graph keeps Inductor's unfused code there.
+        log.info("inductor_fusion: %s not fused (%s): %s", NAME, variant.name, reason)
+        return False
+    if not should_fuse(args):
+        return False
+    paths = region_paths(
+        {
+            "norm": [n for n in match.nodes if n.target in _NORM_TARGETS],
+            "mlp": [n for n in match.nodes if n.target in _MLP_TARGETS],
+        }
+    )
+    return on_match(FusedRegion(pattern=NAME, variant=variant.name, paths=paths))
+
+
+def _trace(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.fx.GraphModule:
+    """fwd_only, then view -> reshape: compile_fx converts views before post-grad passes, so a
+    3-D pattern traced with views would never match."""
+    from torch._inductor.fx_passes.post_grad import view_to_reshape
+    from torch._inductor.pattern_matcher import fwd_only
+
+    gm = fwd_only(fn, args, **kwargs)
+    view_to_reshape(gm)
+    return gm
+
+
+def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
+    """Registers every variant into ``pass_`` (a PatternMatcherPass). Traces; call once."""
+    from torch._inductor.pattern_matcher import register_replacement
+
+    import inductor_fusion.triton_kernels.rmsnorm_mlp  # noqa: F401  (the op the replacement calls)
+
+    for variant in variants():
+        register_replacement(
+            _positional(variant.search, variant.argnames),
+            _positional(variant.replace, variant.argnames),
+            variant.example_inputs(),
+            _trace,
+            pass_,
+            extra_check=functools.partial(_check, variant=variant, on_match=on_match),
+            scalar_workaround={"eps": _EXAMPLE_EPS},
+        )

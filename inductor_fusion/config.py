@@ -81,9 +81,8 @@ class FusionOptions:
             patterns = _parse_list(patterns, source=f"options[{OPTIONS_KEY!r}]['patterns']")
         if isinstance(disable, str):
             disable = _parse_list(disable, source=f"options[{OPTIONS_KEY!r}]['disable']")
-        return cls(
-            patterns=None if patterns is None else tuple(patterns), disable=tuple(disable)
-        )
+        # __post_init__ validates and normalizes both into tuples of known names.
+        return cls(patterns=patterns, disable=disable)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -35,6 +36,7 @@ class _PassRun:
 
     plan: FusionPlan
     regions: list[FusedRegion]
+    rejected: set[object] = dataclasses.field(default_factory=set)
 
 
 _current_run: contextvars.ContextVar[_PassRun | None] = contextvars.ContextVar(
@@ -66,6 +68,17 @@ def on_match(region: FusedRegion) -> bool:
         return False
     run.regions.append(region)
     return True
+
+
+def on_reject(region_key: object, message: str) -> None:
+    """Logs why a matched region stays unfused: one line per region, although the region's
+    larger and smaller variants (with and without the residual add) are each tried."""
+    run = _current_run.get()
+    if run is not None and region_key in run.rejected:
+        return
+    if run is not None:
+        run.rejected.add(region_key)
+    log.info("inductor_fusion: %s", message)
 
 
 # --- module paths ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ run the pass at all, so a cached compile adds nothing here: tests that count dis
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -68,10 +69,17 @@ class FusionReport:
         if not self._regions:
             return "inductor_fusion: no region fused"
         lines = [f"inductor_fusion: {len(self)} region(s) fused"]
-        lines += [f"  {region}" for region in self.regions]
+        # The matcher walks graphs backwards; list regions in model order instead.
+        ordered = sorted(self.regions, key=lambda r: (r.pattern, _natural(str(r.paths))))
+        lines += [f"  {region}" for region in ordered]
         return "\n".join(lines)
 
     __str__ = summary
+
+
+def _natural(text: str) -> tuple[object, ...]:
+    """Sort key that puts layers.2 before layers.10."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
 _GLOBAL = FusionReport()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from inductor_fusion.report import FusedRegion
-
-log = logging.getLogger("inductor_fusion")
 
 NAME = "rmsnorm_mlp"
 ROLES = ("norm", "mlp")
@@ -197,7 +194,7 @@ def can_fuse(args: RegionArgs) -> str | None:
         return f"unsupported device {h.device}"
     if any(t.device != h.device for t in tensors):
         return "inputs on different devices"
-    if h.dim() not in (2, 3):
+    if h.dim() < 2:
         return f"hidden has {h.dim()} dims"
     hidden_size, inter = args.gate_weight.shape[1], args.gate_weight.shape[0]
     if not all(isinstance(s, int) for s in (hidden_size, inter)):
@@ -253,7 +250,7 @@ _MLP_TARGETS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 
 
 def _check(match: Any, *, variant: Variant, on_match: Callable[[FusedRegion], bool]) -> bool:
-    from inductor_fusion.fusion_pass import region_paths
+    from inductor_fusion.fusion_pass import on_reject, region_paths
 
     args = RegionArgs(
         **{
@@ -265,8 +262,10 @@ def _check(match: Any, *, variant: Variant, on_match: Callable[[FusedRegion], bo
     )
     reason = can_fuse(args)
     if reason is not None:
-        # One line per rejected region; the graph keeps Inductor's unfused code there.
-        log.info("inductor_fusion: %s not fused (%s): %s", NAME, variant.name, reason)
+        # The graph keeps Inductor's unfused code there; say why, once per region (keyed by
+        # its statistics node, which every variant of the region shares).
+        key = next((n for n in match.nodes if n.target == torch.ops.aten.mean.dim), variant)
+        on_reject(key, f"{NAME} not fused ({variant.name}): {reason}")
         return False
     if not should_fuse(args):
         return False

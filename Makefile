@@ -1,0 +1,41 @@
+# Every target installs what it needs, so each works on a fresh machine.
+# On CPU machines torch must be the local 2.13.0 wheel: any other spec downloads GBs of CUDA wheels.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .make-installed
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m inductor_fusion.demo
+
+# The whole suite, slow model compiles included (CI runs exactly this). Without CUDA the
+# kernel tests run under Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET).
+test: $(STAMP)
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+lint:
+	$(PYTHON) -c "import ruff" 2>/dev/null || $(PIP) install -q ruff
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+# GPU benchmark (needs CUDA): writes perf/results/{results.json,csv,md,png}.
+bench: $(STAMP)
+	$(PYTHON) perf/bench.py --out perf/results
+
+clean:
+	rm -rf $(STAMP) build dist *.egg-info .pytest_cache .hypothesis

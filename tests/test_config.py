@@ -1,0 +1,118 @@
+"""Toggle resolution, without compiling: every source, precedence, and errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from inductor_fusion import registry
+from inductor_fusion.config import (
+    ENV_DISABLE,
+    ENV_PATTERNS,
+    FusionOptions,
+    FusionPlan,
+    resolve_plan,
+)
+
+ALL = frozenset(registry.pattern_names())
+
+
+def test_default_is_every_pattern_everywhere():
+    plan = resolve_plan(environ={})
+    assert plan.patterns == ALL
+    assert plan.allows("rmsnorm_mlp", {"norm": None, "mlp": None})
+
+
+@pytest.mark.parametrize("value", ["rmsnorm_mlp", "all", " rmsnorm_mlp , "])
+def test_env_disable_removes(value):
+    assert resolve_plan(environ={ENV_DISABLE: value}).patterns == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("none", frozenset()), ("", frozenset()), ("all", ALL)]
+)
+def test_env_patterns_selects(value, expected):
+    assert resolve_plan(environ={ENV_PATTERNS: value}).patterns == expected
+
+
+@pytest.mark.parametrize("var", [ENV_PATTERNS, ENV_DISABLE])
+def test_env_unknown_name_lists_valid_names(var):
+    with pytest.raises(
+        ValueError, match=r"unknown inductor_fusion pattern 'rmsnorm_mpl'.*rmsnorm_mlp"
+    ):
+        resolve_plan(environ={var: "rmsnorm_mpl"})
+
+
+def test_env_all_mixed_with_names_is_an_error():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        resolve_plan(environ={ENV_DISABLE: "all,rmsnorm_mlp"})
+
+
+def test_options_beat_model_plan_and_env_patterns():
+    model_plan = FusionPlan(frozenset(), source="kernel_config")
+    plan = resolve_plan(
+        options=FusionOptions(patterns=("rmsnorm_mlp",)),
+        model_plan=model_plan,
+        environ={ENV_PATTERNS: "none"},
+    )
+    assert plan.patterns == ALL and plan.source == "options"
+
+
+def test_model_plan_beats_env_patterns():
+    scoped = FusionPlan(
+        frozenset({"rmsnorm_mlp"}),
+        scopes={"rmsnorm_mlp": (("model.layers.0.*", "model.layers.0.*"),)},
+        source="kernel_config",
+    )
+    plan = resolve_plan(model_plan=scoped, environ={ENV_PATTERNS: "none"})
+    assert plan is scoped
+    assert plan.allows(
+        "rmsnorm_mlp",
+        {"norm": "model.layers.0.post_attention_layernorm", "mlp": "model.layers.0.mlp"},
+    )
+    assert not plan.allows(
+        "rmsnorm_mlp",
+        {"norm": "model.layers.1.post_attention_layernorm", "mlp": "model.layers.1.mlp"},
+    )
+    # Unknown paths never satisfy a scope.
+    assert not plan.allows("rmsnorm_mlp", {"norm": None, "mlp": None})
+
+
+def test_env_disable_wins_over_everything():
+    plan = resolve_plan(
+        options=FusionOptions(patterns=("rmsnorm_mlp",)),
+        environ={ENV_DISABLE: "all"},
+    )
+    assert plan.patterns == frozenset()
+
+
+def test_options_disable():
+    plan = resolve_plan(options=FusionOptions.from_value({"disable": ["rmsnorm_mlp"]}), environ={})
+    assert plan.patterns == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ({"patterns": ["nope"]}, ValueError, "valid names: rmsnorm_mlp"),
+        ({"disable": ["nope"]}, ValueError, "valid names: rmsnorm_mlp"),
+        ({"patern": ["rmsnorm_mlp"]}, ValueError, "unknown key"),
+        (["rmsnorm_mlp"], TypeError, "must be a dict"),
+        ({"patterns": 3}, TypeError, "expected a list"),
+    ],
+)
+def test_bad_options(value, error, match):
+    with pytest.raises(error, match=match):
+        FusionOptions.from_value(value)
+
+
+def test_plan_scope_must_align_with_roles():
+    with pytest.raises(ValueError, match="one glob per role"):
+        FusionPlan(frozenset({"rmsnorm_mlp"}), scopes={"rmsnorm_mlp": (("only-one",),)})
+
+
+def test_plan_key_is_deterministic_and_distinguishes_toggles():
+    a = FusionPlan(ALL)
+    assert a.key() == FusionPlan(ALL, source="other").key()
+    assert a.key() != FusionPlan(frozenset()).key()
+    scoped = FusionPlan(ALL, scopes={"rmsnorm_mlp": (("x", "y"),)})
+    assert scoped.key() != a.key()

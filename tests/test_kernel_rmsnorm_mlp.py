@@ -1,0 +1,345 @@
+"""``inductor_fusion::rmsnorm_mlp``: the Triton launcher against the reference, and the op's contract.
+
+Tolerance rule of the project: measured against a float64 reference computed on the upcast inputs,
+the kernel's relative L2 error may be at most twice that of the same-dtype eager reference, plus a
+small floor. Kernels run on CPU tensors through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1 without a GPU); the interpreter gets bf16 products wrong, so bf16 runs on CUDA only.
+"""
+
+import contextlib
+import dataclasses
+import os
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from inductor_fusion.triton_kernels import rmsnorm_mlp as rmsnorm_mlp_module
+from inductor_fusion.triton_kernels.rmsnorm_mlp import (
+    rmsnorm_mlp_reference,
+    rmsnorm_mlp_triton,
+    supports,
+)
+
+OP = torch.ops.inductor_fusion.rmsnorm_mlp.default
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+_needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU runs need TRITON_INTERPRET=1")
+_needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+DEVICE_DTYPES = [
+    pytest.param("cpu", torch.float32, marks=_needs_interpreter, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, marks=_needs_interpreter, id="cpu-fp16"),
+    pytest.param("cuda", torch.float32, marks=_needs_cuda, id="cuda-fp32"),
+    pytest.param("cuda", torch.float16, marks=_needs_cuda, id="cuda-fp16"),
+    pytest.param("cuda", torch.bfloat16, marks=_needs_cuda, id="cuda-bf16"),
+]
+
+# Floor on the relative error, for cases where eager happens to be nearly exact.
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 8e-4}
+
+# One token count inside each of _pick_config's GPU branches; the tests force each branch's
+# configuration under the interpreter too, so every launch configuration gets checked on CPU.
+BRANCH_M = (1, 17, 33, 65)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    lead: tuple[int, ...]  # leading dims of hidden: (M,) or (B, S)
+    hidden_size: int
+    inter_size: int
+    eps: float
+    bias: bool
+    residual: bool
+    layout: str  # "contiguous", "padded" (row stride > H) or "transposed" (inner stride != 1)
+    scale: float  # of hidden: the norm must undo it
+    branch_m: int | None  # force the config _pick_config gives this M on a GPU; None: automatic
+    seed: int
+
+
+@dataclasses.dataclass
+class Inputs:
+    args: tuple[torch.Tensor, ...]  # hidden, norm_weight, gate_weight, up_weight, down_weight
+    kwargs: dict[str, torch.Tensor | None]  # gate_bias, up_bias, down_bias, residual
+
+
+def _strided_copy(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` with equal values but the given memory layout."""
+    if layout == "padded":
+        wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 7, dtype=t.dtype, device=t.device)
+        wide[..., : t.shape[-1]] = t
+        return wide[..., : t.shape[-1]]
+    if layout == "transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+def make_inputs(case: Case, device: str, dtype: torch.dtype) -> Inputs:
+    """Realistic scales: hidden ~ N(0, scale^2), Linear weights ~ N(0, 1/fan_in)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    h, i = case.hidden_size, case.inter_size
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=gen) * std
+
+    hidden = randn(*case.lead, h, std=case.scale)
+    norm_weight = 1.0 + 0.1 * randn(h)
+    weights = [randn(i, h, std=h**-0.5), randn(i, h, std=h**-0.5), randn(h, i, std=i**-0.5)]
+    biases = [0.1 * randn(i), 0.1 * randn(i), 0.1 * randn(h)] if case.bias else [None] * 3
+    residual = randn(*case.lead, h) if case.residual else None
+
+    def put(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    hidden, residual = put(hidden), put(residual)
+    weights = [put(w) for w in weights]
+    if case.layout != "contiguous":
+        hidden = _strided_copy(hidden, case.layout)
+        residual = None if residual is None else _strided_copy(residual, case.layout)
+        # nn.Linear weights that are views of transposed storage: read in place through strides.
+        weights = [_strided_copy(w, "transposed") for w in weights]
+    return Inputs(
+        args=(hidden, put(norm_weight), *weights),
+        kwargs=dict(
+            zip(("gate_bias", "up_bias", "down_bias"), map(put, biases), strict=True),
+            residual=residual,
+        ),
+    )
+
+
+def _upcast(inputs: Inputs) -> Inputs:
+    return Inputs(
+        args=tuple(t.double() for t in inputs.args),
+        kwargs={k: None if t is None else t.double() for k, t in inputs.kwargs.items()},
+    )
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double().cpu()
+    return ((actual.double().cpu() - expected).norm() / expected.norm()).item()
+
+
+@contextlib.contextmanager
+def _nan_filled_empty():
+    """Make ``torch.empty`` return NaN-filled memory, so an element the kernels skip shows up."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+        torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
+
+
+def _config_for(case: Case, dtype: torch.dtype):
+    if case.branch_m is None:
+        return None
+    return rmsnorm_mlp_module._pick_config(
+        case.branch_m, case.hidden_size, case.inter_size, dtype, interpret=False
+    )
+
+
+def check_against_reference(case: Case, device: str, dtype: torch.dtype) -> None:
+    inputs = make_inputs(case, device, dtype)
+    with _nan_filled_empty():
+        ours = rmsnorm_mlp_triton(
+            *inputs.args, **inputs.kwargs, eps=case.eps, _config=_config_for(case, dtype)
+        )
+    hidden = inputs.args[0]
+    assert ours.shape == hidden.shape
+    assert ours.dtype == dtype
+    assert ours.device == hidden.device
+    assert ours.is_contiguous()
+    assert torch.isfinite(ours).all(), "non-finite output: an element was not written"
+
+    exact = _upcast(inputs)
+    ref64 = rmsnorm_mlp_reference(*exact.args, **exact.kwargs, eps=case.eps)
+    eager = rmsnorm_mlp_reference(*inputs.args, **inputs.kwargs, eps=case.eps)
+    err, eager_err = _rel_err(ours, ref64), _rel_err(eager, ref64)
+    assert err <= 2 * eager_err + ATOL[dtype], (
+        f"relative error {err:.3e} vs eager {eager_err:.3e} (allowed 2x + {ATOL[dtype]:.0e}) for {case}"
+    )
+
+
+@st.composite
+def cases(draw) -> Case:
+    if draw(st.booleans()):
+        lead = (draw(st.integers(1, 70)),)
+    else:
+        lead = (draw(st.integers(1, 3)), draw(st.integers(1, 23)))
+    return Case(
+        lead=lead,
+        hidden_size=draw(st.integers(16, 160)),
+        inter_size=draw(st.integers(16, 300)),
+        eps=draw(st.sampled_from((1e-6, 1e-5, 0.1))),
+        bias=draw(st.booleans()),
+        residual=draw(st.booleans()),
+        layout=draw(st.sampled_from(("contiguous", "padded", "transposed"))),
+        scale=draw(st.sampled_from((1.0, 0.25, 16.0))),
+        branch_m=draw(st.sampled_from((None, *BRANCH_M))),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+M1_CASE = Case(
+    lead=(1,),
+    hidden_size=100,
+    inter_size=257,
+    eps=1e-6,
+    bias=True,
+    residual=True,
+    layout="contiguous",
+    scale=1.0,
+    branch_m=None,
+    seed=0,
+)
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@settings(derandomize=True, database=None, max_examples=200, deadline=None)
+@given(case=cases())
+@example(case=M1_CASE)
+@example(case=dataclasses.replace(M1_CASE, lead=(1, 1), bias=False, residual=False, eps=0.1))
+def test_triton_matches_reference(device, dtype, case):
+    check_against_reference(case, device, dtype)
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize("branch_m", BRANCH_M)
+def test_every_config_branch(device, dtype, branch_m):
+    """Each GPU configuration, at a token count of its own branch, with ragged H and I."""
+    case = dataclasses.replace(
+        M1_CASE, lead=(branch_m,), hidden_size=136, inter_size=200, branch_m=branch_m, seed=branch_m
+    )
+    check_against_reference(case, device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_pick_config_covers_every_branch(dtype):
+    pick = rmsnorm_mlp_module._pick_config
+    chosen = [pick(m, 4096, 14336, dtype, interpret=False) for m in BRANCH_M]
+    assert len({c.name for c in chosen}) == len(rmsnorm_mlp_module._GPU_CONFIGS)
+    for (max_m, _), config in zip(rmsnorm_mlp_module._GPU_CONFIGS[:-1], chosen, strict=False):
+        assert pick(max_m, 4096, 14336, dtype, interpret=False) == config
+    assert pick(10**6, 4096, 14336, dtype, interpret=False) == chosen[-1]
+    assert pick(1, 4096, 14336, dtype, interpret=True).name == "interpret"
+    for config in chosen:
+        for blocks in (config.gate_up, config.down):
+            # tl.dot needs every block dimension >= 16; fp32 tiles are halved along K.
+            assert min(blocks.block_m, blocks.block_n, blocks.block_k) >= 16
+            assert blocks.block_k == (32 if dtype == torch.float32 else 64)
+
+
+OPCHECK_CASES = {
+    "2d-plain": dataclasses.replace(M1_CASE, lead=(5,), bias=False, residual=False),
+    "3d-all-optionals": dataclasses.replace(M1_CASE, lead=(2, 3)),
+    "3d-bias-only": dataclasses.replace(M1_CASE, lead=(2, 3), residual=False),
+    "m1-residual-only": dataclasses.replace(M1_CASE, bias=False),
+}
+
+
+@pytest.mark.parametrize("name", OPCHECK_CASES)
+def test_opcheck(name):
+    inputs = make_inputs(OPCHECK_CASES[name], "cpu", torch.float32)
+    torch.library.opcheck(OP, (*inputs.args, *inputs.kwargs.values(), 1e-5))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cpu_op_is_the_reference(bias, residual):
+    case = dataclasses.replace(M1_CASE, lead=(2, 7), bias=bias, residual=residual)
+    inputs = make_inputs(case, "cpu", torch.float16)
+    out = OP(*inputs.args, *inputs.kwargs.values(), 1e-5)
+    expected = rmsnorm_mlp_reference(*inputs.args, **inputs.kwargs, eps=1e-5)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("lead", [(5,), (1,), (2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fake_impl(lead, dtype):
+    with FakeTensorMode():
+        inputs = make_inputs(dataclasses.replace(M1_CASE, lead=lead), "cpu", dtype)
+        out = OP(*inputs.args, *inputs.kwargs.values(), 1e-6)
+    assert out.shape == (*lead, M1_CASE.hidden_size)
+    assert out.dtype == dtype
+    assert out.is_contiguous()
+
+
+# (what, index into the op's tensor arguments, bad value, expected message); the good inputs
+# have H=100, I=257 and hidden [2, 3, 100] in fp32.
+MISMATCHES = [
+    ("norm_weight", 1, torch.ones(99), "norm_weight must have shape"),
+    ("gate_weight", 2, torch.ones(257), "gate_weight must be 2-D"),
+    ("up_weight", 3, torch.ones(256, 100), "up_weight must have shape"),
+    ("down_weight", 4, torch.ones(257, 100), "down_weight must have shape"),
+    ("gate_bias", 5, torch.ones(100), "gate_bias must have shape"),
+    ("down_bias", 7, torch.ones(257), "down_bias must have shape"),
+    ("residual", 8, torch.ones(6, 100), "residual must have shape"),
+    ("weight_dtype", 3, torch.ones(257, 100, dtype=torch.float16), "up_weight has dtype"),
+    ("bias_dtype", 6, torch.ones(257, dtype=torch.float16), "up_bias has dtype"),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "index", "bad", "message"), MISMATCHES, ids=[m[0] for m in MISMATCHES]
+)
+@pytest.mark.parametrize("entry", ["op", "fake", "launcher"])
+def test_mismatch_raises_clear_error(what, index, bad, message, entry):
+    inputs = make_inputs(dataclasses.replace(M1_CASE, lead=(2, 3)), "cpu", torch.float32)
+    args = [*inputs.args, *inputs.kwargs.values()]
+    args[index] = bad
+    with contextlib.ExitStack() as stack:
+        if entry == "fake":
+            mode = stack.enter_context(FakeTensorMode())
+            args = [None if a is None else mode.from_tensor(a) for a in args]
+        with pytest.raises(ValueError, match=message):
+            if entry == "launcher":
+                names = ("gate_bias", "up_bias", "down_bias", "residual")
+                rmsnorm_mlp_triton(*args[:5], **dict(zip(names, args[5:], strict=True)), eps=1e-6)
+            else:
+                OP(*args, 1e-6)
+
+
+def test_supports():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert supports(dtype, "cuda", 4096, 14336) is None
+    assert "float64" in supports(torch.float64, "cuda", 4096, 14336)
+    assert "CUDA" in supports(torch.float16, "cpu", 4096, 14336)
+    assert supports(torch.float16, "cuda", 0, 14336) is not None
+
+
+def test_empty_input():
+    inputs = make_inputs(dataclasses.replace(M1_CASE, lead=(0, 3)), "cpu", torch.float32)
+    out = rmsnorm_mlp_triton(*inputs.args, **inputs.kwargs, eps=1e-6)
+    assert out.shape == (0, 3, M1_CASE.hidden_size)
+
+
+def test_cuda_kernel_is_registered():
+    """Checked without a GPU too: CUDA tensors dispatch to the Triton launcher, Meta to the fake."""
+    for key in ("CUDA", "Meta"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(OP.name(), key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_op_runs_triton(dtype):
+    """On CUDA the op is the Triton launcher, bit for bit (same configuration, same kernels)."""
+    inputs = make_inputs(dataclasses.replace(M1_CASE, lead=(3, 11)), "cuda", dtype)
+    out = OP(*inputs.args, *inputs.kwargs.values(), 1e-5)
+    expected = rmsnorm_mlp_triton(*inputs.args, **inputs.kwargs, eps=1e-5)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_op_falls_back_for_unsupported_dtype():
+    inputs = make_inputs(dataclasses.replace(M1_CASE, lead=(3, 11)), "cuda", torch.float64)
+    out = OP(*inputs.args, *inputs.kwargs.values(), 1e-5)
+    expected = rmsnorm_mlp_reference(*inputs.args, **inputs.kwargs, eps=1e-5)
+    assert torch.equal(out, expected)

@@ -1,0 +1,170 @@
+"""The pattern on lone norm -> MLP regions: every variant, the checks, and what must not fuse."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from tiny_models import assert_within_tolerance, fresh_compile, rel_l2, tiny_config
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+pytestmark = pytest.mark.slow
+
+
+class Region(torch.nn.Module):
+    """post_attention_layernorm -> mlp (-> residual), as a decoder layer composes them."""
+
+    def __init__(self, *, bias: bool, residual: str, eps: float = 1e-5) -> None:
+        super().__init__()
+        config = tiny_config("llama", mlp_bias=bias, rms_norm_eps=eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=eps)
+        self.mlp = LlamaMLP(config)
+        self.residual = residual
+        with torch.no_grad():
+            for param in self.parameters():
+                param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+
+    def forward(self, h: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.mlp(self.post_attention_layernorm(h))
+        if self.residual == "left":
+            return h + y
+        if self.residual == "right":
+            return y + h
+        if self.residual == "other":
+            return other + y
+        return y
+
+
+def _hidden(ndim: int, dtype: torch.dtype, tokens: int = 13) -> torch.Tensor:
+    shape = (tokens, 80) if ndim == 2 else (1, tokens, 80)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+
+
+def _run(region: Region, *inputs: torch.Tensor):
+    with fresh_compile() as report, torch.no_grad():
+        out = torch.compile(region, backend="inductor_fusion")(*inputs)
+    return out, report
+
+
+@pytest.mark.parametrize(
+    ("ndim", "bias", "residual", "dtype"),
+    [
+        (2, False, "left", torch.float32),
+        (2, True, "none", torch.bfloat16),
+        (2, False, "right", torch.bfloat16),
+        (3, False, "right", torch.float16),
+        (3, True, "none", torch.float32),
+        (3, False, "none", torch.bfloat16),
+    ],
+)
+def test_variant_fuses_with_eager_numerics(ndim, bias, residual, dtype):
+    region = Region(bias=bias, residual=residual).to(dtype)
+    h = _hidden(ndim, dtype)
+    out, report = _run(region, h)
+    assert report.count("rmsnorm_mlp") == 1
+    (fused,) = report.regions
+    lowp = "fp32" if dtype == torch.float32 else "lowp"
+    tail = "no_residual" if residual == "none" else f"residual_{residual}"
+    assert fused.variant == "_".join([lowp, f"{ndim}d", *(["bias"] if bias else []), tail])
+    assert fused.path("norm") == "post_attention_layernorm"
+    assert fused.path("mlp") == "mlp"
+    with torch.no_grad():
+        eager = region(h)
+        reference = region.double()(h.double())
+    assert_within_tolerance(out, eager, reference)
+
+
+def test_single_token():
+    region = Region(bias=False, residual="left").to(torch.bfloat16)
+    h = _hidden(3, torch.bfloat16, tokens=1)
+    out, report = _run(region, h)
+    assert report.count("rmsnorm_mlp") == 1
+    with torch.no_grad():
+        assert rel_l2(out, region(h)) < 1e-2
+
+
+def test_residual_of_another_tensor_keeps_the_add():
+    region = Region(bias=False, residual="other")
+    h, other = _hidden(3, torch.float32), _hidden(3, torch.float32, tokens=13) * 3
+    out, report = _run(region, h, other)
+    assert [r.variant for r in report] == ["fp32_3d_no_residual"]
+    with torch.no_grad():
+        assert rel_l2(out, region(h, other)) < 1e-5
+
+
+class _Float64StatsNorm(LlamaRMSNorm):
+    def forward(self, h):  # same graph shape as LlamaRMSNorm, but statistics in float64
+        x = h.to(torch.float64)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(h.dtype)
+
+
+class _SequenceMeanNorm(LlamaRMSNorm):
+    def forward(self, h):  # mean over the sequence dim: a different function, same op shapes
+        x = h.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(h.dtype)
+
+
+@pytest.mark.parametrize("norm_cls", [_Float64StatsNorm, _SequenceMeanNorm])
+def test_literals_are_checked(norm_cls):
+    region = Region(bias=False, residual="left").to(torch.bfloat16)
+    norm = norm_cls(80, eps=1e-5).to(torch.bfloat16)
+    norm.load_state_dict(region.post_attention_layernorm.state_dict())
+    region.post_attention_layernorm = norm
+    h = _hidden(3, torch.bfloat16)
+    out, report = _run(region, h)
+    assert report.count("rmsnorm_mlp") == 0
+    with torch.no_grad():
+        assert rel_l2(out, region(h)) < 1e-2
+
+
+def test_float64_is_left_to_inductor():
+    region = Region(bias=False, residual="left").to(torch.float64)
+    h = _hidden(3, torch.float64)
+    out, report = _run(region, h)
+    assert report.count("rmsnorm_mlp") == 0
+    with torch.no_grad():
+        assert rel_l2(out, region(h)) < 1e-6
+
+
+def test_illegal_region_falls_back_with_one_log_line(monkeypatch, caplog):
+    from inductor_fusion.patterns import rmsnorm_mlp
+
+    monkeypatch.setattr(rmsnorm_mlp, "can_fuse", lambda args: "pretend the kernel cannot do it")
+    region = Region(bias=False, residual="left").to(torch.bfloat16)
+    h = _hidden(3, torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="inductor_fusion"):
+        out, report = _run(region, h)
+    assert report.count("rmsnorm_mlp") == 0
+    lines = [r.getMessage() for r in caplog.records if "not fused" in r.getMessage()]
+    assert len(lines) == 1 and "pretend the kernel cannot do it" in lines[0]
+    with torch.no_grad():
+        assert rel_l2(out, region(h)) < 1e-2
+
+
+def test_post_grad_graph_loses_the_mms_and_gains_one_op():
+    """vLLM-style graph check: capture the post-grad graph after our pre-pass."""
+    graphs = []
+
+    def capture(graph):
+        graphs.append(
+            {
+                "mm": len(graph.find_nodes(op="call_function", target=torch.ops.aten.mm.default)),
+                "ours": len(
+                    graph.find_nodes(
+                        op="call_function", target=torch.ops.inductor_fusion.rmsnorm_mlp.default
+                    )
+                ),
+                "rsqrt": len(
+                    graph.find_nodes(op="call_function", target=torch.ops.aten.rsqrt.default)
+                ),
+            }
+        )
+
+    region = Region(bias=False, residual="left")
+    with torch._inductor.config.patch(post_grad_custom_post_pass=capture):
+        _, report = _run(region, _hidden(3, torch.float32))
+    assert report.count("rmsnorm_mlp") == 1
+    assert graphs == [{"mm": 0, "ours": 1, "rsqrt": 0}]

@@ -1,0 +1,95 @@
+"""Tiny real transformers models (random init, no download) and the checks our tests share."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import inductor_fusion
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+# Sizes that are not multiples of Triton block sizes; eps that differs from every default.
+TINY = dict(
+    hidden_size=80,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=20,
+    vocab_size=96,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+
+
+def tiny_config(family: str, **overrides):
+    config_cls, _ = FAMILIES[family]
+    return config_cls(**{**TINY, **overrides})
+
+
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+    _, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(tiny_config(family, **overrides))
+    # Random init gives RMSNorm weights of exactly 1; perturb them so a wrong weight shows.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    return model.to(dtype).eval()
+
+
+def token_ids(batch: int = 2, seq: int = 7, vocab: int = TINY["vocab_size"], seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=generator)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def fp64_logits(model, ids) -> torch.Tensor:
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        return reference(ids).logits
+
+
+def assert_within_tolerance(ours, eager, reference, *, atol: float = 1e-5) -> None:
+    """Our rule: error vs an fp64 reference <= 2 x eager's own error + a small atol."""
+    eager_err = rel_l2(eager, reference)
+    ours_err = rel_l2(ours, reference)
+    assert ours_err <= 2 * eager_err + atol, f"ours {ours_err:.3g} vs eager {eager_err:.3g}"
+
+
+@contextlib.contextmanager
+def fresh_compile() -> Iterator[inductor_fusion.FusionReport]:
+    """Clean dynamo state, no FX graph cache (a hit skips our pass), and an empty report."""
+    torch._dynamo.reset()
+    inductor_fusion.reset_report()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        yield inductor_fusion.get_report()
+    torch._dynamo.reset()
+
+
+def layer_paths(role_suffix: str, layers: int = TINY["num_hidden_layers"]) -> list[str]:
+    return [f"model.layers.{i}.{role_suffix}" for i in range(layers)]

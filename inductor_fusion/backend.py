@@ -1,4 +1,4 @@
-"""The torch.compile backend: Inductor with our pass installed as ``post_grad_custom_pre_pass``.
+"""The torch.compile backend: Inductor with our pass installed (see ``fusion_pass`` for where).
 
 ``torch.compile(model, backend="inductor_fusion", mode=..., options=...)`` resolves through the
 ``torch_dynamo_backends`` entry point to `inductor_fusion_backend`. torch hands a string backend
@@ -71,7 +71,7 @@ class InductorFusionBackend:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        from inductor_fusion.fusion_pass import FusionPass
+        from inductor_fusion.fusion_pass import STAGES, FusionPass
         from inductor_fusion.kernel_config import find_model_plan
 
         plan = fusion_config.resolve_plan(
@@ -80,12 +80,13 @@ class InductorFusionBackend:
         # A cache hit runs compiled code without running our pass: the ops it calls must exist.
         registry.import_op_modules(plan.patterns)
         patches = dict(self.inductor_patches)
-        user_pass = patches.get(
-            "post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass
-        )
-        patches["post_grad_custom_pre_pass"] = FusionPass(
-            plan, report=self.report, chained=user_pass
-        )
+        rejected: set[object] = set()
+        for stage, key in STAGES.items():
+            # Compose with a pass the user set there (in options or globally): it runs first.
+            user_pass = patches.get(key, getattr(inductor_config, key))
+            patches[key] = FusionPass(
+                plan, report=self.report, chained=user_pass, stage=stage, rejected=rejected
+            )
         log.debug("inductor_fusion: compiling with %s (%s)", sorted(plan.patterns), plan.source)
         return compile_fx(gm, example_inputs, config_patches=patches)
 

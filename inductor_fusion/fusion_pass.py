@@ -1,8 +1,14 @@
-"""The one graph pass: runs the active families' matchers over a post-grad graph.
+"""The one graph pass: runs the active families' matchers over Inductor's graphs.
 
-Installed as Inductor's ``post_grad_custom_pre_pass``: the *pre* pass sees ``mm`` and ``add``
-still apart; by the post pass Inductor has folded them into ``addmm`` and the MLP + residual
-pattern no longer matches.
+It is installed at two points of the same compile, each chaining what the user had there:
+
+- ``joint_custom_pre_pass``: the first thing Inductor runs on the (inference or joint) graph,
+  before its own joint-graph patterns. On CUDA those include pad_mm, which rewrites an ``mm``
+  with unaligned sizes (e.g. 300 tokens) into pad + mm + slice, after which no region of that
+  graph matches. Graphs here still have ``view`` nodes.
+- ``post_grad_custom_pre_pass``: the *pre* pass sees ``mm`` and ``add`` still apart (by the post
+  pass Inductor has folded them into ``addmm``); views are reshapes by then. Whatever the first
+  stage left (nothing, usually) is matched here.
 """
 
 from __future__ import annotations
@@ -145,6 +151,10 @@ def _source_hash(module_names: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
+# Inductor config key of each stage we install the pass at.
+STAGES = {"joint": "joint_custom_pre_pass", "post_grad": "post_grad_custom_pre_pass"}
+
+
 class FusionPass(CustomGraphPass):
     """Applies the plan's pattern families to a graph; its uuid() keys the FX graph cache.
 
@@ -159,8 +169,16 @@ class FusionPass(CustomGraphPass):
         *,
         report: FusionReport | None = None,
         chained: Any = None,
+        stage: str = "post_grad",
+        rejected: set[object] | None = None,
     ) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.stage = stage
         self.plan = plan
+        # Regions already reported as unfused; shared by the stages of one compile, so that a
+        # region rejected in the joint graph is not reported again after post-grad.
+        self.rejected: set[object] = set() if rejected is None else rejected
         self.report = report
         if chained is None:
             self.chained: tuple[Callable[[torch.fx.Graph], Any], ...] = ()
@@ -175,7 +193,7 @@ class FusionPass(CustomGraphPass):
             user_pass(graph)
         counts: dict[str, int] = {}
         for name in sorted(self.plan.patterns):
-            run = _PassRun(plan=self.plan, regions=[])
+            run = _PassRun(plan=self.plan, regions=[], rejected=self.rejected)
             with _running(run):
                 replaced = registry.matcher_pass(name).apply(graph)
             if replaced != len(run.regions):  # Would mean a check approved without recording.
@@ -192,8 +210,9 @@ class FusionPass(CustomGraphPass):
             graph.eliminate_dead_code()
             graph.lint()
             log.info(
-                "inductor_fusion: fused %s",
+                "inductor_fusion: fused %s (%s graph)",
                 ", ".join(f"{n} x{c}" for n, c in counts.items() if c),
+                self.stage,
             )
         self.last_counts = counts
 
@@ -213,6 +232,7 @@ class FusionPass(CustomGraphPass):
         digest = hashlib.sha256()
         digest.update(_source_hash(modules).encode())
         digest.update(self.plan.key().encode())
+        digest.update(self.stage.encode())
         digest.update("|".join(chained_ids).encode())
         return digest.hexdigest()
 

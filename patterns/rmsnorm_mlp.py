@@ -72,6 +72,10 @@ class Variant:
     ndim: int  # 2 or 3: 3-D activations add reshapes around each mm
     bias: bool  # mlp_bias=True: addmm instead of mm
     residual: str  # "none", "left" (h + mlp, as HF writes it) or "right" (mlp + h)
+    # 3-D graphs come in two forms: with `view` nodes (the joint graph, where we match first,
+    # before Inductor's pad_mm can pad an unaligned mm out of the pattern's reach) and with
+    # `reshape` nodes (compile_fx converts views before the post-grad passes).
+    views: bool = False
 
     @property
     def name(self) -> str:
@@ -138,10 +142,11 @@ class Variant:
 def variants() -> list[Variant]:
     # "left" first: it is what HF writes, so it is tried first on each add.
     return [
-        Variant(lowp=lowp, ndim=ndim, bias=bias, residual=residual)
+        Variant(lowp=lowp, ndim=ndim, bias=bias, residual=residual, views=views)
         for lowp, ndim, bias, residual in itertools.product(
             (True, False), (3, 2), (False, True), ("left", "right", "none")
         )
+        for views in ((False, True) if ndim == 3 else (False,))
     ]
 
 
@@ -258,13 +263,13 @@ def _check(match: Any, *, variant: Variant, on_match: Callable[[FusedRegion], bo
             for name in RegionArgs.__dataclass_fields__
             if name != "eps"
         },
-        eps=_value(match.kwargs.get("eps")),
+        eps=_matched_eps(match),
     )
     reason = can_fuse(args)
     if reason is not None:
         # The graph keeps Inductor's unfused code there; say why, once per region (keyed by
         # its statistics node, which every variant of the region shares).
-        key = next((n for n in match.nodes if n.target == torch.ops.aten.mean.dim), variant)
+        key = next((n.name for n in match.nodes if n.target == torch.ops.aten.mean.dim), variant)
         on_reject(key, f"{NAME} not fused ({variant.name}): {reason}")
         return False
     if not should_fuse(args):
@@ -278,9 +283,25 @@ def _check(match: Any, *, variant: Variant, on_match: Callable[[FusedRegion], bo
     return on_match(FusedRegion(pattern=NAME, variant=variant.name, paths=paths))
 
 
-def _trace(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.fx.GraphModule:
-    """fwd_only, then view -> reshape: compile_fx converts views before post-grad passes, so a
-    3-D pattern traced with views would never match."""
+def _matched_eps(match: Any) -> Any:
+    """The eps the graph adds to the mean of squares, read off the matched ``add`` node.
+
+    Read from the graph rather than from ``match.kwargs``: whether the re-matched pattern keeps
+    eps as an argument differs between torch versions (2.13 does, 2.11 bakes the literal in).
+    A Node here means eps is computed at run time (e.g. a graph input under dynamic=True).
+    """
+    for node in match.nodes:
+        if node.target == torch.ops.aten.add.Tensor and any(
+            isinstance(a, torch.fx.Node) and a.target == torch.ops.aten.mean.dim
+            for a in node.args[:1]
+        ):
+            return node.args[1]
+    return match.kwargs.get("eps")
+
+
+def _trace_reshapes(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.fx.GraphModule:
+    """fwd_only, then view -> reshape, as compile_fx does before the post-grad passes: a 3-D
+    pattern traced with views would never match there."""
     from torch._inductor.fx_passes.post_grad import view_to_reshape
     from torch._inductor.pattern_matcher import fwd_only
 
@@ -291,17 +312,27 @@ def _trace(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.fx.GraphMo
 
 def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
     """Registers every variant into ``pass_`` (a PatternMatcherPass). Traces; call once."""
-    from torch._inductor.pattern_matcher import register_replacement
+    from torch._inductor.pattern_matcher import fwd_only, register_replacement
 
     import inductor_fusion.triton_kernels.rmsnorm_mlp  # noqa: F401  (the op the replacement calls)
 
     for variant in variants():
-        register_replacement(
-            _positional(variant.search, variant.argnames),
-            _positional(variant.replace, variant.argnames),
-            variant.example_inputs(),
-            _trace,
-            pass_,
-            extra_check=functools.partial(_check, variant=variant, on_match=on_match),
-            scalar_workaround={"eps": _EXAMPLE_EPS},
-        )
+        try:
+            _register_one(variant, pass_, on_match, register_replacement, fwd_only)
+        except RuntimeError as error:
+            # Where fwd_only already traces reshapes (torch 2.13), the view form of a 3-D variant
+            # is the reshape form; torch refuses the second copy, which is what we want.
+            if not (variant.views and "Duplicate pattern" in str(error)):
+                raise
+
+
+def _register_one(variant, pass_, on_match, register_replacement, fwd_only) -> None:
+    register_replacement(
+        _positional(variant.search, variant.argnames),
+        _positional(variant.replace, variant.argnames),
+        variant.example_inputs(),
+        fwd_only if variant.views else _trace_reshapes,
+        pass_,
+        extra_check=functools.partial(_check, variant=variant, on_match=on_match),
+        scalar_workaround={"eps": _EXAMPLE_EPS},
+    )

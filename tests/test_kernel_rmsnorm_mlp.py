@@ -37,8 +37,11 @@ DEVICE_DTYPES = [
     pytest.param("cuda", torch.bfloat16, marks=_needs_cuda, id="cuda-bf16"),
 ]
 
-# Floor on the relative error, for cases where eager happens to be nearly exact.
-ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 8e-4}
+# Floor on the relative error: one rounding of the output to the dtype (unit roundoff: 2**-11
+# for fp16, 2**-8 for bf16). The output is stored in the dtype, so that error is unavoidable, and
+# on tiny shapes (a few dozen products per output) eager's own error can by chance be far below
+# it: seen on an H100 for fp16, M=1, H=23, I=16 (ours 9.5e-4, eager 4.0e-4).
+ATOL = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 # One token count inside each of _pick_config's GPU branches; the tests force each branch's
 # configuration under the interpreter too, so every launch configuration gets checked on CPU.
@@ -200,8 +203,13 @@ M1_CASE = Case(
 )
 
 
+# On a GPU every new combination of flags, config and size divisibility is a Triton compile
+# (about a second each); the interpreter compiles nothing, so it affords more examples.
+MAX_EXAMPLES = 40 if torch.cuda.is_available() else 200
+
+
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
-@settings(derandomize=True, database=None, max_examples=200, deadline=None)
+@settings(derandomize=True, database=None, max_examples=MAX_EXAMPLES, deadline=None)
 @given(case=cases())
 @example(case=M1_CASE)
 @example(case=dataclasses.replace(M1_CASE, lead=(1, 1), bias=False, residual=False, eps=0.1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import (
+    DEVICES,
     assert_within_tolerance,
     fp64_logits,
     fresh_compile,
@@ -36,9 +37,10 @@ def _compile_run(model, ids, **compile_kwargs):
         ("qwen3", torch.bfloat16),
     ],
 )
-def test_every_post_attention_region_fuses(family, dtype):
-    model = tiny_model(family, dtype)
-    ids = token_ids()
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_post_attention_region_fuses(family, dtype, device):
+    model = tiny_model(family, dtype, device=device)
+    ids = token_ids(device=device)
     with torch.no_grad():
         eager = model(ids).logits
     with fresh_compile() as report:

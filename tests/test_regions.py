@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
 import torch
-from tiny_models import assert_within_tolerance, fresh_compile, rel_l2, tiny_config
+from tiny_models import DEVICES, assert_within_tolerance, fresh_compile, rel_l2, tiny_config
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 pytestmark = pytest.mark.slow
@@ -36,9 +37,10 @@ class Region(torch.nn.Module):
         return y
 
 
-def _hidden(ndim: int, dtype: torch.dtype, tokens: int = 13) -> torch.Tensor:
+def _hidden(ndim: int, dtype: torch.dtype, tokens: int = 13, device="cpu") -> torch.Tensor:
     shape = (tokens, 80) if ndim == 2 else (1, tokens, 80)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    generator = torch.Generator().manual_seed(tokens)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
 def _run(region: Region, *inputs: torch.Tensor):
@@ -58,9 +60,10 @@ def _run(region: Region, *inputs: torch.Tensor):
         (3, False, "none", torch.bfloat16),
     ],
 )
-def test_variant_fuses_with_eager_numerics(ndim, bias, residual, dtype):
-    region = Region(bias=bias, residual=residual).to(dtype)
-    h = _hidden(ndim, dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_variant_fuses_with_eager_numerics(ndim, bias, residual, dtype, device):
+    region = Region(bias=bias, residual=residual).to(device=device, dtype=dtype)
+    h = _hidden(ndim, dtype, device=device)
     out, report = _run(region, h)
     assert report.count("rmsnorm_mlp") == 1
     (fused,) = report.regions
@@ -168,3 +171,18 @@ def test_post_grad_graph_loses_the_mms_and_gains_one_op():
         _, report = _run(region, _hidden(3, torch.float32))
     assert report.count("rmsnorm_mlp") == 1
     assert graphs == [{"mm": 0, "ours": 1, "rsqrt": 0}]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_reduce_overhead_cuda_graphs_replay(tokens):
+    region = Region(bias=False, residual="left").to(device="cuda", dtype=torch.bfloat16)
+    reference = copy.deepcopy(region).double()
+    compiled = torch.compile(region, backend="inductor_fusion", mode="reduce-overhead")
+    with fresh_compile() as report, torch.no_grad():
+        for step in range(3):  # warm-up, record, replay
+            h = _hidden(3, torch.bfloat16, tokens=tokens, device="cuda") * (step + 1)
+            out = compiled(h).clone()
+            assert_within_tolerance(out, region(h), reference(h.double()))
+    assert report.count("rmsnorm_mlp") == 1

@@ -20,6 +20,10 @@ from transformers import (
 
 import inductor_fusion
 
+# Model-level tests run on the CPU everywhere and on CUDA too where there is one (the GPU machine):
+# there the replacement's op runs our Triton kernels.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -46,7 +50,9 @@ def tiny_config(family: str, **overrides):
     return config_cls(**{**TINY, **overrides})
 
 
-def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+def tiny_model(
+    family: str, dtype: torch.dtype = torch.float32, seed: int = 0, device="cpu", **overrides
+):
     _, model_cls = FAMILIES[family]
     torch.manual_seed(seed)
     model = model_cls(tiny_config(family, **overrides))
@@ -55,12 +61,14 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, *
         for name, param in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def token_ids(batch: int = 2, seq: int = 7, vocab: int = TINY["vocab_size"], seed: int = 1):
+def token_ids(
+    batch: int = 2, seq: int = 7, vocab: int = TINY["vocab_size"], seed: int = 1, device="cpu"
+):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, seq), generator=generator)
+    return torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

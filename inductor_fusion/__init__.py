@@ -16,6 +16,12 @@ from inductor_fusion.config import (
     FusionPlan,
     resolve_plan,
 )
+from inductor_fusion.kernel_config import (
+    apply_kernel_config,
+    fusable_modules,
+    fusion_config,
+    register_fusable_modules,
+)
 from inductor_fusion.registry import pattern_names
 from inductor_fusion.report import FusedRegion, FusionReport, get_report, reset_report
 
@@ -28,10 +34,25 @@ __all__ = [
     "FusionPlan",
     "FusionReport",
     "InductorFusionBackend",
+    "KernelConfig",
+    "apply_kernel_config",
     "backend",
+    "fusable_modules",
+    "fusion_config",
     "get_report",
     "inductor_fusion_backend",
     "pattern_names",
+    "register_fusable_modules",
     "reset_report",
     "resolve_plan",
 ]
+
+
+def __getattr__(name: str):
+    # KernelConfig subclasses transformers.KernelConfig: built on first use, so that importing
+    # inductor_fusion does not import transformers.
+    if name == "KernelConfig":
+        from inductor_fusion.kernel_config import KernelConfig
+
+        return KernelConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,22 +1,92 @@
-"""Per-model fusion plans (the KernelConfig shim builds them; the backend looks them up).
+"""KernelConfig for our fusions: which ones a model gets, and where, chosen at ``from_pretrained``.
 
-A plan travels with the model object: `attach_plan` stores it on the model and indexes it by the
-model's parameters, because what a torch.compile backend receives is a graph and its example
-inputs — with Dynamo lifting parameters to graph inputs, those are the model's own tensors.
+Hugging Face users describe n-to-1 kernel fusion with ``transformers.KernelConfig``; the same
+syntax selects our compile-time fusions when the value names one of our patterns::
+
+    from inductor_fusion import KernelConfig
+
+    # Inline form: a tuple of (layer name, module glob) pairs.
+    cfg = KernelConfig({
+        (("RMSNorm", "model.layers.*.post_attention_layernorm"), ("MLP", "model.layers.*.mlp")):
+            "inductor_fusion:rmsnorm_mlp",
+    })
+    # Registry form: the names only; the model class declares where those modules live
+    # (`register_fusable_modules`; Llama, Mistral, Qwen2 and Qwen3 come registered).
+    cfg = KernelConfig({("RMSNorm", "MLP"): "inductor_fusion:rmsnorm_mlp"})
+
+    model = AutoModelForCausalLM.from_pretrained(path, kernel_config=cfg)
+    model = torch.compile(model, backend="inductor_fusion")
+
+Values of our entries:
+
+- ``"inductor_fusion:<pattern>"`` turns ``<pattern>`` on at the key's modules (several entries for
+  one pattern add up). A config that turns any pattern on selects exactly those patterns, at
+  exactly those places, for this model.
+- ``"inductor_fusion:<pattern>:off"`` switches ``<pattern>`` off for this model; the key is
+  checked but its paths are not used. A config with only ``:off`` entries keeps every other
+  pattern on, everywhere.
+
+Key names are the pattern's layer names (`KERNEL_LAYER_NAMES`; ``rmsnorm_mlp``: ``"RMSNorm"`` for
+the norm, ``"MLP"`` for the MLP), in any order. Globs are ``fnmatch`` patterns over module paths
+relative to the loaded model (``*`` also crosses dots: ``model.layers.1*`` is layers 1 and 10-19);
+compile that model, not a submodule, or the paths will not line up.
+
+Every other entry is transformers': it keeps its upstream meaning and reaches transformers
+untouched. The resolved plan travels with the model (`attach_plan`); our backend looks it up when
+it compiles. Per `inductor_fusion.config.resolve_plan`, it beats ``INDUCTOR_FUSION_PATTERNS``,
+and loses to backend options and to ``INDUCTOR_FUSION_DISABLE``.
+
+How this hooks into ``from_pretrained`` (transformers 5.17 to 5.24). Given ``kernel_config``,
+``from_pretrained`` turns ``use_kernels`` on, hands ``kernel_config.kernel_mapping`` to the hub
+loader before the model is built (``register_kernel_replacements_and_fusions``), then calls
+``model.set_use_kernels(True, kernel_config)`` on the loaded model, which requires ``kernels`` in a
+narrow version range, sanitizes the mapping and kernelizes. Our `KernelConfig` is a
+``transformers.KernelConfig`` whose ``kernel_mapping`` holds only transformers' entries, so ours
+never reach the loader; ours are kept aside and applied to the built model in
+``set_use_kernels``. That last step needs one wrapper around ``PreTrainedModel.set_use_kernels``
+(see `_install_load_hook` for why no method of the config object can do it).
 """
 
 from __future__ import annotations
 
+import copy
+import fnmatch
+import functools
+import inspect
+import logging
+import threading
+import warnings
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from inductor_fusion import registry
 from inductor_fusion.config import FusionPlan
 
-PLAN_ATTRIBUTE = "_inductor_fusion_plan"
+if TYPE_CHECKING:
+    from transformers import KernelConfig as _HFKernelConfig
 
+log = logging.getLogger("inductor_fusion")
+
+PLAN_ATTRIBUTE = "_inductor_fusion_plan"
+FUSION_PREFIX = "inductor_fusion"
+OFF = "off"
+
+# The names KernelConfig keys use for each pattern's modules, aligned with the family's roles
+# (registry.PatternFamily.roles). They follow transformers' kernel layer names. A family missing
+# here is keyed by its role names.
+KERNEL_LAYER_NAMES: Mapping[str, tuple[str, ...]] = {"rmsnorm_mlp": ("RMSNorm", "MLP")}
+
+
+# --- per-model plans -----------------------------------------------------------------------------
+
+# A plan travels with the model object: `attach_plan` stores it on the model and indexes it by the
+# model's parameters, because what a torch.compile backend receives is a graph and its example
+# inputs; with Dynamo lifting parameters to graph inputs, those are the model's own tensors.
+#
 # id(parameter) -> (weak reference to it, plan). Keyed by id because tensors compare elementwise;
 # the weak reference both checks the id was not recycled and drops the entry with the tensor.
 _PLANS_BY_PARAM: dict[int, tuple[weakref.ref[torch.Tensor], FusionPlan]] = {}
@@ -27,7 +97,10 @@ def attach_plan(model: torch.nn.Module, plan: FusionPlan) -> None:
     setattr(model, PLAN_ATTRIBUTE, plan)
     for param in model.parameters():
         key = id(param)
-        _PLANS_BY_PARAM[key] = (weakref.ref(param, lambda _, key=key: _PLANS_BY_PARAM.pop(key, None)), plan)
+        _PLANS_BY_PARAM[key] = (
+            weakref.ref(param, lambda _, key=key: _PLANS_BY_PARAM.pop(key, None)),
+            plan,
+        )
 
 
 def model_plan(model: torch.nn.Module) -> FusionPlan | None:
@@ -40,4 +113,519 @@ def find_model_plan(example_inputs: Sequence[Any]) -> FusionPlan | None:
         entry = _PLANS_BY_PARAM.get(id(value)) if isinstance(value, torch.Tensor) else None
         if entry is not None and entry[0]() is value:
             return entry[1]
+    return None
+
+
+# --- where model classes keep their fusable modules ----------------------------------------------
+
+# Registered by users, per class. Weak keys: a class defined and dropped (e.g. in a test) goes.
+_FUSABLE: weakref.WeakKeyDictionary[type, dict[str, str]] = weakref.WeakKeyDictionary()
+
+# Shipped defaults, keyed by the class's dotted name so that nothing imports transformers' model
+# modules for them. Registered on the base models; a head class (…ForCausalLM, …ForQuestionAnswering)
+# inherits them under its base_model_prefix (see `fusable_modules`).
+_DEFAULT_FUSABLE: dict[str, dict[str, str]] = {
+    f"transformers.models.{module}.modeling_{module}.{prefix}Model": {
+        "RMSNorm": "layers.*.post_attention_layernorm",
+        "MLP": "layers.*.mlp",
+    }
+    for module, prefix in (
+        ("llama", "Llama"),
+        ("mistral", "Mistral"),
+        ("qwen2", "Qwen2"),
+        ("qwen3", "Qwen3"),
+    )
+}
+
+
+def register_fusable_modules(model_class: type, modules: Mapping[str, str]) -> None:
+    """Declares, by name, where ``model_class`` keeps modules our fusions span.
+
+    ``modules`` maps a layer name to a glob over module paths of an instance, e.g.
+    ``register_fusable_modules(MyForCausalLM, {"RMSNorm": "model.layers.*.post_attention_layernorm",
+    "MLP": "model.layers.*.mlp"})``; a KernelConfig key ``("RMSNorm", "MLP")`` then resolves to those
+    globs for this class and its subclasses. Later calls override names given earlier.
+    """
+    if not isinstance(model_class, type) or not issubclass(model_class, torch.nn.Module):
+        raise TypeError(
+            f"register_fusable_modules: expected an nn.Module subclass, got {model_class!r}"
+        )
+    if not isinstance(modules, Mapping) or not modules:
+        raise TypeError(
+            "register_fusable_modules: expected a non-empty mapping of layer name -> module glob, "
+            f"got {modules!r}"
+        )
+    for name, glob in modules.items():
+        if not isinstance(name, str) or not name or not isinstance(glob, str) or not glob:
+            raise ValueError(
+                f"register_fusable_modules({model_class.__name__}): entry {name!r}: {glob!r} must "
+                "map a non-empty layer name to a non-empty module glob"
+            )
+    _FUSABLE.setdefault(model_class, {}).update(modules)
+
+
+def _registered_for_class(model_class: type) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for klass in reversed(model_class.__mro__):  # subclasses override their bases
+        found.update(_DEFAULT_FUSABLE.get(f"{klass.__module__}.{klass.__qualname__}", {}))
+        found.update(_FUSABLE.get(klass, {}))
+    return found
+
+
+def fusable_modules(model: torch.nn.Module) -> dict[str, str]:
+    """Layer name -> module glob registered for ``model``: its class's registrations, over those of
+    its base model (transformers' ``base_model_prefix`` submodule) with the prefix prepended."""
+    found: dict[str, str] = {}
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+    if isinstance(base, torch.nn.Module) and base is not model:
+        for name, glob in _registered_for_class(type(base)).items():
+            found[name] = f"{prefix}.{glob}"
+    found.update(_registered_for_class(type(model)))
+    return found
+
+
+# --- parsing entries -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FusionEntry:
+    """One KernelConfig entry of ours, normalised (names and globs in the family's role order)."""
+
+    pattern: str
+    enabled: bool
+    names: tuple[str, ...]
+    globs: tuple[str, ...] | None  # None: registry form, resolved against the model class
+    key: Any  # as written, for messages
+    value: str
+
+    def describe(self) -> str:
+        return f"KernelConfig entry {self.key!r}: {self.value!r}"
+
+
+def layer_names(pattern: str) -> tuple[str, ...]:
+    """The names a KernelConfig key uses for ``pattern``'s modules, in role order."""
+    return KERNEL_LAYER_NAMES.get(pattern, registry.get_family(pattern).roles)
+
+
+def _forms(pattern: str) -> str:
+    names = layer_names(pattern)
+    pairs = ", ".join(f"({name!r}, '<glob>')" for name in names)
+    return f"{names!r} (paths registered for the model class) or ({pairs})"
+
+
+def _is_ours(text: str) -> bool:
+    head = text.partition(":")[0].strip().lower().replace("-", "_")
+    return head == FUSION_PREFIX
+
+
+def _mentions_ours(value: Any) -> bool:
+    if isinstance(value, str):
+        return _is_ours(value)
+    if isinstance(value, Mapping):
+        return any(_mentions_ours(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_mentions_ours(v) for v in value)
+    return False
+
+
+def _parse_value(key: Any, value: Any) -> tuple[str, bool] | None:
+    """(pattern, enabled) for a value of ours, None for transformers' values."""
+    if not isinstance(value, str):
+        if _mentions_ours(value):
+            raise TypeError(
+                f"KernelConfig entry {key!r}: {value!r}: our entries take one string value, "
+                f"'{FUSION_PREFIX}:<pattern>' or '{FUSION_PREFIX}:<pattern>:{OFF}'; per-device "
+                "dicts and metadata tuples are for hub kernels (our patterns check the device "
+                "when they compile)"
+            )
+        return None
+    if not _is_ours(value):
+        return None
+    valid = ", ".join(registry.pattern_names())
+    head, _, rest = value.partition(":")
+    name, _, state = rest.partition(":")
+    if head != FUSION_PREFIX or not name or state not in ("", OFF):
+        raise ValueError(
+            f"KernelConfig entry {key!r}: {value!r}: expected '{FUSION_PREFIX}:<pattern>' or "
+            f"'{FUSION_PREFIX}:<pattern>:{OFF}' with <pattern> one of: {valid}"
+        )
+    if name not in registry.FAMILIES:
+        raise ValueError(
+            f"KernelConfig entry {key!r}: {value!r}: unknown inductor_fusion pattern {name!r}; "
+            f"valid names: {valid}"
+        )
+    return name, state != OFF
+
+
+def _parse_key(
+    key: Any, pattern: str, value: str
+) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """(names, globs) in role order; globs None for the registry form."""
+    where = f"KernelConfig entry {key!r}: {value!r}"
+    if not isinstance(key, tuple) or not key:
+        raise ValueError(
+            f"{where}: {pattern} spans {len(layer_names(pattern))} modules, so its key is a tuple "
+            f"naming them: {_forms(pattern)}"
+        )
+    if all(isinstance(item, str) for item in key):
+        names, globs = list(key), None
+    elif all(
+        isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)
+        for item in key
+    ):
+        names, globs = [item[0] for item in key], [item[1] for item in key]
+        if not all(globs):
+            raise ValueError(f"{where}: empty module glob; expected {_forms(pattern)}")
+    else:
+        raise ValueError(
+            f"{where}: a key is a tuple of layer names or of (layer name, module glob) pairs: "
+            f"{_forms(pattern)}"
+        )
+    valid = layer_names(pattern)
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise ValueError(
+            f"{where}: {pattern} has no module named {', '.join(map(repr, unknown))}; "
+            f"valid names: {', '.join(valid)}"
+        )
+    if len(names) != len(set(names)) or len(names) != len(valid):
+        raise ValueError(
+            f"{where}: name each of {pattern}'s modules {valid} exactly once; "
+            f"expected {_forms(pattern)}"
+        )
+    order = [names.index(name) for name in valid]
+    return valid, None if globs is None else tuple(globs[i] for i in order)
+
+
+def split_kernel_mapping(
+    mapping: Mapping[Any, Any],
+) -> tuple[dict[Any, Any], tuple[FusionEntry, ...]]:
+    """Separates transformers' entries (deep-copied, in order) from ours (parsed, validated).
+
+    Raises ValueError/TypeError naming the entry for anything of ours that is malformed.
+    ``mapping`` is not modified.
+    """
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"KernelConfig mapping must be a dict, got {type(mapping).__name__}")
+    hub: dict[Any, Any] = {}
+    ours: list[FusionEntry] = []
+    for key, value in mapping.items():
+        parsed = _parse_value(key, value)
+        if parsed is None:
+            hub[key] = copy.deepcopy(value)
+            continue
+        pattern, enabled = parsed
+        names, globs = _parse_key(key, pattern, value)
+        ours.append(FusionEntry(pattern, enabled, names, globs, key, value))
+    for pattern in sorted({entry.pattern for entry in ours}):
+        states = {entry.enabled: entry for entry in ours if entry.pattern == pattern}
+        if len(states) == 2:
+            raise ValueError(
+                f"{states[True].describe()} and {states[False].describe()} turn {pattern} both on "
+                "and off; keep one"
+            )
+    return hub, tuple(ours)
+
+
+# --- resolution against a built model -------------------------------------------------------------
+
+
+def _registered_globs(model: torch.nn.Module, entry: FusionEntry) -> tuple[str, ...]:
+    found = fusable_modules(model)
+    missing = [name for name in entry.names if name not in found]
+    if missing:
+        cls = type(model).__name__
+        example = ", ".join(f"{name!r}: '<glob>'" for name in entry.names)
+        raise ValueError(
+            f"{entry.describe()}: {cls} registers no fusable module named "
+            f"{', '.join(map(repr, missing))} (registered: {', '.join(sorted(found)) or 'none'}); "
+            f"register them with inductor_fusion.register_fusable_modules({cls}, {{{example}}}) "
+            f"or write the paths in the key: {_forms(entry.pattern)}"
+        )
+    return tuple(found[name] for name in entry.names)
+
+
+def resolve_entries(model: torch.nn.Module, entries: Iterable[FusionEntry]) -> FusionPlan | None:
+    """The plan our entries give ``model`` (None without entries). Warns for a glob that matches
+    no module of the model; raises ValueError for registry names the model class lacks."""
+    entries = tuple(entries)
+    if not entries:
+        return None
+    enabled = [entry for entry in entries if entry.enabled]
+    if not enabled:
+        off = {entry.pattern for entry in entries}
+        return FusionPlan(frozenset(registry.pattern_names()) - off, source="kernel_config")
+    paths = [name for name, _ in model.named_modules()]
+    scopes: dict[str, list[tuple[str, ...]]] = {}
+    for entry in enabled:
+        globs = entry.globs if entry.globs is not None else _registered_globs(model, entry)
+        for name, glob in zip(entry.names, globs, strict=True):
+            if not any(fnmatch.fnmatchcase(path, glob) for path in paths):
+                warnings.warn(
+                    f"{entry.describe()}: {name} glob {glob!r} matches no module of "
+                    f"{type(model).__name__}; {entry.pattern} will not fuse there",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        scopes.setdefault(entry.pattern, [])
+        if globs not in scopes[entry.pattern]:
+            scopes[entry.pattern].append(globs)
+    return FusionPlan(
+        frozenset(scopes),
+        scopes={name: tuple(globs) for name, globs in scopes.items()},
+        source="kernel_config",
+    )
+
+
+def _describe_plan(plan: FusionPlan) -> str:
+    if not plan.scopes:
+        return f"patterns {sorted(plan.patterns)} everywhere"
+    parts = []
+    for name, scope in plan.scopes.items():
+        roles = registry.get_family(name).roles
+        where = "; ".join(
+            ", ".join(f"{role}={glob}" for role, glob in zip(roles, globs, strict=True))
+            for globs in scope
+        )
+        parts.append(f"{name} at {where}")
+    return "; ".join(parts)
+
+
+def apply_kernel_config(model: torch.nn.Module, kernel_config: Any) -> FusionPlan | None:
+    """Resolves the entries of ours in ``kernel_config`` against ``model`` and attaches the plan.
+
+    ``from_pretrained(..., kernel_config=...)`` calls this for you; call it yourself for a model
+    built otherwise. Accepts our `KernelConfig`, a ``transformers.KernelConfig`` or a dict; only our
+    entries matter here. Returns the plan, or None if the config holds none of ours.
+    """
+    entries = _as_fusion_config(kernel_config).fusion_entries
+    plan = resolve_entries(model, entries)
+    if plan is None:
+        return None
+    attach_plan(model, plan)
+    log.info(
+        "inductor_fusion: KernelConfig gives %s %s; the eager model is unchanged, these fusions "
+        'apply when it is compiled with torch.compile(model, backend="inductor_fusion")',
+        type(model).__name__,
+        _describe_plan(plan),
+    )
+    return plan
+
+
+# --- the KernelConfig -------------------------------------------------------------------------------
+
+
+class FusionKernelConfigMixin:
+    """Our half of `KernelConfig` (which also derives from ``transformers.KernelConfig``).
+
+    ``KernelConfig(kernel_mapping=None, use_local_kernel=None, inherit_mapping=None)``:
+    ``kernel_mapping`` is a dict, a ``transformers.KernelConfig`` or one of ours; it is read, never
+    modified. ``kernel_mapping`` on the result holds only transformers' entries (the view
+    transformers sees); ours are in ``fusion_entries``. ``use_local_kernel`` defaults to the given
+    config's (else False). ``inherit_mapping`` defaults to False when one of our patterns is on:
+    inheriting transformers' default hub mapping would kernelize RMSNorm and SiLU and leave our
+    patterns nothing to match; otherwise to the given config's (else True, transformers' default).
+
+    Like transformers' own, a config holding hub entries is rewritten by the ``from_pretrained``
+    that uses it; ``KernelConfig(cfg)`` makes a fresh copy for the next model.
+    """
+
+    fusion_entries: tuple[FusionEntry, ...]
+    source_mapping: dict[Any, Any]
+    # Set by transformers.KernelConfig.__init__:
+    kernel_mapping: dict[Any, Any]
+    use_local_kernel: bool
+    inherit_mapping: bool
+
+    def __init__(
+        self,
+        kernel_mapping: Any = None,
+        use_local_kernel: bool | None = None,
+        inherit_mapping: bool | None = None,
+    ) -> None:
+        hf_config = _hf_kernel_config_class()
+        source = kernel_mapping
+        if isinstance(source, FusionKernelConfigMixin):
+            mapping: Mapping[Any, Any] = source.source_mapping
+        elif isinstance(source, hf_config):
+            mapping = source.kernel_mapping
+        elif source is None:
+            mapping = {}
+        elif isinstance(source, Mapping):
+            mapping = source
+        else:
+            raise TypeError(
+                "inductor_fusion.KernelConfig takes a dict or a transformers.KernelConfig, got "
+                f"{type(source).__name__}"
+            )
+        hub, ours = split_kernel_mapping(mapping)
+        wrapped = source if isinstance(source, hf_config) else None
+        if use_local_kernel is None:
+            use_local_kernel = bool(getattr(wrapped, "use_local_kernel", False))
+        any_on = any(entry.enabled for entry in ours)
+        if inherit_mapping is None:
+            inherit_mapping = False if any_on else bool(getattr(wrapped, "inherit_mapping", True))
+        elif inherit_mapping and any_on and hub:
+            warnings.warn(
+                "inductor_fusion.KernelConfig: inherit_mapping=True kernelizes with transformers' "
+                "default hub mapping (RMSNorm, SiLU, ...), which replaces the forwards our "
+                "patterns match; they may find nothing to fuse",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().__init__(  # type: ignore[call-arg]
+            kernel_mapping=hub, use_local_kernel=use_local_kernel, inherit_mapping=inherit_mapping
+        )
+        self.fusion_entries = ours
+        # What this config was built from, so that it can be rebuilt after transformers rewrites
+        # kernel_mapping in from_pretrained.
+        self.source_mapping = {key: copy.deepcopy(value) for key, value in mapping.items()}
+        _warn_hub_overlap(hub, ours)
+        _install_load_hook()
+
+    def fusion_plan(self, model: torch.nn.Module) -> FusionPlan | None:
+        """The plan our entries give ``model`` (not attached)."""
+        return resolve_entries(model, self.fusion_entries)
+
+    def __repr__(self) -> str:
+        ours = {entry.key: entry.value for entry in self.fusion_entries}
+        return (
+            f"{type(self).__name__}(fusions={ours!r}, kernel_mapping={self.kernel_mapping!r}, "
+            f"use_local_kernel={self.use_local_kernel!r}, inherit_mapping={self.inherit_mapping!r})"
+        )
+
+
+def _warn_hub_overlap(hub: Mapping[Any, Any], ours: Sequence[FusionEntry]) -> None:
+    """A hub kernel on a module one of our enabled patterns spans replaces what we match."""
+    targeted = {name: entry for entry in ours if entry.enabled for name in entry.names}
+    for key in hub:
+        if isinstance(key, str):
+            names = [key]
+        elif isinstance(key, tuple):
+            names = [item[0] if isinstance(item, tuple) and item else item for item in key]
+        else:
+            continue
+        clash = [name for name in names if name in targeted]
+        if clash:
+            entry = targeted[clash[0]]
+            warnings.warn(
+                f"KernelConfig entry {key!r} puts a hub kernel on {clash[0]}, a module of "
+                f"{entry.describe()}; where it applies, {entry.pattern} finds nothing to fuse",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+@functools.cache
+def _hf_kernel_config_class() -> type[_HFKernelConfig]:
+    from transformers.utils.kernel_config import KernelConfig as HFKernelConfig
+
+    return HFKernelConfig
+
+
+@functools.cache
+def _kernel_config_class() -> type:
+    # Built on first use so that importing inductor_fusion does not import transformers (~0.4 s).
+    cls = type(
+        "KernelConfig",
+        (FusionKernelConfigMixin, _hf_kernel_config_class()),
+        {"__module__": __name__, "__doc__": FusionKernelConfigMixin.__doc__},
+    )
+    return cls
+
+
+if TYPE_CHECKING:
+
+    class KernelConfig(FusionKernelConfigMixin, _HFKernelConfig):  # type: ignore[misc]
+        """A ``transformers.KernelConfig`` that also selects our fusions (module docstring)."""
+
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name == "KernelConfig":
+            cls = _kernel_config_class()
+            globals()["KernelConfig"] = cls  # later lookups (and pickle) find it directly
+            return cls
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fusion_config(
+    kernel_mapping: Any = None,
+    *,
+    use_local_kernel: bool | None = None,
+    inherit_mapping: bool | None = None,
+) -> FusionKernelConfigMixin:
+    """``inductor_fusion.KernelConfig(...)``: our KernelConfig from a dict or a KernelConfig."""
+    return _kernel_config_class()(
+        kernel_mapping, use_local_kernel=use_local_kernel, inherit_mapping=inherit_mapping
+    )
+
+
+def _as_fusion_config(kernel_config: Any) -> FusionKernelConfigMixin:
+    if isinstance(kernel_config, FusionKernelConfigMixin):
+        return kernel_config
+    return fusion_config(kernel_config)
+
+
+# --- the from_pretrained hook ---------------------------------------------------------------------
+
+_HOOK_MARK = "_inductor_fusion_hook"
+_hook_lock = threading.Lock()
+
+
+def _install_load_hook() -> None:
+    """Wraps ``PreTrainedModel.set_use_kernels`` once, so that configs of ours apply to the model.
+
+    Why a wrapper, when the config object could hook ``sanitize_kernel_mapping(model)``: in
+    transformers 5.17 and 5.24, ``set_use_kernels`` (1) raises unless ``kernels`` is installed in
+    the exact range that transformers release wants (5.17: >=0.16,<0.17; 5.24: >=0.18.2,<0.19),
+    before it calls any method of the config, although our fusions need no ``kernels`` at all;
+    and (2) always ends in ``kernelize``, which for a config holding only ours would apply
+    transformers' default hub mapping and replace the very forwards our patterns match.
+
+    Installed when a config of ours is first built, not at import. The wrapper passes every call
+    whose ``kernel_config`` is not ours to the original untouched. For ours it resolves and attaches
+    our plan, then calls the original only if transformers' entries remain.
+    """
+    from transformers import modeling_utils
+
+    model_class = modeling_utils.PreTrainedModel
+    with _hook_lock:
+        original = getattr(model_class, "set_use_kernels", None)
+        if original is None:
+            raise RuntimeError(
+                "inductor_fusion.KernelConfig: this transformers version has no "
+                "PreTrainedModel.set_use_kernels to hook into from_pretrained; load the model "
+                "without kernel_config and call inductor_fusion.apply_kernel_config(model, cfg)"
+            )
+        if getattr(original, _HOOK_MARK, False):
+            return
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def set_use_kernels(self: Any, *args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(self, *args, **kwargs)
+            config = bound.arguments.get("kernel_config")
+            if not isinstance(config, FusionKernelConfigMixin) or not bound.arguments.get(
+                "use_kernels"
+            ):
+                return original(self, *args, **kwargs)
+            return _set_use_kernels(self, config, lambda: original(self, *args, **kwargs))
+
+        setattr(set_use_kernels, _HOOK_MARK, True)
+        model_class.set_use_kernels = set_use_kernels
+
+
+def _set_use_kernels(
+    model: torch.nn.Module, config: FusionKernelConfigMixin, upstream: Callable[[], Any]
+) -> Any:
+    # Ours first: a bad entry fails before any hub kernel is applied.
+    apply_kernel_config(model, config)
+    if config.kernel_mapping:
+        # transformers' entries, in whatever form its loader left them: its business.
+        return upstream()
+    # Nothing of transformers' to apply: keep the config visible as transformers would, and do
+    # not kernelize (the model's forwards stay exactly as written).
+    model.kernel_config = config
     return None

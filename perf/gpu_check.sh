@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# One GPU session in one call: install the carried wheels and our package, print the machine and
+# versions, then (a) the test suite, (b) the demo if there is one, (c) the benchmark sweep.
+#
+# Run from the repository root on the GPU machine, with .whl/ carried (liger-kernel, kernels,
+# tomlkit), e.g. as the device tool's command:
+#     bash perf/gpu_check.sh
+# It keeps inside GPU_CHECK_TOTAL_S seconds (default 540: the tool allows 600 a command), so give
+# the call timeout_s=600. A stage that fails or times out does not stop the later ones.
+#
+# Files under $OUT (7, flat: the tool returns at most 8, at most 2 folders deep):
+#     gpu_check.log   setup, versions, demo, stage summary
+#     pytest.log      the test run
+#     bench.log       the benchmark's progress and table
+#     results.json results.csv results.md results.png   the benchmark's data and report
+
+set -u
+START=$(date +%s)
+TOTAL=${GPU_CHECK_TOTAL_S:-540}
+OUT=${OUT:-/tmp/gpu_check_out}
+BENCH_DIR=/tmp/bench_out
+LOG="$OUT/gpu_check.log"
+mkdir -p "$OUT"
+: >"$LOG"
+export PYTHONUNBUFFERED=1
+
+elapsed() { echo $(($(date +%s) - START)); }
+left() { echo $((TOTAL - $(elapsed))); }
+say() { echo "[gpu_check $(elapsed)s] $*" | tee -a "$LOG"; }
+# Runs "$@" with its output shown and appended to the main log; returns its status.
+logged() {
+    "$@" 2>&1 | tee -a "$LOG"
+    return "${PIPESTATUS[0]}"
+}
+
+# --- setup ------------------------------------------------------------------------------------------
+# Exports stay outside pipelines: a pipeline runs in a subshell and would drop them.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    say "installing carried wheels: $(cd .whl && echo *.whl)"
+    if logged python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        say "wheel install FAILED: liger/kernels will be missing"
+    fi
+else
+    say "no .whl/ carried: liger and kernels will be missing"
+fi
+
+# Imports from outside the repository prove the installed package, not the source folder.
+import_check() { (cd / && python3 -c "import inductor_fusion.triton_kernels.rmsnorm_mlp, inductor_fusion.patterns") >>"$LOG" 2>&1; }
+say "installing inductor-fusion (editable, no deps, no build isolation)"
+logged python3 -m pip install -q --no-deps --no-build-isolation -e . || say "pip install -e . FAILED"
+if ! import_check; then
+    # No install: make the source tree importable as the installed layout would be.
+    say "import check failed: falling back to symlinks + PYTHONPATH"
+    ln -sfn ../patterns inductor_fusion/patterns
+    ln -sfn ../triton_kernels inductor_fusion/triton_kernels
+    # A bare dist-info registers backend="inductor_fusion" (torch reads the entry point group).
+    DIST=/tmp/site/inductor_fusion-0.1.0.dist-info
+    mkdir -p "$DIST"
+    printf 'Metadata-Version: 2.1\nName: inductor-fusion\nVersion: 0.1.0\n' >"$DIST/METADATA"
+    printf '[torch_dynamo_backends]\ninductor_fusion = inductor_fusion.backend:inductor_fusion_backend\n' \
+        >"$DIST/entry_points.txt"
+    export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    import_check && say "fallback import ok" || say "fallback import FAILED"
+fi
+
+logged nvidia-smi
+logged python3 - <<'EOF'
+import importlib.metadata as md
+import platform
+
+import torch
+
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "| SMs", p.multi_processor_count, "| L2", getattr(p, "L2_cache_size", "?"))
+for dist in ("triton", "transformers", "liger-kernel", "kernels", "huggingface-hub", "inductor-fusion",
+             "matplotlib", "pandas", "pytest", "hypothesis"):
+    try:
+        print(f"{dist} {md.version(dist)}")
+    except md.PackageNotFoundError:
+        print(f"{dist} MISSING")
+for mod in ("liger_kernel.transformers", "kernels", "inductor_fusion", "inductor_fusion.triton_kernels.rmsnorm_mlp"):
+    try:
+        __import__(mod)
+        print(f"import {mod}: ok")
+    except Exception as exc:
+        print(f"import {mod}: FAILED {type(exc).__name__}: {exc}")
+EOF
+
+# --- (a) tests ----------------------------------------------------------------------------------------
+T_TEST=$(($(left) - 200))
+((T_TEST > 240)) && T_TEST=240
+if ((T_TEST >= 30)); then
+    say "(a) pytest, limit ${T_TEST}s"
+    timeout -k 10 "$T_TEST" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log"
+    RC_TEST=${PIPESTATUS[0]}
+else
+    RC_TEST=skipped
+fi
+say "(a) pytest rc=$RC_TEST (124: timed out; 5: no tests)"
+
+# --- (b) demo -----------------------------------------------------------------------------------------
+if python3 -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('inductor_fusion.demo') else 1)" 2>/dev/null; then
+    T_DEMO=$(($(left) - 150))
+    ((T_DEMO > 90)) && T_DEMO=90
+    if ((T_DEMO >= 20)); then
+        say "(b) demo, limit ${T_DEMO}s"
+        logged timeout -k 5 "$T_DEMO" python3 -m inductor_fusion.demo
+        RC_DEMO=$?
+    else
+        RC_DEMO=skipped
+    fi
+else
+    RC_DEMO="skipped (no inductor_fusion.demo)"
+fi
+say "(b) demo rc=$RC_DEMO"
+
+# --- (c) benchmark ------------------------------------------------------------------------------------
+# bench.py rewrites results.json after every (shape, M), so a timeout still leaves data. Its own
+# budget stops starting work (max_autotune first) well before the hard limit.
+T_BENCH=$(($(left) - 15))
+rm -rf "$BENCH_DIR"
+if ((T_BENCH >= 60)); then
+    BENCH_ARGS=(--out "$BENCH_DIR" --time-budget $((T_BENCH - 70)))
+    # Short of time: fewer M for every shape (the peers table's M) before dropping shapes.
+    if ((T_BENCH < 150)); then
+        BENCH_ARGS+=(--quick)
+    elif ((T_BENCH < 330)); then
+        BENCH_ARGS+=(--tokens 1,16,256,4096)
+    fi
+    say "(c) bench ${BENCH_ARGS[*]}, limit ${T_BENCH}s"
+    timeout -k 10 "$T_BENCH" python3 perf/bench.py "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
+    RC_BENCH=${PIPESTATUS[0]}
+    if [[ -f $BENCH_DIR/results.json && ! -f $BENCH_DIR/results.md ]]; then
+        say "bench ended early: report from the data written so far"
+        timeout 30 python3 perf/report.py "$BENCH_DIR/results.json" 2>&1 | tee -a "$OUT/bench.log"
+    fi
+    cp "$BENCH_DIR"/results.json "$BENCH_DIR"/results.csv "$BENCH_DIR"/results.md \
+        "$BENCH_DIR"/results.png "$OUT"/ 2>/dev/null
+else
+    RC_BENCH="skipped (only ${T_BENCH}s left)"
+fi
+say "(c) bench rc=$RC_BENCH"
+
+say "done: pytest=$RC_TEST demo=$RC_DEMO bench=$RC_BENCH; files: $(cd "$OUT" && ls | tr '\n' ' ')"

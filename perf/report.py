@@ -1,0 +1,412 @@
+"""Tables and a plot from ``bench.py``'s ``results.json``: ``results.md`` and ``results.png``.
+
+    python perf/report.py perf/results/results.json [--out-dir DIR]
+
+Reads only the JSON, so it can be rerun on old data. Columns: the floor, every provider's median
+µs, ours' time as a percentage of the floor (100% = at the roof), and ours' speed-up over the best
+peer (best of eager / liger / compile / max_autotune: > 1 means ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PEERS = ("eager", "liger", "compile", "max_autotune")
+PROVIDERS = (*PEERS, "ours", "ours_op")
+OURS = "ours"
+MODELS = {
+    "2048x8192": "Llama-3.2-1B",
+    "3072x8192": "Llama-3.2-3B",
+    "4096x14336": "Llama-3.1-8B",
+}
+STATUS_MARK = {"failed": "fail", "skipped": "skip", "pending": "?"}
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None (missing, 'nan' string, non-numeric)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _time(rec: dict | None) -> float | None:
+    if rec is None or rec.get("status") != "ok":
+        return None
+    return _num(rec.get("median_us"))
+
+
+def fmt_us(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.1f}"
+
+
+def _cell(rec: dict | None) -> str:
+    if rec is None:
+        return "-"
+    t = _time(rec)
+    if t is not None:
+        return fmt_us(t)
+    return STATUS_MARK.get(rec.get("status", ""), "?")
+
+
+def index(data: dict) -> dict[str, dict[int, dict[str, dict]]]:
+    """records by shape, then M, then provider (shapes in the run's order)."""
+    order = data.get("meta", {}).get("shapes") or []
+    out: dict[str, dict[int, dict[str, dict]]] = {key: {} for key in order}
+    for rec in data.get("records", []):
+        out.setdefault(rec["shape"], {}).setdefault(int(rec["m"]), {})[rec["provider"]] = rec
+    return {k: v for k, v in out.items() if v}
+
+
+def providers_present(data: dict) -> list[str]:
+    seen = {rec["provider"] for rec in data.get("records", [])}
+    return [p for p in PROVIDERS if p in seen]
+
+
+def best_peer(row: dict[str, dict]) -> tuple[str, float] | None:
+    times = [(p, t) for p in PEERS if (t := _time(row.get(p))) is not None]
+    return min(times, key=lambda pt: pt[1]) if times else None
+
+
+def row_summary(row: dict[str, dict]) -> dict[str, Any]:
+    """Floor, ours % of floor, and ours' speed-up over the best peer for one (shape, M)."""
+    any_rec = next(iter(row.values()))
+    floor = _num(any_rec.get("floor_us"))
+    ours = _time(row.get(OURS))
+    peer = best_peer(row)
+    return {
+        "floor": floor,
+        "bound": any_rec.get("floor_bound"),
+        "ours_pct": ours / floor * 100 if ours is not None and floor else None,
+        "best_peer": peer[0] if peer else None,
+        "speedup": peer[1] / ours if peer and ours else None,
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def _speedup(summary: dict) -> str:
+    if summary["speedup"] is None:
+        return "-"
+    return f"{summary['speedup']:.2f}x ({summary['best_peer']})"
+
+
+def _title(shape: str) -> str:
+    model = MODELS.get(shape)
+    return f"H x I = {shape}" + (f" ({model})" if model else "")
+
+
+# --- markdown ------------------------------------------------------------------------------------
+
+
+def markdown(data: dict) -> str:
+    meta = data.get("meta", {})
+    providers = providers_present(data)
+    lines = ["# RMSNorm → SwiGLU MLP → residual: benchmark", ""]
+    lines += _meta_lines(meta)
+    for shape, rows in index(data).items():
+        lines += ["", f"## {_title(shape)}", ""]
+        header = ["M", "floor µs", *providers, "ours / floor", "ours vs best peer"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---:|" * len(header))
+        for m in sorted(rows):
+            row = rows[m]
+            summary = row_summary(row)
+            cells = [str(m), fmt_us(summary["floor"])]
+            cells += [_cell(row.get(p)) for p in providers]
+            cells += [_pct(summary["ours_pct"]), _speedup(summary)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += _spread_lines(rows, providers)
+        lines += _problem_lines(rows, providers)
+    lines += _numerics_lines(data, providers)
+    lines += _distribution_lines(data, providers)
+    lines += _compile_lines(data, providers)
+    return "\n".join(lines) + "\n"
+
+
+def _meta_lines(meta: dict) -> list[str]:
+    copy_bw, mm_rate = _num(meta.get("copy_bw")), _num(meta.get("mm_rate"))
+    timing = meta.get("timing") or {}
+    versions = ", ".join(
+        f"{name} {meta[key]}"
+        for name, key in (
+            ("torch", "torch"),
+            ("triton", "triton"),
+            ("transformers", "transformers"),
+            ("liger-kernel", "liger_kernel"),
+            ("CUDA", "cuda"),
+            ("python", "python"),
+        )
+        if meta.get(key)
+    )
+    lines = [
+        f"- GPU: {meta.get('gpu', '?')}; {versions}",
+        f"- date: {meta.get('date', '?')}; commit: {meta.get('git_commit') or '?'}"
+        + (f"; {meta['elapsed_s']:.0f} s" if _num(meta.get("elapsed_s")) else ""),
+    ]
+    if copy_bw and mm_rate:
+        lines.append(
+            f"- measured in this run: copy {copy_bw / 1e12:.2f} TB/s (bytes read + written), "
+            f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s"
+        )
+    lines += [
+        f"- {meta.get('benchmark', 'the region')}, {meta.get('dtype', 'bf16')}, "
+        f"h of shape {meta.get('input_shape', '[1, M, H]')}; {meta.get('init', '')}",
+        "- times: median µs per call, CUDA-graph replay of "
+        f"{timing.get('calls_per_graph', '?')} calls, {timing.get('rounds', '?')} interleaved "
+        f"rounds x {timing.get('replays_per_round', '?')} replays; "
+        "floor = max(bytes / copy BW, flops / matmul rate) with bytes = 3·H·I·2 + 2·M·H·2 "
+        "(weights once, h in, out), flops = 6·M·H·I",
+        "- ours / floor: ours' time over the floor (100% = at the roof); "
+        "ours vs best peer: best peer's time / ours' (> 1: ours faster); "
+        "fail / skip: see the notes under the table",
+    ]
+    if meta.get("quick"):
+        lines.append("- **quick run** (smoke test): fewer shapes, M and repeats")
+    return lines
+
+
+def _spread_lines(rows: dict[int, dict[str, dict]], providers: Sequence[str]) -> list[str]:
+    spreads = []
+    for p in providers:
+        values = [
+            s
+            for row in rows.values()
+            if _time(row.get(p)) is not None and (s := _num(row[p].get("spread_pct"))) is not None
+        ]
+        if values:
+            spreads.append(f"{p} {max(values):.1f}%")
+    if not spreads:
+        return []
+    return ["", "Largest spread of round medians (same version timed again): " + ", ".join(spreads)]
+
+
+def _problem_lines(rows: dict[int, dict[str, dict]], providers: Sequence[str]) -> list[str]:
+    """One line per (provider, message) with the M it happened at."""
+    problems: dict[tuple[str, str, str], list[int]] = {}
+    for m in sorted(rows):
+        for p in providers:
+            rec = rows[m].get(p)
+            if rec and rec.get("status") in ("failed", "skipped"):
+                key = (p, rec["status"], str(rec.get("error") or "no message"))
+                problems.setdefault(key, []).append(m)
+    if not problems:
+        return []
+    lines = [""]
+    for (p, status, error), ms in problems.items():
+        where = "M=" + ",".join(str(m) for m in ms)
+        lines.append(f"- {p} {status} at {where}: {error.replace('|', '/')}")
+    return lines
+
+
+def _numerics_lines(data: dict, providers: Sequence[str]) -> list[str]:
+    rows = [rec for rec in data.get("records", []) if rec.get("rel_err") is not None]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Numerics",
+        "",
+        "Relative L2 error vs an fp32 reference (same weights upcast, TF32 off), on a fresh "
+        "input. Our rule: ours ≤ 2 x eager's error.",
+        "",
+        "| shape | M | " + " | ".join(providers) + " | ours within 2x eager |",
+        "|---|---:|" + "---:|" * len(providers) + "---|",
+    ]
+    by_block: dict[tuple[str, int], dict[str, dict]] = {}
+    for rec in rows:
+        by_block.setdefault((rec["shape"], int(rec["m"])), {})[rec["provider"]] = rec
+    for (shape, m), recs in by_block.items():
+        cells = []
+        for p in providers:
+            rec = recs.get(p)
+            err = None if rec is None else rec.get("rel_err")
+            cells.append("-" if err is None else _fmt_err(err))
+        verdicts = [
+            f"{p}: {'yes' if recs[p].get('tol_ok') else 'NO'}"
+            for p in ("ours", "ours_op")
+            if p in recs and recs[p].get("tol_ok") is not None
+        ]
+        lines.append(
+            f"| {shape} | {m} | " + " | ".join(cells) + f" | {', '.join(verdicts) or '-'} |"
+        )
+    return lines
+
+
+def _fmt_err(err: Any) -> str:
+    value = _num(err)
+    return f"{value:.2e}" if value is not None else str(err)
+
+
+def _distribution_lines(data: dict, providers: Sequence[str]) -> list[str]:
+    """p10 / p90 of every timed cell: how wide each median's samples were."""
+    lines = ["", "## Spread of the samples: p10 / p90 µs per call"]
+    for shape, rows in index(data).items():
+        lines += [
+            "",
+            f"{_title(shape)}",
+            "",
+            "| M | " + " | ".join(providers) + " |",
+            "|---:|" + "---:|" * len(providers),
+        ]
+        for m in sorted(rows):
+            cells = []
+            for p in providers:
+                rec = rows[m].get(p)
+                lo, hi = (
+                    (None, None) if _time(rec) is None else (rec.get("p10_us"), rec.get("p90_us"))
+                )
+                lo, hi = _num(lo), _num(hi)
+                cells.append("-" if lo is None or hi is None else f"{fmt_us(lo)} / {fmt_us(hi)}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _compile_lines(data: dict, providers: Sequence[str]) -> list[str]:
+    totals: dict[str, dict[str, float]] = {}
+    for rec in data.get("records", []):
+        seconds = _num(rec.get("compile_s"))
+        if seconds is not None:
+            shape_totals = totals.setdefault(rec["shape"], {})
+            shape_totals[rec["provider"]] = shape_totals.get(rec["provider"], 0.0) + seconds
+    if not totals:
+        return []
+    lines = [
+        "",
+        "## First-call time (compile, autotune), seconds summed over M",
+        "",
+        "| shape | " + " | ".join(providers) + " |",
+        "|---|" + "---:|" * len(providers),
+    ]
+    for shape, per in totals.items():
+        cells = [f"{per[p]:.1f}" if p in per else "-" for p in providers]
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# --- text table (printed at the end of a run) -------------------------------------------------------
+
+
+def text_table(data: dict) -> str:
+    providers = providers_present(data)
+    short = {"max_autotune": "max_at", "ours_op": "ours_op"}
+    out = []
+    for shape, rows in index(data).items():
+        header = ["M", "floor", *(short.get(p, p) for p in providers), "ours/flr", "vs best"]
+        table = [header]
+        for m in sorted(rows):
+            summary = row_summary(rows[m])
+            speed = "-" if summary["speedup"] is None else f"{summary['speedup']:.2f}x"
+            table.append(
+                [
+                    str(m),
+                    fmt_us(summary["floor"]),
+                    *(_cell(rows[m].get(p)) for p in providers),
+                    _pct(summary["ours_pct"]),
+                    speed,
+                ]
+            )
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        out.append(f"{shape} (median µs per call)")
+        out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in table]
+        out.append("")
+    for rec in data.get("records", []):
+        if rec.get("tol_ok") is False:
+            out.append(
+                f"NUMERICS: {rec['provider']} at {rec['shape']} M={rec['m']}: rel err "
+                f"{_fmt_err(rec.get('rel_err'))} > 2 x eager"
+            )
+    return "\n".join(out).rstrip()
+
+
+# --- plot ----------------------------------------------------------------------------------------------
+
+
+def plot(data: dict, path: str | Path) -> None:
+    """Per shape: median µs vs M on log axes, one line per provider, the floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = index(data)
+    providers = providers_present(data)
+    fig, axes = plt.subplots(
+        1, max(len(shapes), 1), figsize=(5.5 * max(len(shapes), 1), 4.5), squeeze=False
+    )
+    for ax, (shape, rows) in zip(axes[0], shapes.items(), strict=False):
+        ms = sorted(rows)
+        floors = [row_summary(rows[m])["floor"] for m in ms]
+        ax.plot(ms, floors, "k--", linewidth=1.5, label="floor")
+        for p in providers:
+            points = [(m, t) for m in ms if (t := _time(rows[m].get(p))) is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                width = 2.4 if p == OURS else 1.2
+                ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=width, label=p)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ms, [str(m) for m in ms])
+        ax.minorticks_off()
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_xlabel("tokens M")
+        ax.set_ylabel("µs per call (median)")
+        ax.set_title(_title(shape), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    meta = data.get("meta", {})
+    fig.suptitle(
+        f"h + mlp(rmsnorm(h)), bf16, {meta.get('gpu', '?')}, torch {meta.get('torch', '?')}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(data: dict, out_dir: str | Path) -> list[Path]:
+    """results.md, and results.png if matplotlib is importable; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "results.md"
+    md.write_text(markdown(data))
+    written = [md]
+    png = out_dir / "results.png"
+    try:
+        plot(data, png)
+        written.append(png)
+    except ImportError as exc:
+        print(f"report: no plot ({exc})", flush=True)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="results.md and results.png from results.json")
+    parser.add_argument("json", type=Path, help="results.json written by bench.py")
+    parser.add_argument("--out-dir", type=Path, help="default: the JSON's folder")
+    args = parser.parse_args(argv)
+    data = load(args.json)
+    written = write_report(data, args.out_dir or args.json.parent)
+    print("wrote " + ", ".join(str(p) for p in written))
+    print(text_table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

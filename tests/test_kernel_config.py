@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from tiny_models import TINY
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -61,19 +62,10 @@ HUB_KEY = "rotary_pos_emb"
 HUB_VALUE = "kernels-community/rotary:apply_rotary_transformers"
 ALL_LAYERS = {"rmsnorm_mlp": ((NORM, MLP),)}
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    vocab_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-
 
 def tiny(config_class: type, model_class: type) -> torch.nn.Module:
     torch.manual_seed(0)
-    return model_class(config_class(**TINY, head_dim=16)).eval()
+    return model_class(config_class(**TINY)).eval()
 
 
 @pytest.fixture(scope="module")

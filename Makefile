@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench bench-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -36,6 +36,10 @@ format:
 # GPU benchmark (needs CUDA): writes perf/results/{results.json,csv,md,png}.
 bench: $(STAMP)
 	$(PYTHON) perf/bench.py --out perf/results
+
+# End-to-end generate() benchmark (needs CUDA; `--cpu-smoke` checks the script on a CPU).
+bench-e2e: $(STAMP)
+	$(PYTHON) perf/bench_e2e.py --out perf/results/e2e
 
 clean:
 	rm -rf $(STAMP) build dist *.egg-info .pytest_cache .hypothesis

@@ -158,9 +158,10 @@ STAGES = {"joint": "joint_custom_pre_pass", "post_grad": "post_grad_custom_pre_p
 class FusionPass(CustomGraphPass):
     """Applies the plan's pattern families to a graph; its uuid() keys the FX graph cache.
 
-    ``chained`` is whatever the user had already installed as ``post_grad_custom_pre_pass``
-    (a pass, or a list of them): it runs first, on the graph it was written for, and our uuid
-    includes its uuid — or is None, disabling the cache, when it has none (as Inductor does).
+    ``stage`` says which of Inductor's hooks it is installed at (`STAGES`). ``chained`` is
+    whatever the user had already installed at that hook (a pass, or a list of them): it runs
+    first, on the graph it was written for, and our uuid includes its uuid — or is None,
+    disabling the cache, when it has none (as Inductor does).
     """
 
     def __init__(

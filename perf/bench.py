@@ -48,12 +48,10 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import gc
 import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -63,6 +61,17 @@ from typing import Any
 import report
 import torch
 import torch.nn.functional as F
+from perf_common import (
+    configure_compiler,
+    csv_list,
+    dist_version,
+    error_text,
+    git_commit,
+    log,
+    recover,
+    rel_l2,
+    synchronize,
+)
 from torch import Tensor
 
 DTYPE = torch.bfloat16
@@ -108,10 +117,6 @@ CSV_FIELDS = (
     "tol_ok",
     "error",
 )
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # --- what is measured -----------------------------------------------------------------------------
@@ -184,12 +189,6 @@ def summarize(rounds: Sequence[Sequence[float]]) -> dict[str, float | int]:
         "spread_pct": spread,
         "samples": len(samples),
     }
-
-
-def rel_l2(out: Tensor, ref: Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in fp32; NaN if ``out`` holds a NaN or Inf."""
-    diff = out.float() - ref
-    return float(diff.norm() / ref.norm())
 
 
 # --- the region and its providers ------------------------------------------------------------------
@@ -348,11 +347,6 @@ def reference_fp32(region: Region, x: Tensor) -> Tensor:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --- CUDA timing ------------------------------------------------------------------------------------
 
 
@@ -465,11 +459,6 @@ class Budget:
         return None
 
 
-def _error_text(exc: BaseException, limit: int = 600) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def base_record(shape: Shape, m: int, provider: str, copy_bw: float, mm_rate: float) -> dict:
     nbytes = region_bytes(shape.hidden, shape.inter, m)
     flops = region_flops(shape.hidden, shape.inter, m)
@@ -544,9 +533,9 @@ def run_block(
         except Skipped as exc:
             rec.update(status="skipped", error=str(exc))
         except Exception as exc:
-            rec.update(status="failed", error=_error_text(exc))
+            rec.update(status="failed", error=error_text(exc))
             log(f"    {name} failed: {rec['error']}")
-            _recover()
+            recover()
     if numerics:
         check_numerics(run, m, providers, records)
     if graphs:
@@ -554,7 +543,7 @@ def run_block(
         for name, rounds in samples.items():
             records[name].update(summarize(rounds))
     del graphs
-    _recover()
+    recover()
     return [records[p] for p in providers]
 
 
@@ -569,8 +558,8 @@ def check_numerics(run: ShapeRun, m: int, providers: Sequence[str], records: dic
         try:
             rec["rel_err"] = rel_l2(run.fn(name)(x), ref)
         except Exception as exc:
-            rec.update(status="failed", error="numerics: " + _error_text(exc))
-            _recover()
+            rec.update(status="failed", error="numerics: " + error_text(exc))
+            recover()
     eager_err = records.get("eager", {}).get("rel_err")
     for name in providers:
         err = records[name].get("rel_err")
@@ -584,41 +573,7 @@ def check_numerics(run: ShapeRun, m: int, providers: Sequence[str], records: dic
             records[name]["tol_ok"] = err <= 2 * eager_err
 
 
-def _recover() -> None:
-    """After a failure or a block: settle the device and give cached blocks back."""
-    try:
-        torch.cuda.synchronize()
-    except Exception as exc:
-        log(f"    (synchronize after failure raised {_error_text(exc, 200)})")
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 # --- data out --------------------------------------------------------------------------------------
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        commit = out.stdout.strip() if out.returncode == 0 else None
-        if commit and dirty.stdout.strip():
-            commit += " (dirty)"
-        return commit
-    except Exception:
-        return None
 
 
 def environment() -> dict[str, Any]:
@@ -628,23 +583,14 @@ def environment() -> dict[str, Any]:
         "sm_count": props.multi_processor_count,
         "l2_bytes": getattr(props, "L2_cache_size", None),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "liger_kernel": _liger_version(),
+        "triton": dist_version("triton"),
+        "transformers": dist_version("transformers"),
+        "liger_kernel": dist_version("liger-kernel"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
-
-
-def _liger_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("liger-kernel")
-    except Exception:
-        return None
 
 
 def write_data(out_dir: Path, meta: dict, records: list[dict]) -> None:
@@ -671,10 +617,6 @@ def finite_records(records: Iterable[dict]) -> list[dict]:
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
-
-
-def _csv_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -713,15 +655,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     shapes_text = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     tokens_text = args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
     try:
-        args.shapes = [Shape.parse(s) for s in _csv_list(shapes_text)]
-        args.tokens = [int(m) for m in _csv_list(tokens_text)]
+        args.shapes = [Shape.parse(s) for s in csv_list(shapes_text)]
+        args.tokens = [int(m) for m in csv_list(tokens_text)]
     except (argparse.ArgumentTypeError, ValueError) as exc:
         parser.error(str(exc))
     if any(m < 1 for m in args.tokens):
         parser.error("every M must be >= 1")
     if min(args.calls_per_graph, args.rounds or 1, args.replays or 1) < 1:
         parser.error("--calls-per-graph, --rounds and --replays must be >= 1")
-    args.providers = _csv_list(args.providers)
+    args.providers = csv_list(args.providers)
     unknown = sorted(set(args.providers) - set(PROVIDERS))
     if unknown:
         parser.error(f"unknown provider(s) {unknown}; known: {', '.join(PROVIDERS)}")
@@ -736,21 +678,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def numerics_m(tokens: Sequence[int], wanted: int) -> int:
     """The swept M closest to ``wanted`` (ties: the smaller)."""
     return min(tokens, key=lambda m: (abs(math.log2(m) - math.log2(wanted)), m))
-
-
-def configure_compiler() -> None:
-    """Compiler settings for this process (a benchmark's main, not the library)."""
-    import torch._dynamo.config as dynamo_config
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    # Each provider recompiles the region once per M (static shapes): keep all of them.
-    dynamo_config.recompile_limit = 64
-    dynamo_config.accumulated_recompile_limit = 4096
-    # A graph-cache hit would skip our pass (so the fused-region check could not see it) and make
-    # compile times depend on what ran before: every compile is a fresh one.
-    inductor_config.fx_graph_cache = False
-    functorch_config.enable_autograd_cache = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -805,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 run = ShapeRun(shape, args.seed)
             except Exception as exc:
-                error = "building the HF modules: " + _error_text(exc)
+                error = "building the HF modules: " + error_text(exc)
                 log(f"  {error}")
                 for m in args.tokens:
                     for p in args.providers:
@@ -813,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         rec.update(status="failed", error=error)
                         records.append(rec)
                 write_data(out_dir, meta, records)
-                _recover()
+                recover()
                 continue
             for m in args.tokens:
                 block = run_block(
@@ -832,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_data(out_dir, meta, records)
             del run
             torch._dynamo.reset()
-            _recover()
+            recover()
 
     meta["elapsed_s"] = budget.elapsed()
     write_data(out_dir, meta, records)
@@ -841,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = report.write_report(data, out_dir)
         log("wrote " + ", ".join(str(p) for p in [out_dir / "results.json", *written]))
     except Exception as exc:
-        log(f"report failed ({_error_text(exc)}); the data is in {out_dir / 'results.json'}")
+        log(f"report failed ({error_text(exc)}); the data is in {out_dir / 'results.json'}")
     log("")
     log(report.text_table(data))
     log(f"total {budget.elapsed():.0f} s")

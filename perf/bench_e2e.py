@@ -72,13 +72,11 @@ import contextlib
 import csv
 import dataclasses
 import datetime
-import gc
 import json
 import logging
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -87,7 +85,19 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import report_e2e
 import torch
+from perf_common import (
+    configure_compiler,
+    csv_list,
+    dist_version,
+    error_text,
+    git_commit,
+    log,
+    recover,
+    rel_l2,
+    synchronize,
+)
 from torch import Tensor
 
 OURS_BACKEND = "inductor_fusion"
@@ -164,10 +174,6 @@ CSV_FIELDS = (
     "prefill_fused",
     "error",
 )
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -316,20 +322,6 @@ def token_ids(batch: int, seq: int, vocab: int, seed: int, device: torch.device)
 # --- compiler state and counters -----------------------------------------------------------------------
 
 
-def configure_compiler() -> None:
-    """Compiler settings for this process (a benchmark's main, not the library)."""
-    import torch._dynamo.config as dynamo_config
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    dynamo_config.recompile_limit = 64
-    dynamo_config.accumulated_recompile_limit = 4096
-    # A graph-cache hit would skip our pass (the fused-region count could not see it) and make
-    # compile times depend on what ran before: every compile is a fresh one.
-    inductor_config.fx_graph_cache = False
-    functorch_config.enable_autograd_cache = False
-
-
 def ensure_backend_registered() -> str:
     """``backend="inductor_fusion"`` resolves through the package's entry point; register it by
     hand if the package is importable but not installed (source tree on PYTHONPATH)."""
@@ -411,28 +403,6 @@ def fused_regions() -> int:
     import inductor_fusion
 
     return inductor_fusion.get_report().count(FUSED_PATTERN)
-
-
-def recover() -> None:
-    """After a failure or a phase: settle the device and give cached blocks back."""
-    if torch.cuda.is_available():
-        try:
-            torch.cuda.synchronize()
-        except Exception as exc:
-            log(f"    (synchronize after failure raised {error_text(exc, 200)})")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def error_text(exc: BaseException, limit: int = 600) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- settings -------------------------------------------------------------------------------------------
@@ -579,32 +549,6 @@ def finite(value: Any) -> Any:
     return value
 
 
-def _version(dist: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        commit = out.stdout.strip() if out.returncode == 0 else None
-        if commit and dirty.stdout.strip():
-            commit += " (dirty)"
-        return commit
-    except Exception:
-        return None
-
-
 def environment(settings: Settings) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if settings.device.type == "cuda":
@@ -618,13 +562,13 @@ def environment(settings: Settings) -> dict[str, Any]:
         meta.update(gpu=f"none (CPU: {platform.processor() or platform.machine()})")
     meta.update(
         torch=torch.__version__,
-        triton=_version("triton"),
-        transformers=_version("transformers"),
-        inductor_fusion=_version("inductor-fusion"),
+        triton=dist_version("triton"),
+        transformers=dist_version("transformers"),
+        inductor_fusion=dist_version("inductor-fusion"),
         cuda=torch.version.cuda,
         python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=_git_commit(),
+        git_commit=git_commit(),
     )
     return meta
 
@@ -938,12 +882,6 @@ def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
 
 
 # --- numerics ------------------------------------------------------------------------------------------
-
-
-def rel_l2(out: Tensor, ref: Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in fp64 (NaN if ``out`` holds a NaN or Inf)."""
-    out, ref = out.double().cpu(), ref.double().cpu()
-    return float((out - ref).norm() / ref.norm())
 
 
 def token_agreement(a: Tensor, b: Tensor, prompt: int) -> tuple[float, float]:
@@ -1361,13 +1299,9 @@ def _profile_line(prof: dict) -> str:
 # --- CLI -----------------------------------------------------------------------------------------------
 
 
-def _csv_list(text: str) -> list[str]:
-    return [item.strip() for item in str(text).split(",") if item.strip()]
-
-
 def _int_list(text: str, what: str, parser: argparse.ArgumentParser) -> list[int]:
     try:
-        values = [int(v) for v in _csv_list(text)]
+        values = [int(v) for v in csv_list(text)]
     except ValueError:
         parser.error(f"{what}: {text!r} is not a comma-separated list of integers")
     if any(v < 1 for v in values):
@@ -1452,15 +1386,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             parser.error("no CUDA device: use --cpu-smoke to check the script on the CPU")
         device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
 
-    models = _csv_list(pick("models", DEFAULT_MODELS))
+    models = csv_list(pick("models", DEFAULT_MODELS))
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
-    providers = _csv_list(args.providers)
+    providers = csv_list(args.providers)
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown or not providers:
         parser.error(f"unknown provider(s) {unknown}; known: {', '.join(PROVIDERS)}")
-    phases = _csv_list(args.phases)
+    phases = csv_list(args.phases)
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
         parser.error(f"unknown phase(s) {unknown}; known: {', '.join(PHASES)}")
@@ -1571,9 +1505,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["elapsed_s"] = budget.elapsed()
     results.save()
     data = results.data()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import report_e2e
-
     try:
         written = report_e2e.write_report(data, settings.out)
         log("wrote " + ", ".join(str(p) for p in [settings.out / "results.json", *written]))

@@ -10,31 +10,17 @@ skips, fused regions), the numerics and, if the run profiled, GPU time vs step t
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from perf_common import num as _num
+from perf_common import report_main
+from perf_common import write_report as _write_report
+
 PROVIDERS = ("eager", "inductor", "ours")
 OURS, BASE = "ours", "inductor"
 STATUS_MARK = {"failed": "fail", "skipped": "skip", "pending": "?"}
-
-
-def load(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
-def _num(value: Any) -> float | None:
-    """A finite float, or None (missing, 'nan' string, bool, non-numeric)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def _ok(rec: dict | None) -> bool:
@@ -626,30 +612,11 @@ def plot(data: dict, path: str | Path) -> None:
 
 def write_report(data: dict, out_dir: str | Path) -> list[Path]:
     """results.md, and results.png if matplotlib is importable; returns the paths written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / "results.md"
-    md.write_text(markdown(data))
-    written = [md]
-    png = out_dir / "results.png"
-    try:
-        plot(data, png)
-        written.append(png)
-    except ImportError as exc:
-        print(f"report: no plot ({exc})", flush=True)
-    return written
+    return _write_report(data, out_dir, markdown=markdown, plot=plot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="results.md and results.png from results.json")
-    parser.add_argument("json", type=Path, help="results.json written by bench_e2e.py")
-    parser.add_argument("--out-dir", type=Path, help="default: the JSON's folder")
-    args = parser.parse_args(argv)
-    data = load(args.json)
-    written = write_report(data, args.out_dir or args.json.parent)
-    print("wrote " + ", ".join(str(p) for p in written))
-    print(text_table(data))
-    return 0
+    return report_main(argv, producer="bench_e2e.py", write=write_report, text_table=text_table)
 
 
 if __name__ == "__main__":

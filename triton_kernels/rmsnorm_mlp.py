@@ -155,6 +155,16 @@ class _Blocks:
     num_warps: int
     num_stages: int
 
+    def launch_options(self) -> dict[str, int]:
+        """The kernels' block-size constexprs plus Triton's launch options."""
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "BLOCK_K": self.block_k,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -293,11 +303,7 @@ def rmsnorm_mlp_triton(
             HAS_GATE_BIAS=gate_bias is not None,
             HAS_UP_BIAS=up_bias is not None,
             DOT_PRECISION=precision,
-            BLOCK_M=blocks.block_m,
-            BLOCK_N=blocks.block_n,
-            BLOCK_K=blocks.block_k,
-            num_warps=blocks.num_warps,
-            num_stages=blocks.num_stages,
+            **blocks.launch_options(),
         )
         blocks = config.down
         grid = (triton.cdiv(m, blocks.block_m), triton.cdiv(hidden_size, blocks.block_n))
@@ -322,11 +328,7 @@ def rmsnorm_mlp_triton(
             HAS_BIAS=down_bias is not None,
             HAS_RESIDUAL=res is not None,
             DOT_PRECISION=precision,
-            BLOCK_M=blocks.block_m,
-            BLOCK_N=blocks.block_n,
-            BLOCK_K=blocks.block_k,
-            num_warps=blocks.num_warps,
-            num_stages=blocks.num_stages,
+            **blocks.launch_options(),
         )
     return out.view(hidden.shape)
 

@@ -24,22 +24,10 @@ from transformers import AutoModelForCausalLM, CompileConfig
 
 import inductor_fusion
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("offline_hub_no_toggles")]
 
 LAYERS = TINY["num_hidden_layers"]
 NEW_TOKENS = 32
-
-
-@pytest.fixture(autouse=True)
-def offline_and_no_env_toggles(monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the variable when imported; set the value it consults too.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    # A process-wide toggle would change what fuses; these tests count fused regions.
-    monkeypatch.delenv(inductor_fusion.ENV_PATTERNS, raising=False)
-    monkeypatch.delenv(inductor_fusion.ENV_DISABLE, raising=False)
 
 
 def compile_config(backend: str) -> CompileConfig:

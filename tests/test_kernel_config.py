@@ -51,6 +51,8 @@ from inductor_fusion.kernel_config import (
     split_kernel_mapping,
 )
 
+pytestmark = pytest.mark.usefixtures("offline_hub_no_toggles")
+
 ON = "inductor_fusion:rmsnorm_mlp"
 OFF = "inductor_fusion:rmsnorm_mlp:off"
 NORM = "model.layers.*.post_attention_layernorm"
@@ -80,17 +82,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     )
     gpt2.save_pretrained(paths.gpt2)
     return paths
-
-
-@pytest.fixture(autouse=True)
-def offline_and_no_env_toggles(monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the variable when imported; set the value it consults too.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv(fusion_config_module.ENV_PATTERNS, raising=False)
-    monkeypatch.delenv(fusion_config_module.ENV_DISABLE, raising=False)
 
 
 def load(path: Path, kernel_config: object = None) -> torch.nn.Module:

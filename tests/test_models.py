@@ -24,6 +24,15 @@ def _compile_run(model, ids, **compile_kwargs):
         return compiled(ids).logits
 
 
+def _eager_and_ours(model, ids):
+    """Eager logits, our compiled logits, and the report of that one compile."""
+    with torch.no_grad():
+        eager = model(ids).logits
+    with fresh_compile() as report:
+        ours = _compile_run(model, ids)
+    return eager, ours, report
+
+
 @pytest.mark.parametrize(
     ("family", "dtype"),
     [
@@ -41,10 +50,7 @@ def _compile_run(model, ids, **compile_kwargs):
 def test_every_post_attention_region_fuses(family, dtype, device):
     model = tiny_model(family, dtype, device=device)
     ids = token_ids(device=device)
-    with torch.no_grad():
-        eager = model(ids).logits
-    with fresh_compile() as report:
-        ours = _compile_run(model, ids)
+    eager, ours, report = _eager_and_ours(model, ids)
     # Exactly one region per decoder layer, at the post-attention norm and the MLP: the
     # input_layernorm -> attention, the final norm -> lm_head and Qwen3's q_norm/k_norm stay.
     assert report.count("rmsnorm_mlp") == model.config.num_hidden_layers
@@ -63,10 +69,7 @@ def test_mlp_bias_variant_fuses():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_()  # zeros would hide a dropped bias
     ids = token_ids()
-    with torch.no_grad():
-        eager = model(ids).logits
-    with fresh_compile() as report:
-        ours = _compile_run(model, ids)
+    eager, ours, report = _eager_and_ours(model, ids)
     assert report.count("rmsnorm_mlp") == 2
     assert {r.variant for r in report} == {"lowp_3d_bias_residual_left"}
     assert_within_tolerance(ours, eager, fp64_logits(model, ids))
@@ -75,10 +78,7 @@ def test_mlp_bias_variant_fuses():
 def test_gelu_mlp_is_not_matched():
     model = tiny_model("llama", torch.float32, hidden_act="gelu")
     ids = token_ids()
-    with torch.no_grad():
-        eager = model(ids).logits
-    with fresh_compile() as report:
-        ours = _compile_run(model, ids)
+    eager, ours, report = _eager_and_ours(model, ids)
     assert report.count("rmsnorm_mlp") == 0
     assert rel_l2(ours, eager) < 1e-5
 

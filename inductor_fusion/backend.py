@@ -92,13 +92,20 @@ class InductorFusionBackend:
 
     def reset(self) -> None:
         """Called by torch._dynamo.reset(): drop CUDA-graph trees as Inductor's wrapper does."""
-        reset_cudagraphs()
+        reset_cudagraphs(self.inductor_patches.get("triton.cudagraphs"))
 
 
-def reset_cudagraphs() -> None:
+def reset_cudagraphs(enabled: bool | None = None) -> None:
+    """Drops CUDA-graph trees when this backend (``enabled``) or the global config uses them.
+
+    The string backend cannot know the mode it was compiled with (torch hands ``mode`` to each
+    call, not to ``reset``), so there ``enabled`` is None and any CUDA machine resets.
+    """
     from torch._inductor import config as inductor_config
 
-    if inductor_config.triton.cudagraphs or torch.cuda.is_available():
+    if enabled is None:
+        enabled = inductor_config.triton.cudagraphs or torch.cuda.is_available()
+    if enabled or inductor_config.triton.cudagraphs:
         from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
         reset_cudagraph_trees()

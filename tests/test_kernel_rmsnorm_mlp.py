@@ -8,7 +8,10 @@ TRITON_INTERPRET=1 without a GPU); the interpreter gets bf16 products wrong, so 
 
 import contextlib
 import dataclasses
+import itertools
+import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -16,8 +19,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned as _tuned
 from inductor_fusion.triton_kernels import rmsnorm_mlp as rmsnorm_mlp_module
 from inductor_fusion.triton_kernels.rmsnorm_mlp import (
+    _DEFAULT_CONFIGS,
+    _Blocks,
+    _Config,
+    _config,
+    _fp32_form,
+    _pick_config,
+    _tuned_configs,
     rmsnorm_mlp_reference,
     rmsnorm_mlp_triton,
     supports,
@@ -43,9 +54,48 @@ DEVICE_DTYPES = [
 # it: seen on an H100 for fp16, M=1, H=23, I=16 (ours 9.5e-4, eager 4.0e-4).
 ATOL = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
-# One token count inside each of _pick_config's GPU branches; the tests force each branch's
-# configuration under the interpreter too, so every launch configuration gets checked on CPU.
-BRANCH_M = (1, 17, 33, 65)
+# Configurations that reach kernel branches no default or tuned configuration does. Their tiles
+# leave partial tiles and several K steps at the test sizes; the interpreter's time grows with
+# the number of programs, so the launch that is not the point of an entry gets large tiles.
+EDGE_CONFIGS = (
+    # Norm in the pointer GEMM's K loop; GROUP_M=2 over 3 M tiles leaves a partial last group.
+    _config("edge-gemm-norm-in-loop", "gemm:16x32x32:w4s2g2", "gemm:16x32x64:w4s2g2"),
+    # The pointer GEMM reading pre-normalised rows, and the unsplit TMA down with several K steps.
+    _config("edge-gemm-prenorm", "gemm:32x16x32:w4s2g8", "tma:32x16x32:w4s2g4", prenorm=True),
+    # The unsplit down GEMV (the tuned ones split K, unless K fits in one block).
+    _config("edge-tma-gemv", "tma:16x32x32:w4s2g8", "gemv:16x32x32:w4s2", prenorm=True),
+    # Three splits of 3, 3 and 1 K blocks at I=200: the last split is short.
+    _config("edge-tma-split3", "gemv:64x64x64:w4s2", "tma:16x64x32:w4s2g8k3"),
+    # K=200 is not a multiple of BLOCK_K * SPLIT_K = 128: the masked split-K GEMV loop.
+    _config("edge-gemv-split4", "gemm:64x64x64:w4s2g8", "gemv:16x64x32:w4s2k4"),
+)
+
+
+def _distinct_configs() -> dict[str, _Config]:
+    """Every launch configuration the op can pick on a GPU, plus the edge ones, each once."""
+    found: dict[tuple, _Config] = {}
+    tuned = (_tuned_configs(h, i, torch.bfloat16) for h, i in _tuned.TUNED)
+    for table in (_DEFAULT_CONFIGS, *tuned):
+        for _, config in table:
+            found.setdefault((config.gate_up, config.down, config.prenorm), config)
+    for config in EDGE_CONFIGS:
+        assert (config.gate_up, config.down, config.prenorm) not in found, config.name
+        found[config.gate_up, config.down, config.prenorm] = config
+    return {config.name: config for config in found.values()}
+
+
+CONFIGS = _distinct_configs()
+
+
+def _launch_config(name: str | None, device: str, dtype: torch.dtype) -> _Config | None:
+    if name is None:
+        return None
+    config = CONFIGS[name]
+    # The interpreter has no shared-memory limit, so CPU runs keep the 16-bit tiles; on a GPU,
+    # fp32 tiles as large as those would not fit.
+    if device == "cuda" and dtype == torch.float32:
+        return _fp32_form(config)
+    return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +108,7 @@ class Case:
     residual: bool
     layout: str  # "contiguous", "padded" (row stride > H) or "transposed" (inner stride != 1)
     scale: float  # of hidden: the norm must undo it
-    branch_m: int | None  # force the config _pick_config gives this M on a GPU; None: automatic
+    config: str | None  # a key of CONFIGS to force; None: whatever _pick_config picks
     seed: int
 
 
@@ -139,19 +189,14 @@ def _nan_filled_empty():
         torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
 
 
-def _config_for(case: Case, dtype: torch.dtype):
-    if case.branch_m is None:
-        return None
-    return rmsnorm_mlp_module._pick_config(
-        case.branch_m, case.hidden_size, case.inter_size, dtype, interpret=False
-    )
-
-
 def check_against_reference(case: Case, device: str, dtype: torch.dtype) -> None:
     inputs = make_inputs(case, device, dtype)
     with _nan_filled_empty():
         ours = rmsnorm_mlp_triton(
-            *inputs.args, **inputs.kwargs, eps=case.eps, _config=_config_for(case, dtype)
+            *inputs.args,
+            **inputs.kwargs,
+            eps=case.eps,
+            _config=_launch_config(case.config, device, dtype),
         )
     hidden = inputs.args[0]
     assert ours.shape == hidden.shape
@@ -184,7 +229,7 @@ def cases(draw) -> Case:
         residual=draw(st.booleans()),
         layout=draw(st.sampled_from(("contiguous", "padded", "transposed"))),
         scale=draw(st.sampled_from((1.0, 0.25, 16.0))),
-        branch_m=draw(st.sampled_from((None, *BRANCH_M))),
+        config=draw(st.sampled_from((None, *CONFIGS))),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -198,7 +243,7 @@ M1_CASE = Case(
     residual=True,
     layout="contiguous",
     scale=1.0,
-    branch_m=None,
+    config=None,
     seed=0,
 )
 
@@ -218,29 +263,155 @@ def test_triton_matches_reference(device, dtype, case):
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
-@pytest.mark.parametrize("branch_m", BRANCH_M)
-def test_every_config_branch(device, dtype, branch_m):
-    """Each GPU configuration, at a token count of its own branch, with ragged H and I."""
-    case = dataclasses.replace(
-        M1_CASE, lead=(branch_m,), hidden_size=136, inter_size=200, branch_m=branch_m, seed=branch_m
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_branch(device, dtype, config):
+    """Each configuration twice: ragged sizes (partial M, N and K tiles, TMA where the layout
+    allows it), then sizes every block divides (the EVEN_K loops) on a layout TMA cannot read."""
+    ragged = dataclasses.replace(
+        M1_CASE,
+        lead=(37,),
+        hidden_size=136,
+        inter_size=200,
+        config=config,
+        seed=zlib.crc32(config.encode()) % 2**16,
     )
-    check_against_reference(case, device, dtype)
+    check_against_reference(ragged, device, dtype)
+    # 128 and 256 are multiples of every BLOCK_K in CONFIGS, and of BLOCK_K * SPLIT_K once the
+    # launcher has capped SPLIT_K at the number of K blocks.
+    even = dataclasses.replace(ragged, hidden_size=128, inter_size=256, layout="padded")
+    # The padded layout reads its weights through transposed strides, which TMA cannot: the TMA
+    # configurations must take their pointer-kernel fallback and still be right.
+    weights = make_inputs(even, device, dtype).args[2:]
+    assert not any(rmsnorm_mlp_module._tma_ok(w) for w in weights)
+    check_against_reference(even, device, dtype)
+
+
+# A shape perf/tune.py has not measured, so _pick_config falls back to _DEFAULT_CONFIGS.
+UNTUNED = (1000, 3000)
+TABLES = {
+    "default": (UNTUNED, _DEFAULT_CONFIGS),
+    **{f"tuned-{h}x{i}": ((h, i), _tuned_configs(h, i, torch.bfloat16)) for h, i in _tuned.TUNED},
+}
+
+
+def _all_blocks() -> set[_Blocks]:
+    configs = [c for _, table in TABLES.values() for _, c in table]
+    configs += [*CONFIGS.values(), rmsnorm_mlp_module._INTERPRET_CONFIG]
+    configs += [_fp32_form(c) for c in configs]
+    return {blocks for c in configs for blocks in (c.gate_up, c.down)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("table", TABLES)
+def test_pick_config_follows_table(table, dtype):
+    """Each row applies up to its max_m and the next one from max_m + 1."""
+    (h, i), rows = TABLES[table]
+    assert UNTUNED not in _tuned.TUNED
+    bounds = [max_m for max_m, _ in rows]
+    assert bounds == sorted(set(bounds))
+    assert bounds[-1] == 2**62  # the last row takes any M
+
+    def pick(m):
+        return _pick_config(m, h, i, dtype, interpret=False)
+
+    assert pick(1) == rows[0][1]
+    for (max_m, config), (_, next_config) in itertools.pairwise(rows):
+        assert pick(max_m) == config
+        assert pick(max_m + 1) == next_config
+    assert pick(2**62) == rows[-1][1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_pick_config_covers_every_branch(dtype):
-    pick = rmsnorm_mlp_module._pick_config
-    chosen = [pick(m, 4096, 14336, dtype, interpret=False) for m in BRANCH_M]
-    assert len({c.name for c in chosen}) == len(rmsnorm_mlp_module._GPU_CONFIGS)
-    for (max_m, _), config in zip(rmsnorm_mlp_module._GPU_CONFIGS[:-1], chosen, strict=False):
-        assert pick(max_m, 4096, 14336, dtype, interpret=False) == config
-    assert pick(10**6, 4096, 14336, dtype, interpret=False) == chosen[-1]
-    assert pick(1, 4096, 14336, dtype, interpret=True).name == "interpret"
-    for config in chosen:
-        for blocks in (config.gate_up, config.down):
-            # tl.dot needs every block dimension >= 16; fp32 tiles are halved along K.
-            assert min(blocks.block_m, blocks.block_n, blocks.block_k) >= 16
-            assert blocks.block_k == (32 if dtype == torch.float32 else 64)
+@pytest.mark.parametrize("shape", [UNTUNED, *_tuned.TUNED])
+def test_interpreter_config(shape, dtype):
+    # The interpreter runs every program in Python: one small configuration, whatever the case.
+    for m in (1, 64, 4096):
+        assert _pick_config(m, *shape, dtype, interpret=True).name == "interpret"
+
+
+@pytest.mark.parametrize("shape", [UNTUNED, *_tuned.TUNED])
+def test_fp32_uses_shrunk_defaults(shape):
+    """fp32 tiles take twice the shared memory of 16-bit ones, and the tuning measured 16-bit
+    runs only: fp32 takes the shrunk defaults whether or not the shape was tuned."""
+    assert _tuned_configs(*shape, torch.float32) is None
+    for max_m, default in _DEFAULT_CONFIGS:
+        for m in (max_m, max_m - 1):
+            config = _pick_config(m, *shape, torch.float32, interpret=False)
+            assert config == _fp32_form(default)
+            for blocks in (config.gate_up, config.down):
+                if blocks.kind == "gemv":
+                    assert blocks.block_k >= 32
+                else:
+                    assert blocks.block_k == 32
+                assert blocks.num_stages <= 3
+
+
+def test_every_block_is_valid_and_round_trips():
+    for blocks in _all_blocks():
+        assert blocks.kind in ("gemv", "gemm", "tma")
+        # tl.dot needs every block dimension >= 16.
+        assert min(blocks.block_m, blocks.block_n, blocks.block_k) >= 16
+        assert blocks.split_k >= 1
+        assert _Blocks.parse(blocks.key()) == blocks
+    for _, table in TABLES.values():
+        for _, config in table:
+            # The launchers ignore split_k where no kernel splits K: such a table entry would
+            # not run the configuration it names.
+            assert config.gate_up.split_k == 1
+            assert config.down.split_k == 1 or config.down.kind in ("gemv", "tma")
+    for rows in _tuned.TUNED.values():
+        for _, gate_up, down, _ in rows:
+            # Stored strings are canonical, so a diff of the table shows real changes only.
+            assert _Blocks.parse(gate_up).key() == gate_up
+            assert _Blocks.parse(down).key() == down
+
+
+def test_config_rejects_invalid_combinations():
+    gemv = _Blocks.parse("gemv:16x32x32:w4s2")
+    tma = _Blocks.parse("tma:16x32x32:w4s2g8")
+    with pytest.raises(ValueError, match="pre-pass"):
+        _Config("gemv-prenorm", gemv, gemv, prenorm=True)
+    with pytest.raises(ValueError, match="TMA"):
+        _Config("tma-in-loop", tma, gemv, prenorm=False)
+    assert _Config("ok", tma, tma, prenorm=True).prenorm
+
+
+# (config, I): at I=200 the last split is short; at I=160 (4 splits of 64) and I=104 (3 splits
+# of 64) the last split starts past K and has no K block at all, yet still has to arrive.
+SPLIT_K_CASES = [
+    ("edge-gemv-split4", 200),
+    ("edge-gemv-split4", 160),
+    ("edge-tma-split3", 200),
+    ("edge-tma-split3", 104),
+]
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize(("config", "inter_size"), SPLIT_K_CASES)
+def test_split_k_is_deterministic_and_resets_counters(device, dtype, config, inter_size):
+    """The split-K partial sums meet in a fixed order whichever program arrives last, and the
+    last one zeroes its arrival counter for the next call (and for CUDA-graph replays)."""
+    case = dataclasses.replace(
+        M1_CASE, lead=(37,), hidden_size=136, inter_size=inter_size, config=config
+    )
+    check_against_reference(case, device, dtype)
+    inputs = make_inputs(case, device, dtype)
+    forced = _launch_config(config, device, dtype)
+    # The split must survive the launcher's drop of empty splits, and the TMA down
+    # must not fall back to the unsplit pointer kernel.
+    assert min(forced.down.split_k, math.ceil(inter_size / forced.down.block_k)) > 1
+    assert forced.down.kind != "tma" or rmsnorm_mlp_module._tma_ok(*inputs.args[2:])
+
+    def run():
+        return rmsnorm_mlp_triton(*inputs.args, **inputs.kwargs, eps=case.eps, _config=forced)
+
+    first = run()
+    # NaN-filled workspace the second time: the sum may read only partials this call wrote.
+    with _nan_filled_empty():
+        second = run()
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    assert torch.equal(first.view(bits), second.view(bits))
+    assert torch.isfinite(first).all()
 
 
 OPCHECK_CASES = {
@@ -351,3 +522,21 @@ def test_cuda_op_falls_back_for_unsupported_dtype():
     out = OP(*inputs.args, *inputs.kwargs.values(), 1e-5)
     expected = rmsnorm_mlp_reference(*inputs.args, **inputs.kwargs, eps=1e-5)
     assert torch.equal(out, expected)
+
+
+@_needs_interpreter
+@pytest.mark.parametrize("kind", ["gemv", "gemm", "tma"])
+def test_gate_up_launch_zeroes_split_k_counters(kind):
+    """The down launch's counters arrive as a fresh, unzeroed buffer; the gate/up launch before
+    it zeroes them (no memset launch, no persistent buffer inside a CUDA-graph pool)."""
+    case = dataclasses.replace(M1_CASE, lead=(5,), hidden_size=64, inter_size=96)
+    inputs = make_inputs(case, "cpu", torch.float32)
+    x, norm_weight, gate_weight, up_weight, _ = inputs.args
+    blocks = _Blocks.parse(f"{kind}:16x32x32:w4s2" + ("" if kind == "gemv" else "g8"))
+    inter = torch.empty(5, 96)
+    locks = torch.full((2500,), 7, dtype=torch.int32)  # more than one 1024-wide zeroing step
+    rmsnorm_mlp_module._launch_gate_up(
+        blocks, x, norm_weight, gate_weight, up_weight, None, None, inter, 1e-5, "ieee",
+        norm_in_loop=kind != "tma", zero_locks=locks,
+    )  # fmt: skip
+    assert not locks.any()

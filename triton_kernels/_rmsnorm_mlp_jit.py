@@ -1,32 +1,50 @@
 """Triton kernels behind ``inductor_fusion::rmsnorm_mlp`` (private: use ``rmsnorm_mlp.py``).
 
-The region ``residual + down(silu(gate(n)) * up(n))`` with ``n = rmsnorm(hidden)`` runs as two
-launches instead of eager's six:
+The region ``residual + down(silu(gate(n)) * up(n))`` with ``n = rmsnorm(hidden) * w_norm`` runs
+as two launches (three for large token counts) instead of eager's six. Which kernels run is
+decided by the launcher from the token count M (see ``rmsnorm_mlp._pick_config``):
 
-1. ``gate_up_kernel``: RMSNorm folded into the gate and up GEMMs, with SiLU·mul in the epilogue.
-   Normalisation is a per-row scale, so ``n @ W.T == rstd * ((x * w_norm) @ W.T)``: the kernel
-   feeds ``x * w_norm`` to the dots and applies ``rstd`` to the fp32 accumulators at the end. The
-   sum of squares that ``rstd`` needs comes from the very x tiles the K loop already loads, so the
-   norm costs no extra pass over ``hidden`` and the normalised activations never reach memory.
-   Gate and up share the A tile: two dots per K step, two fp32 accumulators.
-2. ``down_kernel``: a plain GEMM with the down bias and the residual add in its epilogue.
+Small M (decode, speculative verification): the region is a stream over the three weight
+matrices, and a GEMM tiled over M would give the chip only I/BLOCK_N (gate/up) and H/BLOCK_N (down)
+programs, too few to keep enough loads in flight. The *GEMV* kernels therefore swap the operands:
+the weight rows are the tile's long side (``acc[n, m] = W[n, :] . a[m, :]``), so a narrow block of
+weight rows per program gives hundreds of programs, and the few token rows ride along as the
+small side of the dot. ``down_gemv_kernel`` can also split K over programs (split-K) for the
+down GEMM, whose N = H is small; the partial sums meet in a workspace and the last program of
+each tile adds them in a fixed order (so the result is deterministic), then runs the epilogue.
 
-The [M, I] intermediate is the one tensor that round-trips through memory; fusing the down GEMM
-as well would need the whole I reduction per output tile (split-K or a persistent kernel), which
-is later work.
+1. ``gate_up_gemv_kernel`` / ``gate_up_gemm_kernel``: RMSNorm folded into the gate and up GEMMs,
+   with SiLU·mul in the epilogue. Normalisation is a per-row scale, so
+   ``n @ W.T == rstd * ((x * w_norm) @ W.T)``: the kernels feed ``x * w_norm`` to the dots and
+   apply ``rstd`` to the fp32 accumulators at the end. The sum of squares that ``rstd`` needs
+   comes from the very x tiles the K loop already loads, so the norm costs no extra pass over
+   ``hidden``. Gate and up share the A tile: two dots per K step, two fp32 accumulators.
+   With ``NORM_IN_LOOP=False`` the GEMM instead reads activations that ``rms_norm_kernel``
+   normalised beforehand (see 3.).
+2. ``down_gemv_kernel`` / ``down_gemm_kernel``: the down GEMM with the bias and the residual add in
+   its epilogue.
+3. ``rms_norm_kernel`` (large M only): a pre-pass that writes ``n`` once, rounded exactly as
+   Hugging Face's LlamaRMSNorm rounds it. At large M the GEMMs are compute-bound; scaling the A
+   tile inside the K loop would route every A tile through registers and stall the tensor-core
+   pipeline, while the pre-pass costs 2·M·H·2 bytes, about 1% of the GEMM time from M=1024 on.
+   The statistics are still computed once per row, never per output column.
 
-Precision: every accumulator is fp32; low-precision values are rounded once, when stored. Unlike
-Hugging Face's LlamaRMSNorm (which rounds ``x * rstd`` before the weight multiply), the dot
-operand here is ``round(x * w_norm)`` without ``rstd``: the same relative rounding error, but its
-magnitude is that of the un-normalised hidden state, so an fp16 hidden state whose ``|x * w_norm|``
-exceeds 65504 would overflow where eager does not (bf16 and fp32 have the range to spare).
+The [M, I] intermediate is the one tensor that round-trips through memory (2·M·I·2 bytes:
+nothing at small M, a few % of the GEMM time at large M).
 
-Scalars: Inductor may hand Python floats over as fp64; ``eps`` is cast to fp32 so the epilogue
-math is never promoted to fp64.
+Precision: every accumulator is fp32; low-precision values are rounded once, when stored. In the
+in-loop form the dot operand is ``round(x * w_norm)`` without ``rstd`` (Hugging Face rounds
+``x * rstd`` before the weight multiply): the same relative rounding error, but its magnitude is
+that of the un-normalised hidden state, so an fp16 hidden state whose ``|x * w_norm|`` exceeds
+65504 would overflow where eager does not (bf16 and fp32 have the range to spare). The pre-pass
+form rounds exactly as eager does.
 
-Weights are read through their strides (nn.Linear layout [out, in]; the B tile is loaded
-transposed), so no weight is ever copied or repacked. Row offsets are int64 because M * I
-exceeds 2**31 for long prefills with large intermediate sizes.
+Scalars: Inductor may hand Python floats over as fp64; ``eps`` is cast to fp32 so the math is
+never promoted to fp64.
+
+Weights are read through their strides (nn.Linear layout [out, in]), so no weight is ever copied
+or repacked. Row offsets are int64 because M * I exceeds 2**31 for long prefills with large
+intermediate sizes.
 """
 
 import triton
@@ -34,7 +52,7 @@ import triton.language as tl
 
 
 def _gate_up_metadata(grid, metadata, args):
-    """Bytes and flops of one ``gate_up_kernel`` launch, for Triton's profiler hooks."""
+    """Bytes and flops of one gate/up launch, for Triton's profiler hooks."""
     m, n, k = args["M"], args["N"], args["K"]
     size = args["x_ptr"].element_size()
     bytes_moved = size * (m * k + k + 2 * n * k + m * n)
@@ -47,7 +65,7 @@ def _gate_up_metadata(grid, metadata, args):
 
 
 def _down_metadata(grid, metadata, args):
-    """Bytes and flops of one ``down_kernel`` launch, for Triton's profiler hooks."""
+    """Bytes and flops of one down launch, for Triton's profiler hooks."""
     m, n, k = args["M"], args["N"], args["K"]
     size = args["a_ptr"].element_size()
     bytes_moved = size * (m * k + n * k + m * n)
@@ -59,8 +77,80 @@ def _down_metadata(grid, metadata, args):
     }
 
 
+@triton.jit
+def _silu_mul(gate, up):
+    """SiLU(gate) * up in fp32 (the epilogue of both gate/up kernels)."""
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: GROUP_M consecutive programs share a
+    column of weight tiles and walk the same A rows, so both operands are reused from L2 instead of
+    re-read from DRAM."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _zero_counters(lock_ptr, num_locks, ZERO_LOCKS: tl.constexpr):
+    """Program 0 zeroes the down launch's split-K arrival counters (a fresh buffer per call).
+
+    Done here, in the launch before the down GEMM, because that costs no memset launch and no
+    persistent buffer: a buffer kept across calls would be allocated from the CUDA-graph pool when
+    the first call happens during a graph's warm-up, which CUDA-graph trees reject."""
+    if ZERO_LOCKS:  # noqa: SIM102 - keeps the constexpr test apart
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            offs = tl.arange(0, 1024)
+            for start in range(0, num_locks, 1024):
+                idx = start + offs
+                tl.store(lock_ptr + idx, tl.zeros((1024,), dtype=tl.int32), mask=idx < num_locks)
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [K]
+    out_ptr,  # [M, K] normalised, in the input dtype
+    M,
+    K,
+    eps,
+    stride_xm,
+    stride_xk,
+    stride_w,
+    stride_om,
+    stride_ok,
+    BLOCK_K: tl.constexpr,
+):
+    """``out = round(round(x * rstd) * w)``: LlamaRMSNorm's arithmetic and roundings, one row per
+    program. Two passes over the row (the second one hits L1/L2)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = offs < K - k0
+        x = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        sum_sq += x * x
+    rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / K + tl.cast(eps, tl.float32))
+    dtype = out_ptr.dtype.element_ty
+    for k0 in range(0, K, BLOCK_K):
+        mask = offs < K - k0
+        x = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + (k0 + offs) * stride_w, mask=mask, other=0.0).to(tl.float32)
+        n = (x * rstd).to(dtype).to(tl.float32) * w
+        tl.store(out_ptr + row * stride_om + (k0 + offs) * stride_ok, n.to(dtype), mask=mask)
+
+
 @triton.jit(launch_metadata=_gate_up_metadata)
-def gate_up_kernel(
+def gate_up_gemv_kernel(
     x_ptr,  # [M, K] hidden states (K = H, the hidden size)
     norm_w_ptr,  # [K]
     gate_w_ptr,  # [N, K] (N = I, the intermediate size)
@@ -68,6 +158,8 @@ def gate_up_kernel(
     gate_b_ptr,  # [N] (unused unless HAS_GATE_BIAS)
     up_b_ptr,  # [N] (unused unless HAS_UP_BIAS)
     out_ptr,  # [M, N] silu(gate) * up, in the input dtype
+    lock_ptr,  # int32 split-K counters of the down launch (unused unless ZERO_LOCKS)
+    num_locks,
     M,
     N,
     K,
@@ -85,15 +177,113 @@ def gate_up_kernel(
     stride_on,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
+    ZERO_LOCKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    # Axis 0 (the fastest-varying one) walks M, so neighbouring programs share a weight tile and
-    # the weights, the big operand, are fetched from DRAM about once.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """Small-M gate/up: tiles of BLOCK_N weight rows by BLOCK_M tokens, accumulators [N, M]."""
+    _zero_counters(lock_ptr, num_locks, ZERO_LOCKS)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    cols = offs_n.to(tl.int64)
+    rows = offs_m.to(tl.int64)
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    norm_w_ptrs = norm_w_ptr + offs_k * stride_norm_w
+    # Weight rows are contiguous along K: each warp reads whole 16-byte vectors of a row.
+    gate_w_ptrs = gate_w_ptr + cols[:, None] * stride_gate_n + offs_k[None, :] * stride_gate_k
+    up_w_ptrs = up_w_ptr + cols[:, None] * stride_up_n + offs_k[None, :] * stride_up_k
+
+    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_gate = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0).to(tl.float32)
+            norm_w = tl.load(norm_w_ptrs).to(tl.float32)
+            gate_w = tl.load(gate_w_ptrs, mask=mask_n[:, None], other=0.0)
+            up_w = tl.load(up_w_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            norm_w = tl.load(norm_w_ptrs, mask=mask_k, other=0.0).to(tl.float32)
+            gate_w = tl.load(gate_w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            up_w = tl.load(up_w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        # Masked lanes load 0, so they add nothing to the statistics or to the dots. Every
+        # program recomputes the statistics of its tokens; x is a few KB and stays in L2.
+        sum_sq += tl.sum(x * x, axis=1)
+        a = (x * norm_w[None, :]).to(x_ptr.dtype.element_ty)
+        acc_gate = tl.dot(gate_w, tl.trans(a), acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(up_w, tl.trans(a), acc_up, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        norm_w_ptrs += BLOCK_K * stride_norm_w
+        gate_w_ptrs += BLOCK_K * stride_gate_k
+        up_w_ptrs += BLOCK_K * stride_up_k
+
+    # Same statistic as LlamaRMSNorm: mean of squares in fp32, plus eps, reciprocal square root.
+    rstd = tl.rsqrt(sum_sq / K + tl.cast(eps, tl.float32))
+    gate = acc_gate * rstd[None, :]
+    up = acc_up * rstd[None, :]
+    if HAS_GATE_BIAS:
+        gate_b = tl.load(gate_b_ptr + cols * stride_gate_b, mask=mask_n, other=0.0)
+        gate += gate_b.to(tl.float32)[:, None]
+    if HAS_UP_BIAS:
+        up_b = tl.load(up_b_ptr + cols * stride_up_b, mask=mask_n, other=0.0)
+        up += up_b.to(tl.float32)[:, None]
+    act = _silu_mul(gate, up)
+    out_ptrs = out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on
+    tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+
+@triton.jit(launch_metadata=_gate_up_metadata)
+def gate_up_gemm_kernel(
+    x_ptr,  # [M, K] hidden states, or the pre-normalised ones when not NORM_IN_LOOP
+    norm_w_ptr,  # [K] (unused unless NORM_IN_LOOP)
+    gate_w_ptr,  # [N, K]
+    up_w_ptr,  # [N, K]
+    gate_b_ptr,  # [N] (unused unless HAS_GATE_BIAS)
+    up_b_ptr,  # [N] (unused unless HAS_UP_BIAS)
+    out_ptr,  # [M, N]
+    lock_ptr,  # int32 split-K counters of the down launch (unused unless ZERO_LOCKS)
+    num_locks,
+    M,
+    N,
+    K,
+    eps,
+    stride_xm,
+    stride_xk,
+    stride_norm_w,
+    stride_gate_n,
+    stride_gate_k,
+    stride_up_n,
+    stride_up_k,
+    stride_gate_b,
+    stride_up_b,
+    stride_om,
+    stride_on,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    ZERO_LOCKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    NORM_IN_LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Tiled gate/up for larger M: [BLOCK_M, BLOCK_N] tiles of both outputs per program."""
+    _zero_counters(lock_ptr, num_locks, ZERO_LOCKS)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -112,39 +302,179 @@ def gate_up_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        # Masked lanes load 0, so they add nothing to the statistics or to the dots.
-        sum_sq += tl.sum(x * x, axis=1)
-        norm_w = tl.load(norm_w_ptrs, mask=mask_k, other=0.0).to(tl.float32)
-        a = (x * norm_w[None, :]).to(x_ptr.dtype.element_ty)
-        gate_w = tl.load(gate_w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        up_w = tl.load(up_w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            gate_w = tl.load(gate_w_ptrs, mask=mask_n[None, :], other=0.0)
+            up_w = tl.load(up_w_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = offs_k < K - k0
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            gate_w = tl.load(gate_w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            up_w = tl.load(up_w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if NORM_IN_LOOP:
+            x = a.to(tl.float32)
+            sum_sq += tl.sum(x * x, axis=1)
+            if EVEN_K:
+                norm_w = tl.load(norm_w_ptrs).to(tl.float32)
+            else:
+                norm_w = tl.load(norm_w_ptrs, mask=offs_k < K - k0, other=0.0).to(tl.float32)
+            a = (x * norm_w[None, :]).to(x_ptr.dtype.element_ty)
+            norm_w_ptrs += BLOCK_K * stride_norm_w
         acc_gate = tl.dot(a, gate_w, acc_gate, input_precision=DOT_PRECISION)
         acc_up = tl.dot(a, up_w, acc_up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        norm_w_ptrs += BLOCK_K * stride_norm_w
         gate_w_ptrs += BLOCK_K * stride_gate_k
         up_w_ptrs += BLOCK_K * stride_up_k
 
-    # Same statistic as LlamaRMSNorm: mean of squares in fp32, plus eps, reciprocal square root.
-    rstd = tl.rsqrt(sum_sq / K + tl.cast(eps, tl.float32))
-    gate = acc_gate * rstd[:, None]
-    up = acc_up * rstd[:, None]
+    gate = acc_gate
+    up = acc_up
+    if NORM_IN_LOOP:
+        rstd = tl.rsqrt(sum_sq / K + tl.cast(eps, tl.float32))
+        gate = gate * rstd[:, None]
+        up = up * rstd[:, None]
     if HAS_GATE_BIAS:
         gate_b = tl.load(gate_b_ptr + cols * stride_gate_b, mask=mask_n, other=0.0)
         gate += gate_b.to(tl.float32)[None, :]
     if HAS_UP_BIAS:
         up_b = tl.load(up_b_ptr + cols * stride_up_b, mask=mask_n, other=0.0)
         up += up_b.to(tl.float32)[None, :]
-    act = gate * tl.sigmoid(gate) * up
-
+    act = _silu_mul(gate, up)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _down_epilogue(
+    acc,  # [BLOCK_N, BLOCK_M] fp32, transposed (GEMV) tile
+    cols,
+    rows,
+    mask_n,
+    mask_m,
+    b_ptr,
+    res_ptr,
+    out_ptr,
+    stride_b,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    mask = mask_n[:, None] & mask_m[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols * stride_b, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if HAS_RESIDUAL:
+        res_ptrs = res_ptr + rows[None, :] * stride_rm + cols[:, None] * stride_rn
+        acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_k_reduce(acc, ws_ptrs, mask, lock, pid_s, slice_size, SPLIT_K: tl.constexpr):
+    """Split-K fix-up: publish this split's fp32 partial tile, count arrivals on ``lock``; the
+    last program to arrive gets ``(True, sum of all partials)``, the others ``(False, zeros)``.
+
+    The sum runs in split order, so the result does not depend on which program came last
+    (deterministic). The counters must be zero at launch (see ``_zero_counters``).
+    """
+    tl.store(ws_ptrs + pid_s * slice_size, acc, mask=mask)
+    # Every thread's partial must be stored before the release below publishes them.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for s in range(SPLIT_K):
+            # .cg: read from L2, where the other programs' stores landed, never a stale L1.
+            total += tl.load(ws_ptrs + s * slice_size, mask=mask, other=0.0, cache_modifier=".cg")
+        # Back to zero, so a counter buffer also serves a next launch without re-zeroing.
+        tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
+    return last, total
+
+
 @triton.jit(launch_metadata=_down_metadata)
-def down_kernel(
+def down_gemv_kernel(
+    a_ptr,  # [M, K] the gate_up output (K = I)
+    w_ptr,  # [N, K] down weight (N = H)
+    b_ptr,  # [N] (unused unless HAS_BIAS)
+    res_ptr,  # [M, N] (unused unless HAS_RESIDUAL)
+    out_ptr,  # [M, N]
+    ws_ptr,  # [SPLIT_K, M, N] fp32 partial sums (unused unless SPLIT_K > 1)
+    lock_ptr,  # int32 per (M tile, N tile), zero at launch (unused unless SPLIT_K > 1)
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_wn,
+    stride_wk,
+    stride_b,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Small-M down GEMM with swapped operands; SPLIT_K programs share each output tile."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    cols = offs_n.to(tl.int64)
+    rows = offs_m.to(tl.int64)
+
+    # Each split walks a whole number of K blocks; EVEN_K means every split's blocks are full.
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_s * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    w_ptrs = w_ptr + cols[:, None] * stride_wn + (k_start + offs_k)[None, :] * stride_wk
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    mask = mask_n[:, None] & mask_m[None, :]
+    if SPLIT_K == 1:
+        _down_epilogue(
+            acc, cols, rows, mask_n, mask_m, b_ptr, res_ptr, out_ptr, stride_b, stride_rm, stride_rn,
+            stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL,
+        )  # fmt: skip
+    else:
+        ws_ptrs = ws_ptr + rows[None, :] * N + cols[:, None]
+        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+        last, acc = _split_k_reduce(acc, ws_ptrs, mask, lock, pid_s, M * N, SPLIT_K)
+        if last:
+            _down_epilogue(
+                acc, cols, rows, mask_n, mask_m, b_ptr, res_ptr, out_ptr, stride_b, stride_rm,
+                stride_rn, stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL,
+            )  # fmt: skip
+
+
+@triton.jit(launch_metadata=_down_metadata)
+def down_gemm_kernel(
     a_ptr,  # [M, K] the gate_up output (K = I)
     w_ptr,  # [N, K] down weight (N = H)
     b_ptr,  # [N] (unused unless HAS_BIAS)
@@ -168,9 +498,12 @@ def down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """Tiled down GEMM for larger M, grouped program order, bias + residual epilogue."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -184,9 +517,13 @@ def down_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -199,3 +536,129 @@ def down_kernel(
         acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(launch_metadata=_gate_up_metadata)
+def gate_up_tma_kernel(
+    x_desc,  # [M, K] pre-normalised activations, block [BLOCK_M, BLOCK_K]
+    gate_desc,  # [N, K], block [BLOCK_N, BLOCK_K]
+    up_desc,  # [N, K], block [BLOCK_N, BLOCK_K]
+    gate_b_ptr,
+    up_b_ptr,
+    out_ptr,  # [M, N]
+    lock_ptr,  # int32 split-K counters of the down launch (unused unless ZERO_LOCKS)
+    num_locks,
+    x_ptr,  # the tensor behind x_desc: only its dtype is used (launch metadata, out dtype)
+    M,
+    N,
+    K,
+    stride_gate_b,
+    stride_up_b,
+    stride_om,
+    stride_on,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    ZERO_LOCKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Large-M gate/up after the norm pre-pass: tiles arrive through the tensor-memory
+    accelerator (TMA), which zero-fills out-of-bounds rows and columns, so the K loop has no
+    masks and no address arithmetic, only copies into shared memory and tensor-core dots."""
+    _zero_counters(lock_ptr, num_locks, ZERO_LOCKS)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([off_m, k0])
+        gate_w = gate_desc.load([off_n, k0])
+        up_w = up_desc.load([off_n, k0])
+        acc_gate = tl.dot(a, gate_w.T, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(a, up_w.T, acc_up, input_precision=DOT_PRECISION)
+
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    if HAS_GATE_BIAS:
+        gate_b = tl.load(gate_b_ptr + cols * stride_gate_b, mask=mask_n, other=0.0)
+        acc_gate += gate_b.to(tl.float32)[None, :]
+    if HAS_UP_BIAS:
+        up_b = tl.load(up_b_ptr + cols * stride_up_b, mask=mask_n, other=0.0)
+        acc_up += up_b.to(tl.float32)[None, :]
+    act = _silu_mul(acc_gate, acc_up)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(launch_metadata=_down_metadata)
+def down_tma_kernel(
+    a_desc,  # [M, K] the gate_up output, block [BLOCK_M, BLOCK_K]
+    w_desc,  # [N, K] down weight, block [BLOCK_N, BLOCK_K]
+    b_ptr,
+    res_ptr,
+    out_ptr,  # [M, N]
+    ws_ptr,  # [SPLIT_K, M, N] fp32 partial sums (unused unless SPLIT_K > 1)
+    lock_ptr,  # int32 per output tile, zero at launch (unused unless SPLIT_K > 1)
+    a_ptr,  # the tensor behind a_desc: only its dtype is used (launch metadata)
+    M,
+    N,
+    K,
+    stride_b,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """Tiled down GEMM with TMA tile loads; bias + residual epilogue. With SPLIT_K > 1 the K
+    range is shared by SPLIT_K programs per tile: at a few hundred tokens N = H gives too few
+    output tiles to fill the chip, and the K = I reduction is long."""
+    tile = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_s * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        a = a_desc.load([off_m, k0])
+        w = w_desc.load([off_n, k0])
+        acc = tl.dot(a, w.T, acc, input_precision=DOT_PRECISION)
+
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    mask = mask_m[:, None] & mask_n[None, :]
+    last = True
+    if SPLIT_K > 1:
+        ws_ptrs = ws_ptr + rows[:, None] * N + cols[None, :]
+        last, acc = _split_k_reduce(acc, ws_ptrs, mask, lock_ptr + tile, pid_s, M * N, SPLIT_K)
+    if last:
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols * stride_b, mask=mask_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            res_ptrs = res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn
+            acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -20,13 +20,16 @@ probing, no compilation (Triton compiles a kernel on its first launch).
 
 import contextlib
 import dataclasses
+import re
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from inductor_fusion.triton_kernels import _rmsnorm_mlp_jit as _jit
+from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned as _tuned
 
 __all__ = [
     "rmsnorm_mlp",
@@ -147,53 +150,125 @@ def _check_args(
 
 @dataclasses.dataclass(frozen=True)
 class _Blocks:
-    """Tile shape and launch options of one kernel."""
+    """Kernel choice, tile shape and launch options of one of the two GEMM launches.
 
+    ``kind`` is ``"gemv"`` (swapped operands: BLOCK_N weight rows by BLOCK_M tokens per program,
+    for small M), ``"gemm"`` (classic [BLOCK_M, BLOCK_N] tiles in grouped order, pointer loads)
+    or ``"tma"`` (the same tiles loaded by the tensor-memory accelerator; gate/up only after the
+    norm pre-pass). ``split_k`` applies to the down GEMV only, ``group_m`` to the tiled kinds.
+    """
+
+    kind: str
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    group_m: int = 8
+    split_k: int = 1
 
     def launch_options(self) -> dict[str, int]:
         """The kernels' block-size constexprs plus Triton's launch options."""
-        return {
+        options = {
             "BLOCK_M": self.block_m,
             "BLOCK_N": self.block_n,
             "BLOCK_K": self.block_k,
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
         }
+        if self.kind != "gemv":
+            options["GROUP_M"] = self.group_m
+        return options
+
+    def key(self) -> str:
+        """Compact text form, as the tuning table stores it."""
+        text = f"{self.kind}:{self.block_m}x{self.block_n}x{self.block_k}"
+        text += f":w{self.num_warps}s{self.num_stages}"
+        if self.kind != "gemv":
+            text += f"g{self.group_m}"
+        if self.split_k > 1:
+            text += f"k{self.split_k}"
+        return text
+
+    @classmethod
+    def parse(cls, text: str) -> "_Blocks":
+        """Inverse of :meth:`key`."""
+        kind, tile, opts = text.split(":")
+        block_m, block_n, block_k = (int(v) for v in tile.split("x"))
+        values = {letter: int(number) for letter, number in re.findall(r"([a-z])(\d+)", opts)}
+        return cls(
+            kind,
+            block_m,
+            block_n,
+            block_k,
+            num_warps=values["w"],
+            num_stages=values["s"],
+            group_m=values.get("g", 8),
+            split_k=values.get("k", 1),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-    """Launch configuration of both kernels for one call."""
+    """Launch configuration of one call: gate/up (with or without the norm pre-pass) and down."""
 
     name: str
     gate_up: _Blocks
     down: _Blocks
+    prenorm: bool = False  # gemm gate/up only: rms_norm_kernel first, plain A tiles in the loop
+
+    def __post_init__(self) -> None:
+        if self.prenorm and self.gate_up.kind == "gemv":
+            raise ValueError("the norm pre-pass pairs with the tiled gate/up kernels only")
+        if self.gate_up.kind == "tma" and not self.prenorm:
+            raise ValueError("the TMA gate/up kernel reads pre-normalised activations")
 
 
-# Fixed configurations by token count M, sized for H100 (227 KiB of shared memory per block) with
-# 16-bit inputs; fp32 halves BLOCK_K (see ``_pick_config``). Small M is weight-bandwidth bound:
-# narrow N tiles spread the weights over more SMs. The gate_up kernel keeps two accumulators, so
-# its larger tiles get twice the warps of the down GEMM's. Compiled offline for sm_90 with Triton
-# 3.9 (I=14336, H=4096), every configuration stays under 132 KiB of shared memory with no register
-# spills. Proper autotuning is later work.
-_GPU_CONFIGS: tuple[tuple[int, _Config], ...] = (
-    (16, _Config("m16", _Blocks(16, 64, 64, 4, 4), _Blocks(16, 32, 64, 4, 4))),
-    (32, _Config("m32", _Blocks(32, 64, 64, 4, 4), _Blocks(32, 64, 64, 4, 4))),
-    # gate_up holds two accumulators: at BLOCK_N 128 the m64/m128 tiles compiled to 251-255
-    # registers per thread for sm_90 (offline compile, Triton 3.9), so they take BLOCK_N 64 (128
-    # effective columns) and down's 128x128 accumulator gets 8 warps.
-    (64, _Config("m64", _Blocks(64, 64, 64, 4, 4), _Blocks(64, 128, 64, 4, 3))),
-    (2**62, _Config("m128", _Blocks(128, 64, 64, 8, 3), _Blocks(128, 128, 64, 8, 3))),
+def _config(name: str, gate_up: str, down: str, prenorm: bool = False) -> _Config:
+    return _Config(name, _Blocks.parse(gate_up), _Blocks.parse(down), prenorm)
+
+
+# Fallback configurations by token count M for 16-bit inputs, for shapes the tuning table
+# (``_rmsnorm_mlp_tuned``) has no entry for: the choices perf/tune.py made for 2048x8192 on an
+# H100, which were also the best or within a few % for 3072x8192 and 4096x14336. Up to M=64 the
+# swapped-operand GEMVs stream the weights with many narrow programs (split-K for down, whose
+# N = H is small); from M=128 the norm runs as a pre-pass and both GEMMs are TMA-fed tiles,
+# down still split along K up to a few hundred tokens.
+_DEFAULT_CONFIGS: tuple[tuple[int, _Config], ...] = (
+    (16, _config("gemv16", "gemv:16x64x128:w8s4", "gemv:16x64x128:w4s4k4")),
+    (64, _config("gemv64", "gemv:64x64x128:w8s4", "gemv:64x64x128:w4s4k4")),
+    (256, _config("tma256", "tma:128x64x64:w4s3g8", "tma:64x128x64:w4s4g8k2", prenorm=True)),
+    (1024, _config("tma1024", "tma:128x128x64:w8s4g8", "tma:128x128x64:w4s4g8", prenorm=True)),
+    (2**62, _config("tma", "tma:128x128x64:w8s3g8", "tma:128x256x64:w8s3g8", prenorm=True)),
 )
 
 # The CPU interpreter executes every program in Python, so few, small programs keep tests fast;
 # 16 is the smallest block ``tl.dot`` accepts.
-_INTERPRET_CONFIG = _Config("interpret", _Blocks(16, 32, 32, 1, 1), _Blocks(16, 32, 32, 1, 1))
+_INTERPRET_CONFIG = _config("interpret", "gemm:16x32x32:w1s1g1", "gemm:16x32x32:w1s1g1")
+
+
+def _tuned_configs(
+    hidden_size: int, intermediate_size: int, dtype: torch.dtype
+) -> tuple[tuple[int, _Config], ...] | None:
+    """The measured table for this shape (``perf/tune.py`` writes it), if there is one."""
+    if dtype == torch.float32:
+        return None
+    entry = _tuned.TUNED.get((hidden_size, intermediate_size))
+    if entry is None:
+        return None
+    return tuple(
+        (
+            max_m,
+            _config(
+                f"tuned-{hidden_size}x{intermediate_size}-{_m_text(max_m)}", gate_up, down, prenorm
+            ),
+        )
+        for max_m, gate_up, down, prenorm in entry
+    )
+
+
+def _m_text(max_m: int) -> str:
+    return "mmax" if max_m >= 2**62 else f"m{max_m}"
 
 
 def _pick_config(
@@ -201,21 +276,47 @@ def _pick_config(
 ) -> _Config:
     """The launch configuration for ``m`` tokens.
 
-    fp32 tiles take twice the shared memory per pipeline stage, so fp32 halves BLOCK_K to stay
-    under the H100's limit (three stages of the m128 gate_up tiles would need 288 KiB otherwise).
+    Tuned shapes take their measured table; any other shape (and any M past the table) the
+    defaults. fp32 gets smaller tiles (``_fp32_form``) to stay under the H100's 227 KiB of shared
+    memory per block.
     """
-    del hidden_size, intermediate_size  # reserved for shape-aware tuning
     if interpret:
         return _INTERPRET_CONFIG
-    config = next(cfg for max_m, cfg in _GPU_CONFIGS if m <= max_m)
+    tuned = _tuned_configs(hidden_size, intermediate_size, dtype) or ()
+    # A table tuned up to some M only covers that far; larger M take the defaults.
+    config = next((cfg for max_m, cfg in tuned if m <= max_m), None)
+    if config is None:
+        config = next(cfg for max_m, cfg in _DEFAULT_CONFIGS if m <= max_m)
     if dtype == torch.float32:
-        config = dataclasses.replace(
-            config,
-            name=f"{config.name}-fp32",
-            gate_up=dataclasses.replace(config.gate_up, block_k=32),
-            down=dataclasses.replace(config.down, block_k=32),
-        )
+        config = _fp32_form(config)
     return config
+
+
+def _fp32_form(config: _Config) -> _Config:
+    """``config`` with tiles that fit fp32: half (tiled kinds) or a quarter (GEMV) of BLOCK_K and
+    at most three pipeline stages, since fp32 tiles take twice the shared memory of 16-bit ones."""
+
+    def shrink(blocks: _Blocks) -> _Blocks:
+        block_k = 32 if blocks.kind != "gemv" else max(32, blocks.block_k // 4)
+        return dataclasses.replace(blocks, block_k=block_k, num_stages=min(3, blocks.num_stages))
+
+    return dataclasses.replace(
+        config,
+        name=f"{config.name}-fp32",
+        gate_up=shrink(config.gate_up),
+        down=shrink(config.down),
+    )
+
+
+def _down_split(blocks: _Blocks, m: int, n: int, k: int) -> tuple[int, int]:
+    """(number of K splits, output tiles) of the down launch. Each split walks whole K blocks;
+    only splits that get any count (K=160, BLOCK_K=32 and 4 splits make splits of 64, so the
+    fourth would be empty). The pointer GEMM never splits."""
+    tiles = triton.cdiv(n, blocks.block_n) * triton.cdiv(m, blocks.block_m)
+    if blocks.kind == "gemm" or blocks.split_k == 1:
+        return 1, tiles
+    k_per_split = triton.cdiv(triton.cdiv(k, blocks.split_k), blocks.block_k) * blocks.block_k
+    return triton.cdiv(k, k_per_split), tiles
 
 
 def rmsnorm_mlp_triton(
@@ -232,10 +333,10 @@ def rmsnorm_mlp_triton(
     eps: float,
     _config: _Config | None = None,
 ) -> Tensor:
-    """Launch the two Triton kernels; same contract as :func:`rmsnorm_mlp_reference`.
+    """Launch the Triton kernels; same contract as :func:`rmsnorm_mlp_reference`.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests). ``_config``
-    forces a launch configuration, so that tests can reach every branch of ``_pick_config``.
+    forces a launch configuration, so that tests can reach every kernel and branch.
     """
     _check_args(
         hidden,
@@ -271,66 +372,204 @@ def rmsnorm_mlp_triton(
     # fp32 must not silently become TF32: our tolerance rule compares with eager fp32. For 16-bit
     # inputs the setting has no effect; "ieee" is the spelling both Triton 3.6 and 3.9 accept.
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    # Unused pointer arguments still need a tensor; the constexpr flags keep them unread.
-    dummy = out
-
-    blocks = config.gate_up
-    grid = (triton.cdiv(m, blocks.block_m), triton.cdiv(inter_size, blocks.block_n))
+    # Split-K arrival counters: a fresh buffer per call, zeroed by the gate/up launch (see
+    # ``_jit._zero_counters`` for why not a persistent one).
+    split_k, tiles = _down_split(config.down, m, hidden_size, inter_size)
+    locks = None
+    if split_k > 1:
+        locks = torch.empty(tiles, dtype=torch.int32, device=hidden.device)
     with _device_guard(hidden):
-        _jit.gate_up_kernel[grid](
-            x,
-            norm_weight,
-            gate_weight,
-            up_weight,
-            dummy if gate_bias is None else gate_bias,
-            dummy if up_bias is None else up_bias,
-            inter,
-            m,
-            inter_size,
-            hidden_size,
-            float(eps),
-            x.stride(0),
-            x.stride(1),
-            norm_weight.stride(0),
-            gate_weight.stride(0),
-            gate_weight.stride(1),
-            up_weight.stride(0),
-            up_weight.stride(1),
-            0 if gate_bias is None else gate_bias.stride(0),
-            0 if up_bias is None else up_bias.stride(0),
-            inter.stride(0),
-            inter.stride(1),
-            HAS_GATE_BIAS=gate_bias is not None,
-            HAS_UP_BIAS=up_bias is not None,
-            DOT_PRECISION=precision,
-            **blocks.launch_options(),
-        )
-        blocks = config.down
-        grid = (triton.cdiv(m, blocks.block_m), triton.cdiv(hidden_size, blocks.block_n))
-        _jit.down_kernel[grid](
-            inter,
-            down_weight,
-            dummy if down_bias is None else down_bias,
-            dummy if res is None else res,
-            out,
-            m,
-            hidden_size,
-            inter_size,
-            inter.stride(0),
-            inter.stride(1),
-            down_weight.stride(0),
-            down_weight.stride(1),
-            0 if down_bias is None else down_bias.stride(0),
-            0 if res is None else res.stride(0),
-            0 if res is None else res.stride(1),
-            out.stride(0),
-            out.stride(1),
-            HAS_BIAS=down_bias is not None,
-            HAS_RESIDUAL=res is not None,
-            DOT_PRECISION=precision,
-            **blocks.launch_options(),
-        )
+        if config.prenorm:
+            normed = torch.empty((m, hidden_size), dtype=hidden.dtype, device=hidden.device)
+            _launch_rms_norm(x, norm_weight, normed, eps)
+            x = normed
+        _launch_gate_up(
+            config.gate_up, x, norm_weight, gate_weight, up_weight, gate_bias, up_bias, inter,
+            eps, precision, norm_in_loop=not config.prenorm, zero_locks=locks,
+        )  # fmt: skip
+        _launch_down(config.down, inter, down_weight, down_bias, res, out, precision, locks)
     return out.view(hidden.shape)
+
+
+def _launch_rms_norm(x: Tensor, weight: Tensor, out: Tensor, eps: float) -> None:
+    m, k = x.shape
+    block_k = min(triton.next_power_of_2(k), 4096)
+    _jit.rms_norm_kernel[(m,)](
+        x, weight, out, m, k, float(eps),
+        x.stride(0), x.stride(1), weight.stride(0), out.stride(0), out.stride(1),
+        BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4,
+    )  # fmt: skip
+
+
+def _launch_gate_up(
+    blocks: _Blocks,
+    x: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    gate_bias: Tensor | None,
+    up_bias: Tensor | None,
+    inter: Tensor,
+    eps: float,
+    precision: str,
+    norm_in_loop: bool,
+    zero_locks: Tensor | None = None,
+) -> None:
+    """The gate/up launch; it also zeroes ``zero_locks``, the down launch's split-K counters."""
+    m, k = x.shape
+    n = inter.shape[1]
+    # Unused pointer arguments still need a tensor; the constexpr flags keep them unread.
+    args = (
+        x,
+        norm_weight,
+        gate_weight,
+        up_weight,
+        inter if gate_bias is None else gate_bias,
+        inter if up_bias is None else up_bias,
+        inter,
+        inter if zero_locks is None else zero_locks,
+        0 if zero_locks is None else zero_locks.numel(),
+        m,
+        n,
+        k,
+        float(eps),
+        x.stride(0),
+        x.stride(1),
+        norm_weight.stride(0),
+        gate_weight.stride(0),
+        gate_weight.stride(1),
+        up_weight.stride(0),
+        up_weight.stride(1),
+        0 if gate_bias is None else gate_bias.stride(0),
+        0 if up_bias is None else up_bias.stride(0),
+        inter.stride(0),
+        inter.stride(1),
+    )
+    flags = {
+        "HAS_GATE_BIAS": gate_bias is not None,
+        "HAS_UP_BIAS": up_bias is not None,
+        "ZERO_LOCKS": zero_locks is not None,
+        "DOT_PRECISION": precision,
+        "EVEN_K": k % blocks.block_k == 0,
+        **blocks.launch_options(),
+    }
+    if blocks.kind == "gemv":
+        if not norm_in_loop:
+            raise ValueError("the gate/up GEMV always computes the norm in its loop")
+        grid = (triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m))
+        _jit.gate_up_gemv_kernel[grid](*args, **flags)
+        return
+    grid = (triton.cdiv(m, blocks.block_m) * triton.cdiv(n, blocks.block_n),)
+    if blocks.kind == "tma" and not norm_in_loop and _tma_ok(x, gate_weight, up_weight):
+        del flags["EVEN_K"]  # the copy engine zero-fills past the edges: no masks at all
+        _jit.gate_up_tma_kernel[grid](
+            _descriptor(x, blocks.block_m, blocks.block_k),
+            _descriptor(gate_weight, blocks.block_n, blocks.block_k),
+            _descriptor(up_weight, blocks.block_n, blocks.block_k),
+            *args[4:9],
+            x,
+            m,
+            n,
+            k,
+            *args[20:],
+            **flags,
+        )
+        return
+    _jit.gate_up_gemm_kernel[grid](*args, NORM_IN_LOOP=norm_in_loop, **flags)
+
+
+def _tma_ok(*tensors: Tensor) -> bool:
+    """Whether the copy engine can read these 2-D tensors: unit inner stride, 16-byte aligned base
+    and row stride (its hardware constraints). Other layouts take the pointer-based kernels."""
+    return all(
+        t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+        for t in tensors
+    )
+
+
+def _descriptor(t: Tensor, block_rows: int, block_cols: int) -> TensorDescriptor:
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, block_cols])
+
+
+def _launch_down(
+    blocks: _Blocks,
+    inter: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    res: Tensor | None,
+    out: Tensor,
+    precision: str,
+    locks: Tensor | None = None,
+) -> None:
+    """The down launch. Split-K configurations need ``locks``, int32 counters (at least one per
+    output tile) that are zero at launch; without them the launch runs unsplit."""
+    m, k = inter.shape
+    n = out.shape[1]
+    args = (
+        inter,
+        down_weight,
+        out if down_bias is None else down_bias,
+        out if res is None else res,
+        out,
+    )
+    strides = (
+        m,
+        n,
+        k,
+        inter.stride(0),
+        inter.stride(1),
+        down_weight.stride(0),
+        down_weight.stride(1),
+        0 if down_bias is None else down_bias.stride(0),
+        0 if res is None else res.stride(0),
+        0 if res is None else res.stride(1),
+        out.stride(0),
+        out.stride(1),
+    )
+    flags = {
+        "HAS_BIAS": down_bias is not None,
+        "HAS_RESIDUAL": res is not None,
+        "DOT_PRECISION": precision,
+    }
+    tiles_n, tiles_m = triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m)
+    tma = blocks.kind == "tma" and _tma_ok(inter, down_weight)
+    if blocks.kind == "gemm" or (blocks.kind == "tma" and not tma):
+        _jit.down_gemm_kernel[(tiles_m * tiles_n,)](
+            *args, *strides, EVEN_K=k % blocks.block_k == 0, **flags, **blocks.launch_options()
+        )
+        return
+    split_k, _ = _down_split(blocks, m, n, k)
+    if locks is None:
+        split_k = 1
+    if split_k == 1:
+        workspace = locks = out  # unread when SPLIT_K == 1
+    else:
+        workspace = torch.empty((split_k, m, n), dtype=torch.float32, device=out.device)
+    if tma:
+        _jit.down_tma_kernel[(tiles_m * tiles_n, split_k)](
+            _descriptor(inter, blocks.block_m, blocks.block_k),
+            _descriptor(down_weight, blocks.block_n, blocks.block_k),
+            *args[2:],
+            workspace,
+            locks,
+            inter,
+            *strides[:3],
+            *strides[7:],
+            SPLIT_K=split_k,
+            **flags,
+            **blocks.launch_options(),
+        )
+        return
+    _jit.down_gemv_kernel[(tiles_n, split_k, tiles_m)](
+        *args,
+        workspace,
+        locks,
+        *strides,
+        SPLIT_K=split_k,
+        EVEN_K=k % (blocks.block_k * split_k) == 0,
+        **flags,
+        **blocks.launch_options(),
+    )
 
 
 def _device_guard(tensor: Tensor):

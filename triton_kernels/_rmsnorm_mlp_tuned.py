@@ -1,0 +1,53 @@
+"""Measured launch configurations of ``inductor_fusion::rmsnorm_mlp`` (written by perf/tune.py).
+
+``TUNED[(hidden_size, intermediate_size)]`` lists ``(max_m, gate_up, down, prenorm)`` rows in
+increasing ``max_m``; the first row with ``m <= max_m`` applies. Block strings are
+``rmsnorm_mlp._Blocks.key()`` forms. 16-bit dtypes only; fp32 and untuned shapes use the defaults.
+
+Measured on NVIDIA H100 80GB HBM3 (2026-11-25T10:36:07+00:00, torch 2.11.0+cu130, triton 3.6.0).
+"""
+
+TUNED: dict[tuple[int, int], tuple[tuple[int, str, str, bool], ...]] = {
+    (2048, 8192): (
+        (1, "gemv:16x64x128:w8s4", "gemv:16x64x128:w4s4k4", False),
+        (4, "gemv:16x64x128:w8s4", "gemv:16x64x128:w4s4k4", False),
+        (8, "gemv:16x64x128:w8s4", "gemv:16x64x128:w4s4k4", False),
+        (16, "gemv:16x64x128:w8s4", "gemv:16x64x128:w8s4k4", False),
+        (32, "gemv:32x64x128:w8s4", "gemv:32x16x128:w4s4k4", False),
+        (64, "gemv:64x64x128:w8s4", "gemv:64x64x128:w4s4k4", False),
+        (128, "tma:64x64x64:w4s4g8", "tma:64x64x64:w4s4g8k4", True),
+        (256, "tma:128x128x64:w8s4g8", "tma:128x64x128:w8s3g8k2", True),
+        (512, "tma:128x128x64:w8s4g8", "tma:64x128x64:w4s4g8k2", True),
+        (1024, "tma:128x128x64:w8s4g8", "tma:128x128x64:w4s4g8", True),
+        (2048, "tma:128x128x64:w8s4g8", "tma:128x256x64:w8s3g8", True),
+        (2**62, "tma:128x128x64:w8s3g8", "tma:128x256x64:w8s3g8", True),
+    ),
+    (3072, 8192): (
+        (1, "gemv:16x64x128:w8s4", "gemv:16x32x128:w4s4k4", False),
+        (4, "gemv:16x64x128:w8s4", "gemv:16x32x128:w4s4k4", False),
+        (8, "gemv:16x64x128:w8s4", "gemv:16x64x128:w4s4k2", False),
+        (16, "gemv:16x64x128:w8s4", "gemv:16x32x128:w4s4k4", False),
+        (32, "gemv:32x64x128:w8s4", "gemv:32x64x128:w8s4k2", False),
+        (64, "gemv:64x64x128:w8s4", "gemv:64x64x128:w4s4k2", False),
+        (128, "tma:128x64x128:w8s3g8", "tma:64x64x64:w4s4g8k4", True),
+        (256, "tma:128x128x64:w8s4g8", "tma:64x128x64:w4s4g8k2", True),
+        (512, "tma:128x128x64:w8s4g8", "tma:64x128x64:w4s4g8", True),
+        (1024, "tma:128x128x64:w8s4g8", "tma:128x128x64:w8s3g8", True),
+        (2048, "tma:128x128x64:w8s3g8", "tma:128x128x64:w4s4g8", True),
+        (2**62, "tma:128x128x64:w8s3g8", "tma:128x256x64:w8s3g8", True),
+    ),
+    (4096, 14336): (
+        (1, "gemv:16x64x128:w8s4", "gemv:16x64x128:w4s4k4", False),
+        (4, "gemv:16x128x128:w8s3", "gemv:16x64x256:w8s3k2", False),
+        (8, "gemv:16x64x128:w8s4", "gemv:16x64x128:w4s4k4", False),
+        (16, "gemv:16x128x128:w8s3", "gemv:16x64x256:w8s3k2", False),
+        (32, "gemv:32x128x128:w8s3", "gemv:32x64x256:w8s3k2", False),
+        (64, "tma:64x64x128:w4s4g8", "gemv:64x64x128:w4s4k2", True),
+        (128, "tma:128x64x64:w4s3g8", "tma:128x64x128:w8s3g8k2", True),
+        (256, "tma:128x128x64:w8s4g8", "tma:64x128x64:w4s4g8k2", True),
+        (512, "tma:128x128x64:w8s4g8", "tma:128x128x64:w4s4g8", True),
+        (1024, "tma:128x128x64:w8s4g8", "tma:128x256x64:w8s3g8", True),
+        (2048, "tma:128x128x64:w8s3g8", "tma:128x256x64:w8s3g8", True),
+        (2**62, "tma:128x128x64:w8s3g8", "tma:128x256x64:w8s3g8", True),
+    ),
+}

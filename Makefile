@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 
-.PHONY: install demo test test-fast lint format bench bench-e2e clean
+.PHONY: tune install demo test test-fast lint format bench bench-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -40,6 +40,11 @@ bench: $(STAMP)
 # End-to-end generate() benchmark (needs CUDA; `--cpu-smoke` checks the script on a CPU).
 bench-e2e: $(STAMP)
 	$(PYTHON) perf/bench_e2e.py --out perf/results/e2e
+
+# Re-measures the op's launch configurations (GPU); copy the written module over
+# triton_kernels/_rmsnorm_mlp_tuned.py to adopt it.
+tune: $(STAMP)
+	$(PYTHON) perf/tune.py --out perf/results/tune
 
 clean:
 	rm -rf $(STAMP) build dist *.egg-info .pytest_cache .hypothesis

@@ -650,6 +650,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=330.0,
         help="seconds; past 60%% max_autotune is skipped, past 100%% everything left is (0: none)",
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="an earlier results.json: its records for (shape, M) cells this run does not measure "
+        "are kept (each record keeps the floor of its own run), so one sweep can span calls",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     shapes_text = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
@@ -724,6 +730,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
     )
     records: list[dict] = []
+    if args.merge is not None:
+        earlier = json.loads(args.merge.read_text())
+        planned = {(shape.key, m) for shape in args.shapes for m in args.tokens}
+        records = [r for r in earlier["records"] if (r["shape"], r["m"]) not in planned]
+        previous = earlier["meta"]
+        meta["merged_from"] = [
+            *previous.get("merged_from", []),
+            {k: previous.get(k) for k in ("date", "commit", "gpu", "copy_bw", "mm_rate", "shapes")},
+        ]
+        meta["shapes"] = sorted({r["shape"] for r in records} | set(meta["shapes"]))
+        log(f"kept {len(records)} records of {args.merge}")
     write_data(out_dir, meta, records)
 
     with torch.no_grad():

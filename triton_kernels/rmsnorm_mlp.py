@@ -20,6 +20,7 @@ probing, no compilation (Triton compiles a kernel on its first launch).
 
 import contextlib
 import dataclasses
+import functools
 import re
 
 import torch
@@ -256,13 +257,17 @@ def _tuned_configs(
     entry = _tuned.TUNED.get((hidden_size, intermediate_size))
     if entry is None:
         return None
+    return _parse_table(f"tuned-{hidden_size}x{intermediate_size}", entry)
+
+
+@functools.cache
+def _parse_table(
+    prefix: str, entry: tuple[tuple[int, str, str, bool], ...]
+) -> tuple[tuple[int, _Config], ...]:
+    """Table rows as configurations, parsed once per table rather than on every op call (the
+    table itself is the key, so a replaced table is parsed anew)."""
     return tuple(
-        (
-            max_m,
-            _config(
-                f"tuned-{hidden_size}x{intermediate_size}-{_m_text(max_m)}", gate_up, down, prenorm
-            ),
-        )
+        (max_m, _config(f"{prefix}-{_m_text(max_m)}", gate_up, down, prenorm))
         for max_m, gate_up, down, prenorm in entry
     )
 
@@ -418,64 +423,60 @@ def _launch_gate_up(
     """The gate/up launch; it also zeroes ``zero_locks``, the down launch's split-K counters."""
     m, k = x.shape
     n = inter.shape[1]
-    # Unused pointer arguments still need a tensor; the constexpr flags keep them unread.
-    args = (
-        x,
-        norm_weight,
-        gate_weight,
-        up_weight,
-        inter if gate_bias is None else gate_bias,
-        inter if up_bias is None else up_bias,
-        inter,
-        inter if zero_locks is None else zero_locks,
-        0 if zero_locks is None else zero_locks.numel(),
-        m,
-        n,
-        k,
-        float(eps),
-        x.stride(0),
-        x.stride(1),
-        norm_weight.stride(0),
-        gate_weight.stride(0),
-        gate_weight.stride(1),
-        up_weight.stride(0),
-        up_weight.stride(1),
-        0 if gate_bias is None else gate_bias.stride(0),
-        0 if up_bias is None else up_bias.stride(0),
-        inter.stride(0),
-        inter.stride(1),
-    )
-    flags = {
+    # Arguments by name, grouped by what the kernels share. Unused pointer arguments still need a
+    # tensor; the constexpr flags keep them unread.
+    shared = {
+        "gate_b_ptr": inter if gate_bias is None else gate_bias,
+        "up_b_ptr": inter if up_bias is None else up_bias,
+        "out_ptr": inter,
+        "lock_ptr": inter if zero_locks is None else zero_locks,
+        "num_locks": 0 if zero_locks is None else zero_locks.numel(),
+        "M": m,
+        "N": n,
+        "K": k,
+        "stride_gate_b": 0 if gate_bias is None else gate_bias.stride(0),
+        "stride_up_b": 0 if up_bias is None else up_bias.stride(0),
+        "stride_om": inter.stride(0),
+        "stride_on": inter.stride(1),
         "HAS_GATE_BIAS": gate_bias is not None,
         "HAS_UP_BIAS": up_bias is not None,
         "ZERO_LOCKS": zero_locks is not None,
         "DOT_PRECISION": precision,
-        "EVEN_K": k % blocks.block_k == 0,
         **blocks.launch_options(),
+    }
+    grid = (triton.cdiv(m, blocks.block_m) * triton.cdiv(n, blocks.block_n),)
+    if blocks.kind == "tma" and not norm_in_loop and _tma_ok(x, gate_weight, up_weight):
+        # The copy engine zero-fills past the edges: no masks, no EVEN_K.
+        _jit.gate_up_tma_kernel[grid](
+            x_desc=_descriptor(x, blocks.block_m, blocks.block_k),
+            gate_desc=_descriptor(gate_weight, blocks.block_n, blocks.block_k),
+            up_desc=_descriptor(up_weight, blocks.block_n, blocks.block_k),
+            x_ptr=x,
+            **shared,
+        )
+        return
+    pointers = {
+        "x_ptr": x,
+        "norm_w_ptr": norm_weight,
+        "gate_w_ptr": gate_weight,
+        "up_w_ptr": up_weight,
+        "eps": float(eps),
+        "stride_xm": x.stride(0),
+        "stride_xk": x.stride(1),
+        "stride_norm_w": norm_weight.stride(0),
+        "stride_gate_n": gate_weight.stride(0),
+        "stride_gate_k": gate_weight.stride(1),
+        "stride_up_n": up_weight.stride(0),
+        "stride_up_k": up_weight.stride(1),
+        "EVEN_K": k % blocks.block_k == 0,
     }
     if blocks.kind == "gemv":
         if not norm_in_loop:
             raise ValueError("the gate/up GEMV always computes the norm in its loop")
         grid = (triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m))
-        _jit.gate_up_gemv_kernel[grid](*args, **flags)
+        _jit.gate_up_gemv_kernel[grid](**pointers, **shared)
         return
-    grid = (triton.cdiv(m, blocks.block_m) * triton.cdiv(n, blocks.block_n),)
-    if blocks.kind == "tma" and not norm_in_loop and _tma_ok(x, gate_weight, up_weight):
-        del flags["EVEN_K"]  # the copy engine zero-fills past the edges: no masks at all
-        _jit.gate_up_tma_kernel[grid](
-            _descriptor(x, blocks.block_m, blocks.block_k),
-            _descriptor(gate_weight, blocks.block_n, blocks.block_k),
-            _descriptor(up_weight, blocks.block_n, blocks.block_k),
-            *args[4:9],
-            x,
-            m,
-            n,
-            k,
-            *args[20:],
-            **flags,
-        )
-        return
-    _jit.gate_up_gemm_kernel[grid](*args, NORM_IN_LOOP=norm_in_loop, **flags)
+    _jit.gate_up_gemm_kernel[grid](**pointers, **shared, NORM_IN_LOOP=norm_in_loop)
 
 
 def _tma_ok(*tensors: Tensor) -> bool:
@@ -505,70 +506,55 @@ def _launch_down(
     output tile) that are zero at launch; without them the launch runs unsplit."""
     m, k = inter.shape
     n = out.shape[1]
-    args = (
-        inter,
-        down_weight,
-        out if down_bias is None else down_bias,
-        out if res is None else res,
-        out,
-    )
-    strides = (
-        m,
-        n,
-        k,
-        inter.stride(0),
-        inter.stride(1),
-        down_weight.stride(0),
-        down_weight.stride(1),
-        0 if down_bias is None else down_bias.stride(0),
-        0 if res is None else res.stride(0),
-        0 if res is None else res.stride(1),
-        out.stride(0),
-        out.stride(1),
-    )
-    flags = {
+    # Arguments by name, grouped by what the kernels share (see _launch_gate_up).
+    shared = {
+        "b_ptr": out if down_bias is None else down_bias,
+        "res_ptr": out if res is None else res,
+        "out_ptr": out,
+        "M": m,
+        "N": n,
+        "K": k,
+        "stride_b": 0 if down_bias is None else down_bias.stride(0),
+        "stride_rm": 0 if res is None else res.stride(0),
+        "stride_rn": 0 if res is None else res.stride(1),
+        "stride_om": out.stride(0),
+        "stride_on": out.stride(1),
         "HAS_BIAS": down_bias is not None,
         "HAS_RESIDUAL": res is not None,
         "DOT_PRECISION": precision,
+        **blocks.launch_options(),
+    }
+    pointers = {
+        "a_ptr": inter,
+        "w_ptr": down_weight,
+        "stride_am": inter.stride(0),
+        "stride_ak": inter.stride(1),
+        "stride_wn": down_weight.stride(0),
+        "stride_wk": down_weight.stride(1),
     }
     tiles_n, tiles_m = triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m)
     tma = blocks.kind == "tma" and _tma_ok(inter, down_weight)
     if blocks.kind == "gemm" or (blocks.kind == "tma" and not tma):
         _jit.down_gemm_kernel[(tiles_m * tiles_n,)](
-            *args, *strides, EVEN_K=k % blocks.block_k == 0, **flags, **blocks.launch_options()
+            **pointers, **shared, EVEN_K=k % blocks.block_k == 0
         )
         return
-    split_k, _ = _down_split(blocks, m, n, k)
-    if locks is None:
-        split_k = 1
-    if split_k == 1:
-        workspace = locks = out  # unread when SPLIT_K == 1
-    else:
+    split_k = _down_split(blocks, m, n, k)[0] if locks is not None else 1
+    split = {"ws_ptr": out, "lock_ptr": out, "SPLIT_K": 1}  # unread when SPLIT_K == 1
+    if split_k > 1:
         workspace = torch.empty((split_k, m, n), dtype=torch.float32, device=out.device)
+        split = {"ws_ptr": workspace, "lock_ptr": locks, "SPLIT_K": split_k}
     if tma:
         _jit.down_tma_kernel[(tiles_m * tiles_n, split_k)](
-            _descriptor(inter, blocks.block_m, blocks.block_k),
-            _descriptor(down_weight, blocks.block_n, blocks.block_k),
-            *args[2:],
-            workspace,
-            locks,
-            inter,
-            *strides[:3],
-            *strides[7:],
-            SPLIT_K=split_k,
-            **flags,
-            **blocks.launch_options(),
+            a_desc=_descriptor(inter, blocks.block_m, blocks.block_k),
+            w_desc=_descriptor(down_weight, blocks.block_n, blocks.block_k),
+            a_ptr=inter,
+            **split,
+            **shared,
         )
         return
     _jit.down_gemv_kernel[(tiles_n, split_k, tiles_m)](
-        *args,
-        workspace,
-        locks,
-        *strides,
-        SPLIT_K=split_k,
-        EVEN_K=k % (blocks.block_k * split_k) == 0,
-        **flags,
-        **blocks.launch_options(),
+        **pointers, **split, **shared, EVEN_K=k % (blocks.block_k * split_k) == 0
     )
 
 

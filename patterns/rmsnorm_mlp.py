@@ -105,7 +105,9 @@ class Variant:
         return out
 
     def replace(self, **a: Any) -> torch.Tensor:
-        return torch.ops.inductor_fusion.rmsnorm_mlp.default(
+        from inductor_fusion.triton_kernels.rmsnorm_mlp import rmsnorm_mlp_lowered
+
+        args = (
             a["hidden"],
             a["norm_weight"],
             a["gate_weight"],
@@ -117,6 +119,11 @@ class Variant:
             None if self.residual == "none" else a["hidden"],
             a["eps"],
         )
+        # On CUDA the kernels become launches in Inductor's own generated code (no dispatcher
+        # call per region); elsewhere the op, whose body is the PyTorch reference.
+        if a["hidden"].device.type == "cuda":
+            return rmsnorm_mlp_lowered(*args)
+        return torch.ops.inductor_fusion.rmsnorm_mlp.default(*args)
 
     def example_inputs(self) -> list[Any]:
         # Distinct sizes (M=6, H=32, I=48) so no two dims are confused while tracing; values and
@@ -223,11 +230,30 @@ def can_fuse(args: RegionArgs) -> str | None:
     return None
 
 
-def should_fuse(args: RegionArgs) -> bool:
-    """Profitability. Every legal region pays on CUDA (the fused op saves the norm, activation and
-    residual round trips at every size we measured). On the CPU our op is the eager reference and
-    we still fuse, so that CPU runs exercise the same graphs as GPU ones."""
-    return True
+def should_fuse(args: RegionArgs) -> str | None:
+    """Profitability: None if fusing pays, else why not.
+
+    On CUDA the fused kernels win up to ``MAX_PROFITABLE_TOKENS`` tokens (they stream the weights
+    once, with the norm, activation and residual in their prologue/epilogues); above it the
+    region is compute-bound and Inductor's own code (cuBLAS GEMMs) is faster than our tiled
+    kernels, so the region stays Inductor's (measured on an H200: perf/results/host). On the CPU
+    our op is the eager reference and we still fuse, so that CPU runs exercise the same graphs as
+    GPU ones.
+    """
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
+
+    h = args.hidden
+    if h.device.type != "cuda":
+        return None
+    tokens = h.numel() // h.shape[-1]
+    # bool() of a symbolic comparison guards on it: a graph with a dynamic token count is then
+    # compiled for one side of the threshold, and the other side recompiles once.
+    if bool(tokens <= MAX_PROFITABLE_TOKENS):
+        return None
+    return (
+        f"{tokens} tokens: above {MAX_PROFITABLE_TOKENS} Inductor's GEMMs are faster than "
+        "our tiled kernels"
+    )
 
 
 def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
@@ -272,7 +298,10 @@ def _check(match: Any, *, variant: Variant, on_match: Callable[[FusedRegion], bo
         key = next((n.name for n in match.nodes if n.target == torch.ops.aten.mean.dim), variant)
         on_reject(key, f"{NAME} not fused ({variant.name}): {reason}")
         return False
-    if not should_fuse(args):
+    reason = should_fuse(args)
+    if reason is not None:
+        key = next((n.name for n in match.nodes if n.target == torch.ops.aten.mean.dim), variant)
+        on_reject(key, f"{NAME} not fused ({variant.name}): {reason}")
         return False
     paths = region_paths(
         {

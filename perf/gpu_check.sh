@@ -7,6 +7,8 @@
 #     bash perf/gpu_check.sh
 # It keeps inside GPU_CHECK_TOTAL_S seconds (default 540: the tool allows 600 a command), so give
 # the call timeout_s=600. A stage that fails or times out does not stop the later ones.
+# GPU_CHECK_STAGES picks stages (default "tests,demo,bench"; also "host": perf/bench_host.py,
+# with BENCH_HOST_ARGS).
 #
 # Files under $OUT (7, flat: the tool returns at most 8, at most 2 folders deep):
 #     gpu_check.log   setup, versions, demo, stage summary
@@ -16,6 +18,8 @@
 
 set -u
 START=$(date +%s)
+STAGES=",${GPU_CHECK_STAGES:-tests,demo,bench},"
+stage() { [[ $STAGES == *",$1,"* ]]; }
 TOTAL=${GPU_CHECK_TOTAL_S:-540}
 OUT=${OUT:-/tmp/gpu_check_out}
 BENCH_DIR=/tmp/bench_out
@@ -94,7 +98,9 @@ EOF
 # --- (a) tests ----------------------------------------------------------------------------------------
 T_TEST=$(($(left) - 200))
 ((T_TEST > 240)) && T_TEST=240
-if ((T_TEST >= 30)); then
+if ! stage tests; then
+    RC_TEST=skipped
+elif ((T_TEST >= 30)); then
     say "(a) pytest, limit ${T_TEST}s"
     # The GPU's share of the suite: everything CUDA, plus the transformers-version-sensitive
     # KernelConfig tests (the GPU machine has another transformers). The CPU-only rest is CI's job:
@@ -105,8 +111,8 @@ if ((T_TEST >= 30)); then
     python3 -c "import xdist" 2>/dev/null && XDIST=(-n 12)
     timeout -k 10 "$T_TEST" python3 -m pytest -q -p no:cacheprovider -rs "${XDIST[@]}" \
         tests/test_kernel_rmsnorm_mlp.py tests/test_models.py tests/test_regions.py \
-        tests/test_kernel_config.py tests/test_tune.py \
-        -k "cuda or reduce_overhead or kernel_config or tune" \
+        tests/test_kernel_config.py tests/test_tune.py tests/test_lowering.py \
+        -k "cuda or reduce_overhead or kernel_config or tune or generated_code or per_regime" \
         2>&1 | tee "$OUT/pytest.log"
     RC_TEST=${PIPESTATUS[0]}
 else
@@ -115,7 +121,7 @@ fi
 say "(a) pytest rc=$RC_TEST (124: timed out; 5: no tests)"
 
 # --- (b) demo -----------------------------------------------------------------------------------------
-if python3 -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('inductor_fusion.demo') else 1)" 2>/dev/null; then
+if stage demo && python3 -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('inductor_fusion.demo') else 1)" 2>/dev/null; then
     T_DEMO=$(($(left) - 150))
     ((T_DEMO > 90)) && T_DEMO=90
     if ((T_DEMO >= 20)); then
@@ -130,12 +136,26 @@ else
 fi
 say "(b) demo rc=$RC_DEMO"
 
+# --- (b2) host cost -----------------------------------------------------------------------------------
+RC_HOST=skipped
+T_HOST=$(($(left) - 15))
+if stage host && ((T_HOST >= 60)); then
+    say "(b2) bench_host ${BENCH_HOST_ARGS:-}, limit ${T_HOST}s"
+    # shellcheck disable=SC2086  # the arguments are meant to split
+    timeout -k 10 "$T_HOST" python3 perf/bench_host.py --out "$OUT" ${BENCH_HOST_ARGS:-} 2>&1 |
+        tee "$OUT/host.log"
+    RC_HOST=${PIPESTATUS[0]}
+fi
+say "(b2) host rc=$RC_HOST"
+
 # --- (c) benchmark ------------------------------------------------------------------------------------
 # bench.py rewrites results.json after every (shape, M), so a timeout still leaves data. Its own
 # budget stops starting work (max_autotune first) well before the hard limit.
 T_BENCH=$(($(left) - 15))
 rm -rf "$BENCH_DIR"
-if ((T_BENCH >= 60)); then
+if ! stage bench; then
+    RC_BENCH=skipped
+elif ((T_BENCH >= 60)); then
     BENCH_ARGS=(--out "$BENCH_DIR" --time-budget $((T_BENCH - 70)))
     # Short of time: fewer M for every shape (the peers table's M) before dropping shapes.
     if ((T_BENCH < 150)); then
@@ -157,4 +177,4 @@ else
 fi
 say "(c) bench rc=$RC_BENCH"
 
-say "done: pytest=$RC_TEST demo=$RC_DEMO bench=$RC_BENCH; files: $(cd "$OUT" && ls | tr '\n' ' ')"
+say "done: pytest=$RC_TEST demo=$RC_DEMO host=$RC_HOST bench=$RC_BENCH; files: $(cd "$OUT" && ls | tr '\n' ' ')"

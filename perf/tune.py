@@ -182,12 +182,12 @@ class Problem:
         def run(i: int) -> None:
             a = x
             if prenorm:
-                op._launch_rms_norm(x, self.norm_w, normed, EPS)
+                op._rms_norm_launch(x, self.norm_w, normed, EPS).run()
                 a = normed
-            op._launch_gate_up(
+            op._gate_up_launch(
                 blocks, a, self.norm_w, self.gate[i], self.up[i], None, None, inter, EPS, "tf32",
                 norm_in_loop=not prenorm,
-            )  # fmt: skip
+            ).run()  # fmt: skip
 
         return run
 
@@ -195,7 +195,7 @@ class Problem:
         inter, res, out = self.inter_buf[:m], self.res[:m], self.out[:m]
 
         def run(i: int) -> None:
-            op._launch_down(blocks, inter, self.down[i], None, res, out, "tf32", self.locks)
+            op._down_launch(blocks, inter, self.down[i], None, res, out, "tf32", self.locks).run()
 
         return run
 

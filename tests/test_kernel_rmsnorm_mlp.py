@@ -535,8 +535,8 @@ def test_gate_up_launch_zeroes_split_k_counters(kind):
     blocks = _Blocks.parse(f"{kind}:16x32x32:w4s2" + ("" if kind == "gemv" else "g8"))
     inter = torch.empty(5, 96)
     locks = torch.full((2500,), 7, dtype=torch.int32)  # more than one 1024-wide zeroing step
-    rmsnorm_mlp_module._launch_gate_up(
+    rmsnorm_mlp_module._gate_up_launch(
         blocks, x, norm_weight, gate_weight, up_weight, None, None, inter, 1e-5, "ieee",
         norm_in_loop=kind != "tma", zero_locks=locks,
-    )  # fmt: skip
+    ).run()  # fmt: skip
     assert not locks.any()

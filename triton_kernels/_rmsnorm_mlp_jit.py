@@ -480,6 +480,8 @@ def down_gemm_kernel(
     b_ptr,  # [N] (unused unless HAS_BIAS)
     res_ptr,  # [M, N] (unused unless HAS_RESIDUAL)
     out_ptr,  # [M, N]
+    ws_ptr,  # [SPLIT_K, M, N] fp32 partial sums (unused unless SPLIT_K > 1)
+    lock_ptr,  # int32 per output tile, zero at launch (unused unless SPLIT_K > 1)
     M,
     N,
     K,
@@ -499,10 +501,16 @@ def down_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """Tiled down GEMM for larger M, grouped program order, bias + residual epilogue."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """Tiled down GEMM for larger M, grouped program order, bias + residual epilogue. With
+    SPLIT_K > 1, SPLIT_K programs (grid axis 1) share each output tile's K range: at a few hundred
+    tokens N = H gives too few output tiles to fill the chip, and the K = I reduction is long.
+    EVEN_K means every split's K blocks are full."""
+    tile = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -512,11 +520,14 @@ def down_gemm_kernel(
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
 
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_s * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    w_ptrs = w_ptr + (k_start + offs_k)[:, None] * stride_wk + cols[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
@@ -529,13 +540,19 @@ def down_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        res_ptrs = res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn
-        acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    last = True
+    if SPLIT_K > 1:
+        ws_ptrs = ws_ptr + rows[:, None] * N + cols[None, :]
+        last, acc = _split_k_reduce(acc, ws_ptrs, mask, lock_ptr + tile, pid_s, M * N, SPLIT_K)
+    if last:
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols * stride_b, mask=mask_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            res_ptrs = res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn
+            acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(launch_metadata=_gate_up_metadata)

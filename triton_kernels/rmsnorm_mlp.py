@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +35,20 @@ from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned as _tuned
 
 __all__ = [
     "rmsnorm_mlp",
+    "rmsnorm_mlp_lowered",
     "rmsnorm_mlp_reference",
     "rmsnorm_mlp_triton",
     "supports",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Token counts up to which the fused kernels beat Inductor's own code for the region on the GPUs
+# we measured (H200, 2026-12-02, perf/results/host): there the region streams the weights, and
+# ours streams them once with the norm, activation and residual folded in. Above it the region is
+# compute-bound: Inductor's cuBLAS GEMMs ran 3-20 % faster than our pointer-based tiled kernels
+# (e.g. 4096x14336 at M=4096: 2163 vs 2628 us), so a compiled graph keeps Inductor's code there.
+MAX_PROFITABLE_TOKENS = 64
 
 
 def rmsnorm_mlp_reference(
@@ -168,18 +177,12 @@ class _Blocks:
     group_m: int = 8
     split_k: int = 1
 
-    def launch_options(self) -> dict[str, int]:
-        """The kernels' block-size constexprs plus Triton's launch options."""
-        options = {
-            "BLOCK_M": self.block_m,
-            "BLOCK_N": self.block_n,
-            "BLOCK_K": self.block_k,
-            "num_warps": self.num_warps,
-            "num_stages": self.num_stages,
-        }
+    def constexprs(self) -> dict[str, int]:
+        """The kernels' block-size constexprs (launch options travel apart: see `_Launch`)."""
+        values = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         if self.kind != "gemv":
-            options["GROUP_M"] = self.group_m
-        return options
+            values["GROUP_M"] = self.group_m
+        return values
 
     def key(self) -> str:
         """Compact text form, as the tuning table stores it."""
@@ -316,12 +319,100 @@ def _fp32_form(config: _Config) -> _Config:
 def _down_split(blocks: _Blocks, m: int, n: int, k: int) -> tuple[int, int]:
     """(number of K splits, output tiles) of the down launch. Each split walks whole K blocks;
     only splits that get any count (K=160, BLOCK_K=32 and 4 splits make splits of 64, so the
-    fourth would be empty). The pointer GEMM never splits."""
+    fourth would be empty)."""
     tiles = triton.cdiv(n, blocks.block_n) * triton.cdiv(m, blocks.block_m)
-    if blocks.kind == "gemm" or blocks.split_k == 1:
+    if blocks.split_k == 1:
         return 1, tiles
     k_per_split = triton.cdiv(triton.cdiv(k, blocks.split_k), blocks.block_k) * blocks.block_k
     return triton.cdiv(k, k_per_split), tiles
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """One kernel launch of the plan: every kernel argument by name, tensors included.
+
+    ``writes`` names the tensor arguments the kernel stores to. The same plan runs eagerly
+    (`_run`) or becomes nodes of a compiled graph (`_emit`), where the written tensors are what
+    the functional form of the launch returns.
+    """
+
+    kernel: Any  # a @triton.jit function
+    grid: tuple[Any, ...]  # ints, or SymInts while tracing a graph with dynamic shapes
+    args: dict[str, Any]
+    writes: tuple[str, ...]
+    num_warps: int
+    num_stages: int
+
+    def run(self) -> None:
+        """Launches now (the eager path)."""
+        self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    launches: tuple[_Launch, ...]
+    out: Tensor  # [M, H], written by the last launch
+
+
+def _plan(
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    gate_bias: Tensor | None,
+    up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    config: _Config,
+    *,
+    tma: bool,
+) -> _Plan:
+    """The launches that compute the region, and the buffers they write (allocated here).
+
+    ``tma=False`` gives a plan made of pointer-based kernels only: a compiled graph cannot carry
+    the host-side TMA descriptors (they would be rebuilt in Python on every call), so there the
+    "tma" configurations run their pointer-kernel form, with the same tiles and split-K.
+    """
+    hidden_size = hidden.shape[-1]
+    inter_size = gate_weight.shape[0]
+    # The kernels take strides, so a reshape view is fine; only an inner stride other than 1
+    # (e.g. a transposed view) would make every load a gather, and that one is copied.
+    x = hidden.reshape(-1, hidden_size)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty((m, hidden_size), dtype=hidden.dtype, device=hidden.device)
+    res = None
+    if residual is not None:
+        res = residual.reshape(-1, hidden_size)
+        if res.stride(-1) != 1:
+            res = res.contiguous()
+    inter = torch.empty((m, inter_size), dtype=hidden.dtype, device=hidden.device)
+    # fp32 must not silently become TF32: our tolerance rule compares with eager fp32. For 16-bit
+    # inputs the setting has no effect; "ieee" is the spelling both Triton 3.6 and 3.9 accept.
+    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+    # Split-K arrival counters: a fresh buffer per call (in a compiled graph, one of Inductor's
+    # planned buffers), zeroed by the gate/up launch (see ``_jit._zero_counters`` for why).
+    split_k, tiles = _down_split(config.down, m, hidden_size, inter_size)
+    locks = None
+    if split_k > 1:
+        locks = torch.empty(tiles, dtype=torch.int32, device=hidden.device)
+    launches = []
+    if config.prenorm:
+        normed = torch.empty((m, hidden_size), dtype=hidden.dtype, device=hidden.device)
+        launches.append(_rms_norm_launch(x, norm_weight, normed, eps))
+        x = normed
+    gate_up = _gate_up_launch(
+        config.gate_up, x, norm_weight, gate_weight, up_weight, gate_bias, up_bias, inter,
+        eps, precision, norm_in_loop=not config.prenorm, zero_locks=locks, tma=tma,
+    )  # fmt: skip
+    launches.append(gate_up)
+    launches.append(
+        _down_launch(config.down, inter, down_weight, down_bias, res, out, precision, locks, tma)
+    )
+    return _Plan(tuple(launches), out)
 
 
 def rmsnorm_mlp_triton(
@@ -338,75 +429,144 @@ def rmsnorm_mlp_triton(
     eps: float,
     _config: _Config | None = None,
 ) -> Tensor:
-    """Launch the Triton kernels; same contract as :func:`rmsnorm_mlp_reference`.
+    """Launch the Triton kernels now; same contract as :func:`rmsnorm_mlp_reference`.
 
-    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests). ``_config``
-    forces a launch configuration, so that tests can reach every kernel and branch.
+    The eager path (the op's CUDA kernel). Runs on CUDA tensors, or on CPU tensors under
+    ``TRITON_INTERPRET=1`` (tests). ``_config`` forces a launch configuration, so that tests
+    can reach every kernel and branch.
     """
-    _check_args(
-        hidden,
-        norm_weight,
-        gate_weight,
-        up_weight,
-        down_weight,
-        gate_bias,
-        up_bias,
-        down_bias,
-        residual,
-    )
-    hidden_size = hidden.shape[-1]
-    inter_size = gate_weight.shape[0]
-    # The kernels take strides, so a reshape view is fine; only an inner stride other than 1
-    # (e.g. a transposed view) would make every load a gather, and that one is copied.
-    x = hidden.reshape(-1, hidden_size)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m = x.shape[0]
-    out = torch.empty((m, hidden_size), dtype=hidden.dtype, device=hidden.device)
-    if m == 0:
-        return out.view(hidden.shape)
-    res = None
-    if residual is not None:
-        res = residual.reshape(-1, hidden_size)
-        if res.stride(-1) != 1:
-            res = res.contiguous()
-    inter = torch.empty((m, inter_size), dtype=hidden.dtype, device=hidden.device)
-
+    tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+    _check_args(hidden, *tensors, residual)
+    if hidden.numel() == 0:
+        return torch.empty_like(hidden)
+    m = hidden.numel() // hidden.shape[-1]
     interpret = hidden.device.type == "cpu"
-    config = _config or _pick_config(m, hidden_size, inter_size, hidden.dtype, interpret)
-    # fp32 must not silently become TF32: our tolerance rule compares with eager fp32. For 16-bit
-    # inputs the setting has no effect; "ieee" is the spelling both Triton 3.6 and 3.9 accept.
-    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    # Split-K arrival counters: a fresh buffer per call, zeroed by the gate/up launch (see
-    # ``_jit._zero_counters`` for why not a persistent one).
-    split_k, tiles = _down_split(config.down, m, hidden_size, inter_size)
-    locks = None
-    if split_k > 1:
-        locks = torch.empty(tiles, dtype=torch.int32, device=hidden.device)
+    config = _config or _pick_config(
+        m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, interpret
+    )
+    plan = _plan(hidden, *tensors, residual, eps, config, tma=True)
     with _device_guard(hidden):
-        if config.prenorm:
-            normed = torch.empty((m, hidden_size), dtype=hidden.dtype, device=hidden.device)
-            _launch_rms_norm(x, norm_weight, normed, eps)
-            x = normed
-        _launch_gate_up(
-            config.gate_up, x, norm_weight, gate_weight, up_weight, gate_bias, up_bias, inter,
-            eps, precision, norm_in_loop=not config.prenorm, zero_locks=locks,
-        )  # fmt: skip
-        _launch_down(config.down, inter, down_weight, down_bias, res, out, precision, locks)
-    return out.view(hidden.shape)
+        for launch in plan.launches:
+            launch.run()
+    return plan.out.view(hidden.shape)
 
 
-def _launch_rms_norm(x: Tensor, weight: Tensor, out: Tensor, eps: float) -> None:
+def rmsnorm_mlp_lowered(
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    gate_bias: Tensor | None,
+    up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """The region as Inductor-visible Triton launches, for a compiled graph (same contract).
+
+    Meant to be traced (a post-grad replacement): each launch becomes a
+    ``triton_kernel_wrapper_functional`` node, which Inductor reinplaces and lowers to a launch
+    of our kernel from its own generated wrapper, with its own launcher and its memory planning
+    for the buffers allocated here. So a call costs the host what Inductor's own kernels cost: no
+    dispatcher call, no Python config pick, no descriptors built per call.
+
+    The configuration is chosen while tracing: from the exact token count when it is static,
+    else from the regime its size hint falls in, with a guard (so a token count from another
+    regime recompiles once: at most one graph per regime, never one per M).
+    """
+    tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+    _check_args(hidden, *tensors, residual)
+    m = hidden.numel() // hidden.shape[-1]
+    config = _graph_config(
+        m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, hidden.device.type == "cpu"
+    )
+    plan = _plan(hidden, *tensors, residual, eps, config, tma=False)
+    return _emit(plan).view(hidden.shape)
+
+
+# Token-count regimes of a graph whose M is symbolic: (upper bound, M the configuration is picked
+# for). Within a regime one configuration serves every M; its tiles are those of the regime's
+# largest M, because a GEMV tile narrower than M would stream the weights several times.
+_GRAPH_REGIMES = ((16, 16), (64, 64))
+
+
+def _graph_config(
+    m: Any, hidden_size: int, intermediate_size: int, dtype: torch.dtype, interpret: bool
+) -> _Config:
+    if isinstance(m, int):
+        return _pick_config(m, hidden_size, intermediate_size, dtype, interpret)
+    for upper, pick in _GRAPH_REGIMES:
+        # bool() of a symbolic comparison guards on it: the graph is valid for this regime only.
+        if bool(m <= upper):
+            return _pick_config(pick, hidden_size, intermediate_size, dtype, interpret)
+    # Tiled regime: every configuration is right for any M; pick by the size hint, no guard.
+    hint = m.node.shape_env.size_hint(m.node.expr) if hasattr(m, "node") else int(m)
+    hint = max(int(hint), _GRAPH_REGIMES[-1][0] + 1)
+    return _pick_config(hint, hidden_size, intermediate_size, dtype, interpret)
+
+
+@functools.cache
+def _single_config_kernel(kernel: Any, num_warps: int, num_stages: int) -> Any:
+    """``kernel`` with its launch options attached, as Inductor takes user kernels' options (one
+    ``triton.Config``: Inductor launches it without benchmarking). Cached, so that each variant is
+    one entry of torch's kernel side table and one kernel in Inductor's generated code."""
+    return triton.autotune(
+        configs=[triton.Config({}, num_warps=num_warps, num_stages=num_stages)], key=[]
+    )(kernel)
+
+
+def _emit(plan: _Plan) -> Tensor:
+    """Records the plan's launches as functional launch nodes (while tracing) and returns the
+    tensor holding the result. Each launch reads the versions of its tensors that earlier
+    launches wrote, which is what orders them in the graph."""
+    from torch._higher_order_ops.triton_kernel_wrap import (
+        kernel_side_table,
+        triton_kernel_wrapper_functional,
+    )
+
+    latest: dict[int, Tensor] = {}
+    no_constants = kernel_side_table.add_constant_args({})
+    for launch in plan.launches:
+        kwargs = {
+            name: latest.get(id(value), value) if isinstance(value, Tensor) else value
+            for name, value in launch.args.items()
+        }
+        kernel = _single_config_kernel(launch.kernel, launch.num_warps, launch.num_stages)
+        written = triton_kernel_wrapper_functional(
+            kernel_idx=kernel_side_table.add_kernel(kernel),
+            constant_args_idx=no_constants,
+            grid=[tuple(launch.grid) + (1,) * (3 - len(launch.grid))],
+            tma_descriptor_metadata={},
+            kwargs=kwargs,
+            tensors_to_clone=list(launch.writes),
+        )
+        for name in launch.writes:
+            latest[id(launch.args[name])] = written[name]
+    return latest[id(plan.out)]
+
+
+def _rms_norm_launch(x: Tensor, weight: Tensor, out: Tensor, eps: float) -> _Launch:
     m, k = x.shape
     block_k = min(triton.next_power_of_2(k), 4096)
-    _jit.rms_norm_kernel[(m,)](
-        x, weight, out, m, k, float(eps),
-        x.stride(0), x.stride(1), weight.stride(0), out.stride(0), out.stride(1),
-        BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4,
-    )  # fmt: skip
+    args = {
+        "x_ptr": x,
+        "w_ptr": weight,
+        "out_ptr": out,
+        "M": m,
+        "K": k,
+        "eps": float(eps),
+        "stride_xm": x.stride(0),
+        "stride_xk": x.stride(1),
+        "stride_w": weight.stride(0),
+        "stride_om": out.stride(0),
+        "stride_ok": out.stride(1),
+        "BLOCK_K": block_k,
+    }
+    return _Launch(_jit.rms_norm_kernel, (m,), args, ("out_ptr",), 8 if block_k >= 2048 else 4, 1)
 
 
-def _launch_gate_up(
+def _gate_up_launch(
     blocks: _Blocks,
     x: Tensor,
     norm_weight: Tensor,
@@ -419,17 +579,20 @@ def _launch_gate_up(
     precision: str,
     norm_in_loop: bool,
     zero_locks: Tensor | None = None,
-) -> None:
+    tma: bool = True,
+) -> _Launch:
     """The gate/up launch; it also zeroes ``zero_locks``, the down launch's split-K counters."""
     m, k = x.shape
     n = inter.shape[1]
     # Arguments by name, grouped by what the kernels share. Unused pointer arguments still need a
-    # tensor; the constexpr flags keep them unread.
+    # tensor; the constexpr flags keep them unread. They get a weight, never a buffer the launch
+    # writes: in a compiled graph an alias of a written buffer would stop Inductor from reusing
+    # that buffer in place.
     shared = {
-        "gate_b_ptr": inter if gate_bias is None else gate_bias,
-        "up_b_ptr": inter if up_bias is None else up_bias,
+        "gate_b_ptr": gate_weight if gate_bias is None else gate_bias,
+        "up_b_ptr": gate_weight if up_bias is None else up_bias,
         "out_ptr": inter,
-        "lock_ptr": inter if zero_locks is None else zero_locks,
+        "lock_ptr": gate_weight if zero_locks is None else zero_locks,
         "num_locks": 0 if zero_locks is None else zero_locks.numel(),
         "M": m,
         "N": n,
@@ -442,19 +605,22 @@ def _launch_gate_up(
         "HAS_UP_BIAS": up_bias is not None,
         "ZERO_LOCKS": zero_locks is not None,
         "DOT_PRECISION": precision,
-        **blocks.launch_options(),
+        **blocks.constexprs(),
     }
+    writes = ("out_ptr",) if zero_locks is None else ("out_ptr", "lock_ptr")
+    options = (blocks.num_warps, blocks.num_stages)
     grid = (triton.cdiv(m, blocks.block_m) * triton.cdiv(n, blocks.block_n),)
-    if blocks.kind == "tma" and not norm_in_loop and _tma_ok(x, gate_weight, up_weight):
+    use_tma = tma and blocks.kind == "tma" and not norm_in_loop
+    if use_tma and _tma_ok(x, gate_weight, up_weight):
         # The copy engine zero-fills past the edges: no masks, no EVEN_K.
-        _jit.gate_up_tma_kernel[grid](
-            x_desc=_descriptor(x, blocks.block_m, blocks.block_k),
-            gate_desc=_descriptor(gate_weight, blocks.block_n, blocks.block_k),
-            up_desc=_descriptor(up_weight, blocks.block_n, blocks.block_k),
-            x_ptr=x,
+        args = {
+            "x_desc": _descriptor(x, blocks.block_m, blocks.block_k),
+            "gate_desc": _descriptor(gate_weight, blocks.block_n, blocks.block_k),
+            "up_desc": _descriptor(up_weight, blocks.block_n, blocks.block_k),
+            "x_ptr": x,
             **shared,
-        )
-        return
+        }
+        return _Launch(_jit.gate_up_tma_kernel, grid, args, writes, *options)
     pointers = {
         "x_ptr": x,
         "norm_w_ptr": norm_weight,
@@ -474,9 +640,9 @@ def _launch_gate_up(
         if not norm_in_loop:
             raise ValueError("the gate/up GEMV always computes the norm in its loop")
         grid = (triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m))
-        _jit.gate_up_gemv_kernel[grid](**pointers, **shared)
-        return
-    _jit.gate_up_gemm_kernel[grid](**pointers, **shared, NORM_IN_LOOP=norm_in_loop)
+        return _Launch(_jit.gate_up_gemv_kernel, grid, {**pointers, **shared}, writes, *options)
+    args = {**pointers, **shared, "NORM_IN_LOOP": norm_in_loop}
+    return _Launch(_jit.gate_up_gemm_kernel, grid, args, writes, *options)
 
 
 def _tma_ok(*tensors: Tensor) -> bool:
@@ -492,7 +658,7 @@ def _descriptor(t: Tensor, block_rows: int, block_cols: int) -> TensorDescriptor
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, block_cols])
 
 
-def _launch_down(
+def _down_launch(
     blocks: _Blocks,
     inter: Tensor,
     down_weight: Tensor,
@@ -501,15 +667,16 @@ def _launch_down(
     out: Tensor,
     precision: str,
     locks: Tensor | None = None,
-) -> None:
+    tma: bool = True,
+) -> _Launch:
     """The down launch. Split-K configurations need ``locks``, int32 counters (at least one per
     output tile) that are zero at launch; without them the launch runs unsplit."""
     m, k = inter.shape
     n = out.shape[1]
-    # Arguments by name, grouped by what the kernels share (see _launch_gate_up).
+    # Arguments by name, grouped by what the kernels share (see _gate_up_launch).
     shared = {
-        "b_ptr": out if down_bias is None else down_bias,
-        "res_ptr": out if res is None else res,
+        "b_ptr": down_weight if down_bias is None else down_bias,
+        "res_ptr": down_weight if res is None else res,
         "out_ptr": out,
         "M": m,
         "N": n,
@@ -522,7 +689,7 @@ def _launch_down(
         "HAS_BIAS": down_bias is not None,
         "HAS_RESIDUAL": res is not None,
         "DOT_PRECISION": precision,
-        **blocks.launch_options(),
+        **blocks.constexprs(),
     }
     pointers = {
         "a_ptr": inter,
@@ -532,30 +699,32 @@ def _launch_down(
         "stride_wn": down_weight.stride(0),
         "stride_wk": down_weight.stride(1),
     }
+    options = (blocks.num_warps, blocks.num_stages)
     tiles_n, tiles_m = triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m)
-    tma = blocks.kind == "tma" and _tma_ok(inter, down_weight)
-    if blocks.kind == "gemm" or (blocks.kind == "tma" and not tma):
-        _jit.down_gemm_kernel[(tiles_m * tiles_n,)](
-            **pointers, **shared, EVEN_K=k % blocks.block_k == 0
-        )
-        return
     split_k = _down_split(blocks, m, n, k)[0] if locks is not None else 1
-    split = {"ws_ptr": out, "lock_ptr": out, "SPLIT_K": 1}  # unread when SPLIT_K == 1
+    split = {"ws_ptr": down_weight, "lock_ptr": down_weight, "SPLIT_K": 1}  # unread
+    writes: tuple[str, ...] = ("out_ptr",)
     if split_k > 1:
         workspace = torch.empty((split_k, m, n), dtype=torch.float32, device=out.device)
         split = {"ws_ptr": workspace, "lock_ptr": locks, "SPLIT_K": split_k}
-    if tma:
-        _jit.down_tma_kernel[(tiles_m * tiles_n, split_k)](
-            a_desc=_descriptor(inter, blocks.block_m, blocks.block_k),
-            w_desc=_descriptor(down_weight, blocks.block_n, blocks.block_k),
-            a_ptr=inter,
+        # The counters go back to zero, but they are written all the same.
+        writes = ("out_ptr", "ws_ptr", "lock_ptr")
+    if blocks.kind == "gemv":
+        args = {**pointers, **split, **shared, "EVEN_K": k % (blocks.block_k * split_k) == 0}
+        return _Launch(_jit.down_gemv_kernel, (tiles_n, split_k, tiles_m), args, writes, *options)
+    grid = (tiles_m * tiles_n, split_k)
+    if tma and blocks.kind == "tma" and _tma_ok(inter, down_weight):
+        args = {
+            "a_desc": _descriptor(inter, blocks.block_m, blocks.block_k),
+            "w_desc": _descriptor(down_weight, blocks.block_n, blocks.block_k),
+            "a_ptr": inter,
             **split,
             **shared,
-        )
-        return
-    _jit.down_gemv_kernel[(tiles_n, split_k, tiles_m)](
-        **pointers, **split, **shared, EVEN_K=k % (blocks.block_k * split_k) == 0
-    )
+        }
+        return _Launch(_jit.down_tma_kernel, grid, args, writes, *options)
+    even_k = k % (blocks.block_k * split_k) == 0
+    args = {**pointers, **split, **shared, "EVEN_K": even_k}
+    return _Launch(_jit.down_gemm_kernel, grid, args, writes, *options)
 
 
 def _device_guard(tensor: Tensor):

@@ -1,0 +1,192 @@
+"""Both sides of speed without CUDA graphs: the host cost of the region, and the model's forward.
+
+For the region ``h + mlp(rmsnorm(h))`` (bf16, HF modules, ``build_region`` of bench.py), compiled
+with ``dynamic=False`` per M, every provider gets three numbers:
+
+    enqueue   CPU µs per call over ``--calls`` asynchronous calls (no synchronisation between
+              them): what the host pays to put one region on the stream
+    wall      µs per call with the GPU in the loop, no CUDA graphs (what default mode delivers:
+              the larger of host and GPU time, plus whatever does not overlap)
+    graph     GPU µs per call from CUDA-graph replay (what reduce-overhead delivers)
+
+Providers: ``compile`` (backend="inductor"), ``ours`` (our backend: Inductor's code with our
+kernels lowered into it), ``ours_static`` (ours, with Inductor's static launcher also for user
+kernels), ``ours_op`` (our op called eagerly: the pre-lowering path's cost) and ``eager``.
+
+Then the whole model in default mode: the demo's 4-layer Llama-3.2-1B-shaped model, batch 1 x M
+tokens, forward wall time (median of CUDA-event-timed calls), eager / inductor / ours.
+
+Data first (``host.json``), the tables last (``host.md``, also printed).
+
+    python perf/bench_host.py --out /tmp/host
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench
+from perf_common import error_text, log, rel_l2
+
+PROVIDERS = ("compile", "ours", "ours_static", "ours_op", "eager")
+
+
+def provider(name: str, region: bench.Region):
+    if name == "ours_static":
+        import inductor_fusion
+
+        options = {"static_launch_user_defined_triton_kernels": True}
+        fn = bench.region_function(region.norm, region.mlp)
+        return torch.compile(fn, backend=inductor_fusion.backend(options=options), dynamic=False)
+    return bench.build_provider(name, region)
+
+
+def enqueue_us(fn, x, calls: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(x)
+    seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return seconds / calls * 1e6
+
+
+def wall_us(fn, x, calls: int) -> float:
+    samples = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def graph_us(fn, x, calls: int = 20) -> float:
+    graph = bench.capture(fn, x, calls)
+    samples = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(samples)
+
+
+def region_rows(shapes, tokens, calls: int) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        region = bench.build_region(shape, "cuda", seed=0)
+        for m in tokens:
+            x = torch.randn(m, shape.hidden, dtype=torch.bfloat16, device="cuda")
+            ref = bench.reference_fp32(region, x)
+            for name in PROVIDERS:
+                row = {"shape": shape.key, "m": m, "provider": name}
+                try:
+                    fn = provider(name, region)
+                    with torch.no_grad():
+                        out = fn(x)  # compiles
+                        row["rel_err"] = rel_l2(out, ref)
+                        for _ in range(3):
+                            fn(x)
+                        row["enqueue_us"] = enqueue_us(fn, x, calls)
+                        row["wall_us"] = wall_us(fn, x, calls)
+                        row["graph_us"] = graph_us(fn, x)
+                except Exception as exc:  # a provider that fails is recorded, not fatal
+                    row["error"] = error_text(exc)
+                log(json.dumps(row))
+                rows.append(row)
+                bench.recover()
+            torch._dynamo.reset()
+    return rows
+
+
+def model_rows(tokens, reps: int = 20) -> list[dict]:
+    import inductor_fusion
+    from inductor_fusion.demo import _build
+
+    model = _build(torch.device("cuda"), torch.bfloat16, large=True)
+    rows = []
+    for m in tokens:
+        ids = torch.randint(0, model.config.vocab_size, (1, m), device="cuda")
+        with torch.no_grad():
+            eager_logits = model(ids).logits
+            for name, backend in (("eager", None), ("compile", "inductor"), ("ours", "ours")):
+                row = {"model": "llama-1b-shape-4-layers", "m": m, "provider": name}
+                try:
+                    if backend is None:
+                        fn = model
+                    elif backend == "ours":
+                        inductor_fusion.reset_report()
+                        fn = torch.compile(copy.deepcopy(model), backend="inductor_fusion",
+                                           dynamic=False)  # fmt: skip
+                    else:
+                        fn = torch.compile(copy.deepcopy(model), backend=backend, dynamic=False)
+                    logits = fn(ids).logits
+                    row["rel_vs_eager"] = rel_l2(logits, eager_logits)
+                    if backend == "ours":
+                        row["fused"] = inductor_fusion.get_report().count("rmsnorm_mlp")
+                    row["forward_ms"] = (
+                        bench._event_median_s(lambda f=fn, i=ids: f(i), 3, reps) * 1e3
+                    )
+                except Exception as exc:
+                    row["error"] = error_text(exc)
+                log(json.dumps(row))
+                rows.append(row)
+                bench.recover()
+        torch._dynamo.reset()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| HxI | M | provider | enqueue µs | wall µs | graph µs | rel err |", "|---" * 7 + "|"]
+    for r in rows:
+        if "shape" not in r:
+            continue
+        cells = [f"{r.get(k, float('nan')):.1f}" for k in ("enqueue_us", "wall_us", "graph_us")]
+        err = f"{r['rel_err']:.2e}" if "rel_err" in r else r.get("error", "")[:60]
+        lines.append(f"| {r['shape']} | {r['m']} | {r['provider']} | {' | '.join(cells)} | {err} |")
+    lines += ["", "| model | M | provider | forward ms | fused | rel vs eager |", "|---" * 6 + "|"]
+    for r in rows:
+        if "model" not in r:
+            continue
+        fwd = f"{r['forward_ms']:.3f}" if "forward_ms" in r else r.get("error", "")[:60]
+        rel = f"{r['rel_vs_eager']:.2e}" if "rel_vs_eager" in r else ""
+        lines.append(f"| {r['model']} | {r['m']} | {r['provider']} | {fwd} | {r.get('fused', '')} | {rel} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shapes", default="2048x8192,4096x14336")
+    parser.add_argument("--tokens", default="1,16,64,256,512,4096")
+    parser.add_argument("--model-tokens", default="1,16,256,512,4096")
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args()
+    shapes = [bench.Shape.parse(s) for s in args.shapes.split(",") if s]
+    rows = region_rows(shapes, [int(t) for t in args.tokens.split(",") if t], args.calls)
+    rows += model_rows([int(t) for t in args.model_tokens.split(",") if t])
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    (args.out / "host.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = table(rows)
+    (args.out / "host.md").write_text(text + "\n")
+    log(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

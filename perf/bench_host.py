@@ -10,8 +10,9 @@ with ``dynamic=False`` per M, every provider gets three numbers:
     graph     GPU µs per call from CUDA-graph replay (what reduce-overhead delivers)
 
 Providers: ``compile`` (backend="inductor"), ``ours`` (our backend: Inductor's code with our
-kernels lowered into it), ``ours_static`` (ours, with Inductor's static launcher also for user
-kernels), ``ours_op`` (our op called eagerly: the pre-lowering path's cost) and ``eager``.
+kernels lowered into it, launched by Inductor's static launcher), ``ours_triton_launcher`` (the
+same through Triton's Python launcher, Inductor's default for user kernels), ``ours_op`` (our op
+called eagerly: the pre-lowering path's cost) and ``eager``.
 
 Then the whole model in default mode: the demo's 4-layer Llama-3.2-1B-shaped model, batch 1 x M
 tokens, forward wall time (median of CUDA-event-timed calls), eager / inductor / ours.
@@ -37,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench
 from perf_common import error_text, log, rel_l2
 
-PROVIDERS = ("compile", "ours", "ours_static", "ours_op", "eager")
+PROVIDERS = ("compile", "ours", "ours_triton_launcher", "ours_op", "eager")
 
 
 def provider(name: str, region: bench.Region):
-    if name == "ours_static":
+    if name == "ours_triton_launcher":
         import inductor_fusion
 
-        options = {"static_launch_user_defined_triton_kernels": True}
+        options = {"static_launch_user_defined_triton_kernels": False}
         fn = bench.region_function(region.norm, region.mlp)
         return torch.compile(fn, backend=inductor_fusion.backend(options=options), dynamic=False)
     return bench.build_provider(name, region)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from inductor_fusion import config as fusion_config
-from inductor_fusion import registry
-from inductor_fusion.report import FusionReport
+from inductor_fusion import records, registry
+from inductor_fusion.report import FusionReport, get_report
 
 log = logging.getLogger("inductor_fusion")
 
@@ -80,15 +80,33 @@ class InductorFusionBackend:
         # A cache hit runs compiled code without running our pass: the ops it calls must exist.
         registry.import_op_modules(plan.patterns)
         patches = dict(self.inductor_patches)
+        # Shared by this compile's passes only: what they fuse is this compile's (see records).
+        compile_records = records.CompileRecords()
         rejected: set[object] = set()
-        for stage, key in STAGES.items():
+        passes = []
+        for stage, config_key in STAGES.items():
             # Compose with a pass the user set there (in options or globally): it runs first.
-            user_pass = patches.get(key, getattr(inductor_config, key))
-            patches[key] = FusionPass(
-                plan, report=self.report, chained=user_pass, stage=stage, rejected=rejected
+            user_pass = patches.get(config_key, getattr(inductor_config, config_key))
+            patches[config_key] = FusionPass(
+                plan,
+                report=self.report,
+                chained=user_pass,
+                stage=stage,
+                rejected=rejected,
+                records=compile_records,
+            )
+            passes.append(patches[config_key])
+        # Under the patches, so that options such as force_disable_caches count.
+        with inductor_config.patch(patches):
+            compile_records.key = records.compile_key(
+                gm, example_inputs, plan_key=plan.key(), pass_uuids=[p.uuid() for p in passes]
             )
         log.debug("inductor_fusion: compiling with %s (%s)", sorted(plan.patterns), plan.source)
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        # Stages that did not run were served from Inductor's caches: report their regions from
+        # the records the compile that filled the caches left.
+        compile_records.finish(STAGES, reports=(get_report(), self.report))
+        return compiled
 
     def reset(self) -> None:
         """Called by torch._dynamo.reset(): drop CUDA-graph trees as Inductor's wrapper does."""

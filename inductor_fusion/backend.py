@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,14 @@ def inductor_config_patches(mode: str | None, options: Mapping[str, Any] | None)
                 f"Unexpected optimization option {key!r} for backend 'inductor_fusion'; "
                 f"our own options go under options[{fusion_config.OPTIONS_KEY!r}]"
             )
+        value_type = inductor_config.get_type(name)
+        # As backend="inductor" checks (torch's _TorchCompileInductorWrapper.apply_options):
+        # generic types (Optional, unions, lists) cannot be isinstance-checked and are let through.
+        if typing.get_origin(value_type) is None and not isinstance(value, value_type):
+            raise RuntimeError(
+                f"Unexpected type of attr {key}, got {type(value).__name__} should be "
+                f"{type(known[name]).__name__}"
+            )
         patches[name] = value
     return patches
 
@@ -51,8 +60,8 @@ class InductorFusionBackend:
     def __init__(
         self,
         *,
-        patterns: Sequence[str] | None = None,
-        disable: Sequence[str] = (),
+        patterns: Sequence[str] | str | None = None,
+        disable: Sequence[str] | str = (),
         mode: str | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -60,9 +69,11 @@ class InductorFusionBackend:
         ours = options.pop(fusion_config.OPTIONS_KEY, None)
         self.fusion_options = fusion_config.FusionOptions.from_value(ours)
         if patterns is not None or disable:
+            # Parsed as the options are: lists of names, or one (comma-separated) string.
+            given = fusion_config.FusionOptions(patterns=patterns, disable=disable)
             self.fusion_options = fusion_config.FusionOptions(
-                patterns=tuple(patterns) if patterns is not None else self.fusion_options.patterns,
-                disable=(*self.fusion_options.disable, *disable),
+                patterns=given.patterns if patterns is not None else self.fusion_options.patterns,
+                disable=(*self.fusion_options.disable, *given.disable),
             )
         self.inductor_patches = inductor_config_patches(mode, options)
         self.report = FusionReport()
@@ -131,8 +142,8 @@ def reset_cudagraphs(enabled: bool | None = None) -> None:
 
 def backend(
     *,
-    patterns: Sequence[str] | None = None,
-    disable: Sequence[str] = (),
+    patterns: Sequence[str] | str | None = None,
+    disable: Sequence[str] | str = (),
     mode: str | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> InductorFusionBackend:

@@ -9,14 +9,15 @@
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from inductor_fusion import config as fusion_config
-from inductor_fusion import registry
-from inductor_fusion.report import FusionReport
+from inductor_fusion import records, registry
+from inductor_fusion.report import FusionReport, get_report
 
 log = logging.getLogger("inductor_fusion")
 
@@ -37,6 +38,14 @@ def inductor_config_patches(mode: str | None, options: Mapping[str, Any] | None)
                 f"Unexpected optimization option {key!r} for backend 'inductor_fusion'; "
                 f"our own options go under options[{fusion_config.OPTIONS_KEY!r}]"
             )
+        value_type = inductor_config.get_type(name)
+        # As backend="inductor" checks (torch's _TorchCompileInductorWrapper.apply_options):
+        # generic types (Optional, unions, lists) cannot be isinstance-checked and are let through.
+        if typing.get_origin(value_type) is None and not isinstance(value, value_type):
+            raise RuntimeError(
+                f"Unexpected type of attr {key}, got {type(value).__name__} should be "
+                f"{type(known[name]).__name__}"
+            )
         patches[name] = value
     return patches
 
@@ -51,8 +60,8 @@ class InductorFusionBackend:
     def __init__(
         self,
         *,
-        patterns: Sequence[str] | None = None,
-        disable: Sequence[str] = (),
+        patterns: Sequence[str] | str | None = None,
+        disable: Sequence[str] | str = (),
         mode: str | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -60,9 +69,11 @@ class InductorFusionBackend:
         ours = options.pop(fusion_config.OPTIONS_KEY, None)
         self.fusion_options = fusion_config.FusionOptions.from_value(ours)
         if patterns is not None or disable:
+            # Parsed as the options are: lists of names, or one (comma-separated) string.
+            given = fusion_config.FusionOptions(patterns=patterns, disable=disable)
             self.fusion_options = fusion_config.FusionOptions(
-                patterns=tuple(patterns) if patterns is not None else self.fusion_options.patterns,
-                disable=(*self.fusion_options.disable, *disable),
+                patterns=given.patterns if patterns is not None else self.fusion_options.patterns,
+                disable=(*self.fusion_options.disable, *given.disable),
             )
         self.inductor_patches = inductor_config_patches(mode, options)
         self.report = FusionReport()
@@ -86,15 +97,33 @@ class InductorFusionBackend:
         # setting wins.
         if hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
             patches.setdefault("static_launch_user_defined_triton_kernels", True)
+        # Shared by this compile's passes only: what they fuse is this compile's (see records).
+        compile_records = records.CompileRecords()
         rejected: set[object] = set()
-        for stage, key in STAGES.items():
+        passes = []
+        for stage, config_key in STAGES.items():
             # Compose with a pass the user set there (in options or globally): it runs first.
-            user_pass = patches.get(key, getattr(inductor_config, key))
-            patches[key] = FusionPass(
-                plan, report=self.report, chained=user_pass, stage=stage, rejected=rejected
+            user_pass = patches.get(config_key, getattr(inductor_config, config_key))
+            patches[config_key] = FusionPass(
+                plan,
+                report=self.report,
+                chained=user_pass,
+                stage=stage,
+                rejected=rejected,
+                records=compile_records,
+            )
+            passes.append(patches[config_key])
+        # Under the patches, so that options such as force_disable_caches count.
+        with inductor_config.patch(patches):
+            compile_records.key = records.compile_key(
+                gm, example_inputs, plan_key=plan.key(), pass_uuids=[p.uuid() for p in passes]
             )
         log.debug("inductor_fusion: compiling with %s (%s)", sorted(plan.patterns), plan.source)
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        # Stages that did not run were served from Inductor's caches: report their regions from
+        # the records the compile that filled the caches left.
+        compile_records.finish(STAGES, reports=(get_report(), self.report))
+        return compiled
 
     def reset(self) -> None:
         """Called by torch._dynamo.reset(): drop CUDA-graph trees as Inductor's wrapper does."""
@@ -119,8 +148,8 @@ def reset_cudagraphs(enabled: bool | None = None) -> None:
 
 def backend(
     *,
-    patterns: Sequence[str] | None = None,
-    disable: Sequence[str] = (),
+    patterns: Sequence[str] | str | None = None,
+    disable: Sequence[str] | str = (),
     mode: str | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> InductorFusionBackend:

@@ -45,16 +45,19 @@ class FusionOptions:
     disable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # Each accepts a list of names or a comma-separated string (see `parse_names`).
         if self.patterns is not None:
             object.__setattr__(
                 self,
                 "patterns",
-                registry.validate_names(self.patterns, source="inductor_fusion option 'patterns'"),
+                parse_names(self.patterns, source="inductor_fusion option 'patterns'"),
             )
         object.__setattr__(
             self,
             "disable",
-            registry.validate_names(self.disable, source="inductor_fusion option 'disable'"),
+            parse_names(
+                self.disable, source="inductor_fusion option 'disable'", empty_text_ok=True
+            ),
         )
 
     @classmethod
@@ -75,14 +78,8 @@ class FusionOptions:
                 f"options[{OPTIONS_KEY!r}]: unknown key(s) {sorted(unknown)}; "
                 "valid keys: 'patterns', 'disable'"
             )
-        patterns = value.get("patterns")
-        disable = value.get("disable", ())
-        if isinstance(patterns, str):
-            patterns = _parse_list(patterns, source=f"options[{OPTIONS_KEY!r}]['patterns']")
-        if isinstance(disable, str):
-            disable = _parse_list(disable, source=f"options[{OPTIONS_KEY!r}]['disable']")
         # __post_init__ validates and normalizes both into tuples of known names.
-        return cls(patterns=patterns, disable=disable)
+        return cls(patterns=value.get("patterns"), disable=value.get("disable", ()))
 
 
 @dataclass(frozen=True)
@@ -143,13 +140,36 @@ class FusionPlan:
         )
 
 
-def _parse_list(text: str, *, source: str) -> tuple[str, ...]:
-    """``"a, b"`` -> ("a", "b"); ``all`` -> every pattern; ``none`` or empty -> ()."""
+def parse_names(value: Any, *, source: str, empty_text_ok: bool = False) -> tuple[str, ...]:
+    """Pattern names given by a user: a list (or other collection) of names, or one string.
+
+    A string is one name or a comma-separated list, or ``all``/``none``, as the environment
+    variables take them. A dict is refused, not read as its keys: ``{"rmsnorm_mlp": False}``
+    would otherwise turn on the very pattern it means to turn off.
+    """
+    if isinstance(value, str):
+        return _parse_list(value, source=source, empty_ok=empty_text_ok)
+    return registry.validate_names(value, source=source)
+
+
+def _parse_list(text: str, *, source: str, empty_ok: bool = False) -> tuple[str, ...]:
+    """``"a, b"`` -> ("a", "b"); ``all`` -> every pattern; ``none`` -> ().
+
+    Text naming nothing (``""``, ``",,"``) is an error unless ``empty_ok`` (a disable list): as a
+    selection it would silently switch every pattern off, more likely a mistake than a wish.
+    """
     items = [part.strip() for part in text.split(",") if part.strip()]
     lowered = [item.lower() for item in items]
+    if not items:
+        if empty_ok:
+            return ()
+        raise ValueError(
+            f"{source}: {text!r} names no pattern; write 'none' to switch every pattern off, "
+            f"'all' for every pattern, or names from: {', '.join(registry.pattern_names())}"
+        )
     if lowered == ["all"]:
         return registry.pattern_names()
-    if lowered in ([], ["none"]):
+    if lowered == ["none"]:
         return ()
     if "all" in lowered or "none" in lowered:
         raise ValueError(f"{source}: 'all'/'none' cannot be combined with names, got {text!r}")
@@ -164,7 +184,8 @@ def env_patterns(environ: Mapping[str, str] | None = None) -> tuple[str, ...] | 
 
 def env_disable(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     environ = os.environ if environ is None else environ
-    return _parse_list(environ.get(ENV_DISABLE, ""), source=ENV_DISABLE)
+    # Unset or empty: nothing is disabled.
+    return _parse_list(environ.get(ENV_DISABLE, ""), source=ENV_DISABLE, empty_ok=True)
 
 
 def resolve_plan(

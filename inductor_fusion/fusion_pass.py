@@ -31,6 +31,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from inductor_fusion import registry
 from inductor_fusion.config import FusionPlan
+from inductor_fusion.records import CompileRecords
 from inductor_fusion.report import FusedRegion, FusionReport, get_report
 
 log = logging.getLogger("inductor_fusion")
@@ -161,7 +162,8 @@ class FusionPass(CustomGraphPass):
     ``stage`` says which of Inductor's hooks it is installed at (`STAGES`). ``chained`` is
     whatever the user had already installed at that hook (a pass, or a list of them): it runs
     first, on the graph it was written for, and our uuid includes its uuid — or is None,
-    disabling the cache, when it has none (as Inductor does).
+    disabling the cache, when it has none (as Inductor does). ``records`` collects what this
+    compile fused, for the copy kept beside Inductor's cache entry (`inductor_fusion.records`).
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class FusionPass(CustomGraphPass):
         chained: Any = None,
         stage: str = "post_grad",
         rejected: set[object] | None = None,
+        records: CompileRecords | None = None,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -181,6 +184,7 @@ class FusionPass(CustomGraphPass):
         # region rejected in the joint graph is not reported again after post-grad.
         self.rejected: set[object] = set() if rejected is None else rejected
         self.report = report
+        self.records = records
         if chained is None:
             self.chained: tuple[Callable[[torch.fx.Graph], Any], ...] = ()
         elif isinstance(chained, (list, tuple)):
@@ -193,6 +197,7 @@ class FusionPass(CustomGraphPass):
         for user_pass in self.chained:
             user_pass(graph)
         counts: dict[str, int] = {}
+        fused: list[FusedRegion] = []
         for name in sorted(self.plan.patterns):
             run = _PassRun(plan=self.plan, regions=[], rejected=self.rejected)
             with _running(run):
@@ -203,10 +208,14 @@ class FusionPass(CustomGraphPass):
                     f"{len(run.regions)}"
                 )
             counts[name] = replaced
+            fused += run.regions
             for region in run.regions:
                 get_report().record(region)
                 if self.report is not None:
                     self.report.record(region)
+        if self.records is not None:
+            # Also when nothing fused: that this stage ran says it was not served from a cache.
+            self.records.add(self.stage, fused)
         if any(counts.values()):
             graph.eliminate_dead_code()
             graph.lint()

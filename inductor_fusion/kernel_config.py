@@ -399,6 +399,12 @@ def apply_kernel_config(model: torch.nn.Module, kernel_config: Any) -> FusionPla
     built otherwise. Accepts our `KernelConfig`, a ``transformers.KernelConfig`` or a dict; only our
     entries matter here. Returns the plan, or None if the config holds none of ours.
     """
+    if not isinstance(model, torch.nn.Module):
+        # Arguments swapped, or a checkpoint name: fail here, not in named_modules() below.
+        raise TypeError(
+            "inductor_fusion.apply_kernel_config(model, kernel_config): model must be a "
+            f"torch.nn.Module, got {type(model).__name__} {model!r:.80}"
+        )
     entries = _as_fusion_config(kernel_config).fusion_entries
     plan = resolve_entries(model, entries)
     if plan is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -74,8 +75,17 @@ def get_family(name: str) -> PatternFamily:
 
 def validate_names(names: object, *, source: str) -> tuple[str, ...]:
     """Checks a collection of pattern names; the error names the source and the valid choices."""
-    if isinstance(names, str) or not hasattr(names, "__iter__"):
-        raise TypeError(f"{source}: expected a list of pattern names, got {names!r}")
+    if isinstance(names, Mapping):
+        # Iterating would take the keys: {"rmsnorm_mlp": False} would switch the pattern on.
+        raise TypeError(
+            f"{source}: expected a list of pattern names, got a {type(names).__name__} "
+            f"({names!r}); list the patterns to switch on, and those to switch off under 'disable'"
+        )
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise TypeError(
+            f"{source}: expected a list of pattern names (or a comma-separated string where "
+            f"strings are accepted), got {type(names).__name__} {names!r}"
+        )
     result = []
     for name in names:  # type: ignore[union-attr]
         if not isinstance(name, str) or name not in FAMILIES:

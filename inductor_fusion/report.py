@@ -1,8 +1,10 @@
 """What fused where: one record per replaced region, with the module paths it came from.
 
 Every run of our pass appends to the report of the backend that compiled the graph and to a
-process-wide report (``inductor_fusion.get_report()``). On an FX-graph-cache hit Inductor does not
-run the pass at all, so a cached compile adds nothing here: tests that count disable the cache.
+process-wide report (``inductor_fusion.get_report()``). When Inductor serves a graph from its caches
+(FX graph cache, AOTAutograd cache) the pass does not run; the backend then reports the regions that
+the compile which filled the cache recorded beside it (`inductor_fusion.records`), marked
+``from_cache``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -21,13 +23,21 @@ class FusedRegion:
     pattern: str  # family name, e.g. "rmsnorm_mlp"
     variant: str  # which registered variant matched, e.g. "lowp_3d_residual"
     paths: tuple[tuple[str, str | None], ...]  # (role, module path) pairs; None if unknown
+    # True when Inductor served the compiled code from its caches and this record came from the
+    # compile that filled them. Left out of ==/hash: the same region either way.
+    from_cache: bool = field(default=False, compare=False)
+
+    def cached(self) -> FusedRegion:
+        """This region, marked as served from Inductor's cache."""
+        return replace(self, from_cache=True)
 
     def path(self, role: str) -> str | None:
         return dict(self.paths).get(role)
 
     def __str__(self) -> str:
         where = ", ".join(f"{role}={path or '?'}" for role, path in self.paths)
-        return f"{self.pattern}[{self.variant}] {where}"
+        origin = " (from cache)" if self.from_cache else ""
+        return f"{self.pattern}[{self.variant}] {where}{origin}"
 
 
 class FusionReport:
@@ -65,12 +75,19 @@ class FusionReport:
     def paths(self, pattern: str, role: str) -> list[str | None]:
         return [r.path(role) for r in self.regions if r.pattern == pattern]
 
+    def count_from_cache(self) -> int:
+        """How many of the regions are in code served from Inductor's caches."""
+        return sum(region.from_cache for region in self.regions)
+
     def summary(self) -> str:
-        if not self._regions:
+        regions = self.regions
+        if not regions:
             return "inductor_fusion: no region fused"
-        lines = [f"inductor_fusion: {len(self)} region(s) fused"]
+        cached = sum(region.from_cache for region in regions)
+        origin = f" ({cached} served from Inductor's cache)" if cached else ""
+        lines = [f"inductor_fusion: {len(regions)} region(s) fused{origin}"]
         # The matcher walks graphs backwards; list regions in model order instead.
-        ordered = sorted(self.regions, key=lambda r: (r.pattern, _natural(str(r.paths))))
+        ordered = sorted(regions, key=lambda r: (r.pattern, _natural(str(r.paths))))
         lines += [f"  {region}" for region in ordered]
         return "\n".join(lines)
 

@@ -16,10 +16,10 @@ from inductor_fusion.fusion_pass import FusionPass, normalize_module_path
 pytestmark = pytest.mark.slow
 
 
-def _fused_count(backend="inductor_fusion", **compile_kwargs) -> int:
+def _fused_count(backend="inductor_fusion", caches: bool = True, **compile_kwargs) -> int:
     model = tiny_model("llama", torch.float32)
     ids = token_ids()
-    with fresh_compile() as report, torch.no_grad():
+    with fresh_compile(caches=caches) as report, torch.no_grad():
         out = torch.compile(model, backend=backend, **compile_kwargs)(ids).logits
         assert rel_l2(out, model(ids).logits) < 1e-5
         return report.count("rmsnorm_mlp")
@@ -85,6 +85,57 @@ def test_callable_backend_and_its_report():
         inductor_fusion.backend(patterns=["rmsnorm"])
 
 
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {"max_autotune": "yes-please"},
+            "Unexpected type of attr max_autotune, got str should be bool",
+        ),
+        ({"max-autotune": 1}, "Unexpected type of attr max-autotune, got int should be bool"),
+    ],
+)
+def test_options_values_are_type_checked_as_inductor_does(options, match):
+    with pytest.raises(RuntimeError, match=match):
+        inductor_config_patches(None, options)
+    with pytest.raises(RuntimeError, match=match):
+        inductor_fusion.backend(options=options)
+    # The message is backend="inductor"'s own.
+    with pytest.raises(RuntimeError, match=match):
+        torch._TorchCompileInductorWrapper(None, options, dynamic=None)
+    assert inductor_config_patches(None, {"max_autotune": True}) == {"max_autotune": True}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"patterns": "rmsnorm_mlp"}, ("rmsnorm_mlp",)),
+        ({"patterns": "rmsnorm_mlp,"}, ("rmsnorm_mlp",)),
+        ({"patterns": "none"}, ()),
+        ({"patterns": ["rmsnorm_mlp"], "disable": "rmsnorm_mlp"}, ("rmsnorm_mlp",)),
+    ],
+)
+def test_backend_patterns_take_a_string_as_options_do(kwargs, expected):
+    options = inductor_fusion.backend(**kwargs).fusion_options
+    assert options.patterns == expected
+    assert options.disable == (("rmsnorm_mlp",) if "disable" in kwargs else ())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"patterns": 5}, TypeError, "expected a list of pattern names.*got int 5"),
+        ({"patterns": {"rmsnorm_mlp": False}}, TypeError, "got a dict"),
+        ({"disable": 5}, TypeError, "expected a list of pattern names.*got int 5"),
+        ({"patterns": "rmsnorm"}, ValueError, "unknown inductor_fusion pattern 'rmsnorm'"),
+        ({"patterns": ""}, ValueError, "names no pattern; write 'none'"),
+    ],
+)
+def test_backend_bad_patterns_are_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        inductor_fusion.backend(**kwargs)
+
+
 def test_mode_gives_inductor_mode_options():
     patches = inductor_config_patches("max-autotune-no-cudagraphs", None)
     assert patches["max_autotune"] is True
@@ -121,12 +172,14 @@ class _RecordingPass(CustomGraphPass):
 
 
 def test_user_pre_pass_is_chained_not_replaced():
+    # Caches off: the user pass is called only where our pass runs, never on a cache hit.
     user_pass = _RecordingPass()
     with torch._inductor.config.patch(post_grad_custom_pre_pass=user_pass):
-        assert _fused_count() == 2
+        assert _fused_count(caches=False) == 2
     assert user_pass.calls >= 1
     user_pass_in_options = _RecordingPass()
-    assert _fused_count(options={"post_grad_custom_pre_pass": user_pass_in_options}) == 2
+    options = {"post_grad_custom_pre_pass": user_pass_in_options}
+    assert _fused_count(caches=False, options=options) == 2
     assert user_pass_in_options.calls >= 1
 
 

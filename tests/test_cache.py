@@ -1,16 +1,20 @@
-"""The FX graph cache never serves a graph compiled under other toggles (two real processes)."""
+"""Inductor's caches: never a graph compiled under other toggles, and the report lists what a cache
+hit serves (from our records), marked as such. Real processes in a row, sharing one cache dir."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
 
-pytestmark = pytest.mark.slow
+from inductor_fusion import records
+from inductor_fusion.report import FusedRegion, FusionReport
 
 _CHILD = textwrap.dedent(
     """
@@ -30,9 +34,13 @@ _CHILD = textwrap.dedent(
             out = compiled(ids).logits
         ok = torch.allclose(out, model(ids).logits, atol=1e-4, rtol=1e-4)
     calls = sum(e.count for e in prof.key_averages() if e.key == "inductor_fusion::rmsnorm_mlp")
+    report = inductor_fusion.get_report()
     print(json.dumps({{
         "op_calls": calls,
-        "reported": inductor_fusion.get_report().count("rmsnorm_mlp"),
+        "reported": report.count("rmsnorm_mlp"),
+        "from_cache": report.count_from_cache(),
+        "regions": sorted([r.pattern, r.variant, r.paths] for r in report),
+        "summary": report.summary(),
         "cache_hits": counters["inductor"]["fxgraph_cache_hit"],
         "matches_eager": bool(ok),
     }}))
@@ -40,20 +48,23 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _child(cache_dir: str, **env: str) -> dict:
-    tests = os.path.dirname(__file__)
-    # Start from no toggles of ours, whatever the outer environment sets.
+def _environ(cache_dir: str, **env: str) -> dict[str, str]:
+    # Start from no toggles of ours, whatever the outer environment sets; caches on explicitly.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTOR_FUSION_")}
-    environ = {
+    return {
         **inherited,
         "TORCHINDUCTOR_CACHE_DIR": cache_dir,
         "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
         "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
         **env,
     }
+
+
+def _child(cache_dir: str, **env: str) -> dict:
+    tests = os.path.dirname(__file__)
     result = subprocess.run(
         [sys.executable, "-c", _CHILD.format(tests=tests)],
-        env=environ,
+        env=_environ(cache_dir, **env),
         capture_output=True,
         text=True,
         timeout=600,
@@ -62,15 +73,141 @@ def _child(cache_dir: str, **env: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _counts(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in ("regions", "summary")}
+
+
+@pytest.mark.slow
 def test_cache_respects_toggles(tmp_path):
     cache = str(tmp_path / "inductor-cache")
     first = _child(cache)
-    assert first == {"op_calls": 2, "reported": 2, "cache_hits": 0, "matches_eager": True}
+    assert _counts(first) == {
+        "op_calls": 2,
+        "reported": 2,
+        "from_cache": 0,
+        "cache_hits": 0,
+        "matches_eager": True,
+    }
     # Same model and shapes, other toggles: must not be served the fused graph.
     disabled = _child(cache, INDUCTOR_FUSION_DISABLE="all")
     assert disabled["op_calls"] == 0 and disabled["matches_eager"]
-    assert disabled["cache_hits"] == 0
-    # Back to the first toggles: a cache hit, so our pass does not run (nothing reported), but
-    # the cached code calls our op, registered by the backend before the cached graph runs.
+    assert disabled["cache_hits"] == 0 and disabled["reported"] == 0
+    # Back to the first toggles: a cache hit, so our pass does not run, but the report lists
+    # the regions the first compile recorded, as served from the cache; the cached code calls
+    # our op, registered by the backend before the cached graph runs.
     again = _child(cache)
-    assert again == {"op_calls": 2, "reported": 0, "cache_hits": 1, "matches_eager": True}
+    assert _counts(again) == {
+        "op_calls": 2,
+        "reported": 2,
+        "from_cache": 2,
+        "cache_hits": 1,
+        "matches_eager": True,
+    }
+
+
+@pytest.mark.slow
+def test_second_process_reports_the_first_ones_regions_from_the_cache(tmp_path):
+    cache = str(tmp_path / "inductor-cache")
+    first = _child(cache)
+    second = _child(cache)
+    assert first["cache_hits"] == 0 and first["from_cache"] == 0
+    assert second["cache_hits"] >= 1
+    assert second["regions"] == first["regions"] and len(first["regions"]) == 2
+    assert second["from_cache"] == second["reported"] == 2
+    assert "(2 served from Inductor's cache)" in second["summary"]
+    assert "from cache" not in first["summary"]
+
+
+@pytest.mark.slow
+def test_demo_passes_twice_in_a_row(tmp_path):
+    cache = str(tmp_path / "inductor-cache")
+    for run in ("compiles", "served from the cache"):
+        result = subprocess.run(
+            [sys.executable, "-m", "inductor_fusion.demo"],
+            env=_environ(cache),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, f"{run}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        assert "demo OK" in result.stdout, run
+    assert "served from Inductor's cache" in result.stdout
+
+
+# --- the records themselves (no compile) ------------------------------------------------------------
+
+_NORM0 = FusedRegion("rmsnorm_mlp", "fp32_3d", (("norm", "layers.0.norm"), ("mlp", "layers.0.mlp")))
+_NORM1 = FusedRegion("rmsnorm_mlp", "fp32_3d", (("norm", "layers.1.norm"), ("mlp", "layers.1.mlp")))
+_STAGES = ("joint", "post_grad")
+
+
+@pytest.fixture
+def records_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "records_dir", lambda: tmp_path)
+    return tmp_path
+
+
+def test_full_hit_reports_the_saved_regions_from_cache(records_dir):
+    compiled = records.CompileRecords("k")
+    compiled.add("joint", [_NORM0, _NORM1])
+    compiled.add("post_grad", [])
+    report = FusionReport()
+    compiled.finish(_STAGES, reports=[report])
+    assert len(report) == 0  # the pass recorded these itself
+
+    hit = records.CompileRecords("k")  # no stage runs
+    hit.finish(_STAGES, reports=[report])
+    assert report.regions == (_NORM0, _NORM1)
+    assert all(region.from_cache for region in report)
+
+
+def test_partial_hit_takes_only_the_stages_that_did_not_run(records_dir):
+    first = records.CompileRecords("k")
+    first.add("joint", [_NORM0])
+    first.add("post_grad", [_NORM1])
+    first.finish(_STAGES, reports=[])
+    # An FX-graph-cache hit: the joint stage runs again, post-grad is served.
+    partial = records.CompileRecords("k")
+    partial.add("joint", [_NORM0])
+    report = FusionReport()
+    partial.finish(_STAGES, reports=[report])
+    assert [(r, r.from_cache) for r in report] == [(_NORM1, True)]
+    # Saved whole again, for the next hit.
+    assert sorted(map(str, records.load("k"))) == sorted(
+        map(str, [("joint", _NORM0), ("post_grad", _NORM1)])
+    )
+
+
+def test_hit_without_records_logs_and_invents_nothing(records_dir, caplog):
+    report = FusionReport()
+    with caplog.at_level(logging.INFO, logger="inductor_fusion"):
+        records.CompileRecords("missing").finish(_STAGES, reports=[report])
+    assert len(report) == 0
+    assert any("without records of ours" in r.getMessage() for r in caplog.records)
+
+
+def test_each_compile_saves_only_its_own_regions(records_dir):
+    a, b = records.CompileRecords("a"), records.CompileRecords("b")
+    a.add("joint", [_NORM0])
+    b.add("joint", [_NORM1])
+    a.finish(_STAGES, reports=[])
+    b.finish(_STAGES, reports=[])
+    assert records.load("a") == [("joint", _NORM0)]
+    assert records.load("b") == [("joint", _NORM1)]
+
+
+def test_regions_equal_whatever_their_origin():
+    assert _NORM0.cached() == _NORM0 and hash(_NORM0.cached()) == hash(_NORM0)
+    assert _NORM0.cached().from_cache and not _NORM0.from_cache
+
+
+def test_force_disable_caches_reads_and_writes_nothing():
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    inputs = [torch.ones(1, 2)]
+    key = records.compile_key(gm, inputs, plan_key="p", pass_uuids=["u"])
+    assert key is not None
+    assert key == records.compile_key(gm, inputs, plan_key="p", pass_uuids=["u"])
+    assert key != records.compile_key(gm, [torch.ones(3, 2)], plan_key="p", pass_uuids=["u"])
+    assert records.compile_key(gm, inputs, plan_key="p", pass_uuids=[None]) is None
+    with torch._inductor.config.patch(force_disable_caches=True):
+        assert records.compile_key(gm, inputs, plan_key="p", pass_uuids=["u"]) is None

@@ -27,11 +27,20 @@ def test_env_disable_removes(value):
     assert resolve_plan(environ={ENV_DISABLE: value}).patterns == frozenset()
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"), [("none", frozenset()), ("", frozenset()), ("all", ALL)]
-)
+@pytest.mark.parametrize(("value", "expected"), [("none", frozenset()), ("all", ALL)])
 def test_env_patterns_selects(value, expected):
     assert resolve_plan(environ={ENV_PATTERNS: value}).patterns == expected
+
+
+@pytest.mark.parametrize("value", ["", " ", ",,,"])
+def test_env_patterns_naming_nothing_is_an_error_not_everything_off(value):
+    with pytest.raises(ValueError, match=rf"{ENV_PATTERNS}: .* names no pattern; write 'none'"):
+        resolve_plan(environ={ENV_PATTERNS: value})
+
+
+@pytest.mark.parametrize("value", ["", ",,"])
+def test_env_disable_empty_disables_nothing(value):
+    assert resolve_plan(environ={ENV_DISABLE: value}).patterns == ALL
 
 
 @pytest.mark.parametrize("var", [ENV_PATTERNS, ENV_DISABLE])
@@ -98,11 +107,37 @@ def test_options_disable():
         ({"patern": ["rmsnorm_mlp"]}, ValueError, "unknown key"),
         (["rmsnorm_mlp"], TypeError, "must be a dict"),
         ({"patterns": 3}, TypeError, "expected a list"),
+        # A dict would be read as its keys, switching on the pattern it means to switch off.
+        ({"patterns": {"rmsnorm_mlp": False}}, TypeError, "got a dict"),
+        ({"disable": {"rmsnorm_mlp": True}}, TypeError, "got a dict"),
+        ({"patterns": ""}, ValueError, "names no pattern"),
     ],
 )
 def test_bad_options(value, error, match):
     with pytest.raises(error, match=match):
         FusionOptions.from_value(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("rmsnorm_mlp", ("rmsnorm_mlp",)),
+        (" rmsnorm_mlp, ", ("rmsnorm_mlp",)),
+        ("none", ()),
+        ("all", registry.pattern_names()),
+        (["rmsnorm_mlp"], ("rmsnorm_mlp",)),
+    ],
+)
+def test_options_patterns_as_list_or_string(value, expected):
+    assert FusionOptions.from_value({"patterns": value}).patterns == expected
+    assert FusionOptions(patterns=value).patterns == expected
+
+
+def test_apply_kernel_config_checks_the_model_first():
+    from inductor_fusion import apply_kernel_config
+
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str 'model'"):
+        apply_kernel_config("model", {})
 
 
 def test_plan_scope_must_align_with_roles():

@@ -81,18 +81,13 @@ class GraphCount:
 
 @contextlib.contextmanager
 def counting_graphs() -> Iterator[GraphCount]:
-    """Counts the graphs Dynamo hands to a backend (compiles and recompiles) inside the block.
-
-    Also turns off AOTAutograd's cache: like the FX graph cache (off in fresh_compile), a hit
-    would skip our pass and leave the report empty.
-    """
+    """Counts the graphs Dynamo hands to a backend (compiles and recompiles) inside the block."""
     count = GraphCount()
     before = counters["stats"]["unique_graphs"]
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        try:
-            yield count
-        finally:
-            count.graphs = counters["stats"]["unique_graphs"] - before
+    try:
+        yield count
+    finally:
+        count.graphs = counters["stats"]["unique_graphs"] - before
 
 
 def regions(report: inductor_fusion.FusionReport) -> collections.Counter:

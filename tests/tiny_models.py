@@ -90,11 +90,19 @@ def assert_within_tolerance(ours, eager, reference, *, atol: float = 1e-5) -> No
 
 
 @contextlib.contextmanager
-def fresh_compile() -> Iterator[inductor_fusion.FusionReport]:
-    """Clean dynamo state, no FX graph cache (a hit skips our pass), and an empty report."""
+def fresh_compile(*, caches: bool = True) -> Iterator[inductor_fusion.FusionReport]:
+    """Clean dynamo state and an empty report.
+
+    Inductor's caches stay as configured: a graph they serve is reported from our records, so
+    counts do not depend on them. ``caches=False`` turns off the FX graph and AOTAutograd caches,
+    for tests that must see the pass itself run (say why where it is used).
+    """
     torch._dynamo.reset()
     inductor_fusion.reset_report()
-    with torch._inductor.config.patch(fx_graph_cache=False):
+    with contextlib.ExitStack() as stack:
+        if not caches:
+            stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
         yield inductor_fusion.get_report()
     torch._dynamo.reset()
 

@@ -194,6 +194,10 @@ class FusionPass(CustomGraphPass):
             user_pass(graph)
         counts: dict[str, int] = {}
         for name in sorted(self.plan.patterns):
+            # A family may first normalise what it matches (e.g. specialize an eps input).
+            prepare = getattr(registry.pattern_module(name), "prepare_graph", None)
+            if prepare is not None:
+                prepare(graph)
             run = _PassRun(plan=self.plan, regions=[], rejected=self.rejected)
             with _running(run):
                 replaced = registry.matcher_pass(name).apply(graph)

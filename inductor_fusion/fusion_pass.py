@@ -71,7 +71,10 @@ def on_match(region: FusedRegion) -> bool:
     if run is None:  # A matcher applied outside our pass: never fuse behind the user's back.
         return False
     if not run.plan.allows(region.pattern, dict(region.paths)):
-        log.debug("inductor_fusion: %s not allowed here by the plan (%s)", region, run.plan.source)
+        on_reject(
+            region.paths,
+            f"{region} not fused: outside the places the plan allows ({run.plan.source})",
+        )
         return False
     run.regions.append(region)
     return True
@@ -90,15 +93,18 @@ def on_reject(region_key: object, message: str) -> None:
 
 # --- module paths ------------------------------------------------------------------------------
 
-# Dynamo names the root object after the frame's local (L['self'], L['args'][0], L['model']...).
-_ROOT = re.compile(r"^L\[[^\]]*\](?:\[[^\]]*\])*")
+# Dynamo names the root object after the frame's local (L['self'], L['args'][0], L['model']...)
+# or, for a model held in a module-level global, after the global (G['m'], or G.m in some
+# versions' module stacks). Either way the path starts below that object.
+_ROOT = re.compile(r"^[LG](?:\[[^\]]*\]|\.[A-Za-z_]\w*)(?:\[[^\]]*\])*")
 _ITEM = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
 _MODULES = re.compile(r"\._modules\[(?:'([^']*)'|\"([^\"]*)\")\]")
 
 
 @functools.lru_cache(maxsize=4096)
 def normalize_module_path(raw: str) -> str:
-    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
+    """``L['self'].model.layers[0]._modules['mlp']`` or ``G['m']._modules['model']...`` ->
+    ``model.layers.0.mlp``."""
     path = _ROOT.sub("", raw)
     path = _MODULES.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
     path = _ITEM.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
@@ -199,6 +205,10 @@ class FusionPass(CustomGraphPass):
         counts: dict[str, int] = {}
         fused: list[FusedRegion] = []
         for name in sorted(self.plan.patterns):
+            # A family may first normalise what it matches (e.g. specialize an eps input).
+            prepare = getattr(registry.pattern_module(name), "prepare_graph", None)
+            if prepare is not None:
+                prepare(graph)
             run = _PassRun(plan=self.plan, regions=[], rejected=self.rejected)
             with _running(run):
                 replaced = registry.matcher_pass(name).apply(graph)

@@ -108,11 +108,57 @@ def model_plan(model: torch.nn.Module) -> FusionPlan | None:
 
 
 def find_model_plan(example_inputs: Sequence[Any]) -> FusionPlan | None:
-    """The plan of the model whose parameters feed this graph, if one was attached."""
+    """The plan of the model whose parameters feed this graph, if one was attached.
+
+    First by parameter identity (cheap). Parameters do not survive what users do to models:
+    ``copy.deepcopy``, ``load_state_dict(..., assign=True)``, ``.half()`` or ``.to()`` with
+    ``set_overwrite_module_params_on_conversion(True)`` all install new tensors, while the plan
+    attribute stays on (or is copied with) the module. So, failing that, the module tree the
+    graph was captured from is searched (`_plan_from_dynamo_frame`).
+    """
     for value in example_inputs:
         entry = _PLANS_BY_PARAM.get(id(value)) if isinstance(value, torch.Tensor) else None
         if entry is not None and entry[0]() is value:
             return entry[1]
+    return _plan_from_dynamo_frame()
+
+
+def _plan_from_dynamo_frame() -> FusionPlan | None:
+    """The plan attached to a module that the graph Dynamo is compiling reads from.
+
+    A backend runs while Dynamo's tracer of the frame is still current; each graph input has a
+    source (``L['self']._modules['model']..._parameters['weight']``, ``G['m']...``) that Dynamo's
+    guards evaluate against the frame's locals ``L`` and globals ``G``. We evaluate the sources'
+    prefixes the same way, outermost first, and return the plan of the first module carrying one.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError):
+        return None
+    if tx is None:
+        return None
+    scope = {"L": tx.f_locals, "G": tx.f_globals}
+    seen: set[str] = set()
+    for arg in getattr(tx.output, "graphargs", ()):
+        chain = []
+        source = getattr(arg, "source", None)
+        while source is not None:
+            chain.append(source)
+            source = getattr(source, "base", None)
+        for source in reversed(chain):  # the root first
+            name = source.name() if callable(source.name) else source.name
+            if name in seen:
+                continue
+            seen.add(name)
+            try:
+                value = eval(name, {"__builtins__": {}}, scope)  # a guard expression, as Dynamo's
+            except Exception:
+                break
+            plan = model_plan(value) if isinstance(value, torch.nn.Module) else None
+            if plan is not None:
+                return plan
     return None
 
 
@@ -368,6 +414,7 @@ def resolve_entries(model: torch.nn.Module, entries: Iterable[FusionEntry]) -> F
                     UserWarning,
                     stacklevel=3,
                 )
+        _warn_unpaired(model, entry, globs)
         scopes.setdefault(entry.pattern, [])
         if globs not in scopes[entry.pattern]:
             scopes[entry.pattern].append(globs)
@@ -375,6 +422,45 @@ def resolve_entries(model: torch.nn.Module, entries: Iterable[FusionEntry]) -> F
         frozenset(scopes),
         scopes={name: tuple(globs) for name, globs in scopes.items()},
         source="kernel_config",
+    )
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return not any(True for _ in module.children()) and getattr(weight, "dim", lambda: 0)() == 1
+
+
+def _is_mlp(module: torch.nn.Module) -> bool:
+    return sum(isinstance(m, torch.nn.Linear) for m in module.modules()) >= 2
+
+
+def _warn_unpaired(model: torch.nn.Module, entry: FusionEntry, globs: tuple[str, ...]) -> None:
+    """Warns when an entry's globs each match modules but no norm and MLP ever meet: a region is
+    a norm and the MLP it feeds, siblings in one block (``layers.0.post_attention_layernorm`` with
+    ``layers.0.mlp``). Globs that pair only across blocks, or name the roles the other way round,
+    would silently fuse nothing."""
+    if entry.pattern != "rmsnorm_mlp":
+        return
+    norm_glob, mlp_glob = globs
+    modules = dict(model.named_modules())
+    norms = [p for p, m in modules.items() if fnmatch.fnmatchcase(p, norm_glob)]
+    mlps = [p for p, m in modules.items() if fnmatch.fnmatchcase(p, mlp_glob)]
+    if not norms or not mlps:
+        return  # already warned: a glob matching nothing
+    parents = {n.rpartition(".")[0] for n in norms if _is_norm(modules[n])}
+    if any(m.rpartition(".")[0] in parents and _is_mlp(modules[m]) for m in mlps):
+        return
+    swapped = any(_is_mlp(modules[n]) for n in norms) or any(_is_norm(modules[m]) for m in mlps)
+    why = (
+        "the RMSNorm glob matches MLP modules or the MLP glob matches norms (roles swapped?)"
+        if swapped
+        else "no matched norm sits in the same block as a matched MLP"
+    )
+    warnings.warn(
+        f"{entry.describe()}: RMSNorm glob {norm_glob!r} and MLP glob {mlp_glob!r} never pair "
+        f"in {type(model).__name__}: {why}; {entry.pattern} will fuse nothing there",
+        UserWarning,
+        stacklevel=4,
     )
 
 

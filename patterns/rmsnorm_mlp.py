@@ -291,7 +291,7 @@ def _check(match: Any, *, variant: Variant, on_match: Callable[[FusedRegion], bo
         },
         eps=_matched_eps(match),
     )
-    reason = can_fuse(args)
+    reason = _structure_reason(match, args.hidden) or can_fuse(args)
     if reason is not None:
         # The graph keeps Inductor's unfused code there; say why, once per region (keyed by
         # its statistics node, which every variant of the region shares).
@@ -312,6 +312,40 @@ def _check(match: Any, *, variant: Variant, on_match: Callable[[FusedRegion], bo
     return on_match(FusedRegion(pattern=NAME, variant=variant.name, paths=paths))
 
 
+def _structure_reason(match: Any, hidden: Any) -> str | None:
+    """What `search_pattern` left as wildcards, checked on the match: None if every reshape
+    flattens ``hidden``'s leading dims into one (``[..., K] -> [M, K]``) or restores them
+    (``[M, N] -> [..., N]``), and every cast goes to fp32 or back to ``hidden``'s dtype."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if not isinstance(hidden, torch.Tensor):
+        return "hidden has no tensor metadata"
+    lead = tuple(hidden.shape[:-1])
+    tokens = functools.reduce(lambda a, b: a * b, lead, 1)
+
+    def same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+        return len(a) == len(b) and all(
+            statically_known_true(x == y) for x, y in zip(a, b, strict=True)
+        )
+
+    for node in match.nodes:
+        if node.target == _CAST and node.args[1] not in (torch.float32, hidden.dtype):
+            return f"a cast to {node.args[1]} inside the region"
+        if node.target not in _RESHAPES:
+            continue
+        src, out = _value(node.args[0]), _value(node)
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+            return f"{node.name} has no tensor metadata"
+        a, b = tuple(src.shape), tuple(out.shape)
+        if not a or not b or not statically_known_true(a[-1] == b[-1]):
+            return f"{node.name} reshapes {list(a)} to {list(b)}, not over the token dims"
+        flattens = same(a[:-1], lead) and same(b[:-1], (tokens,))
+        restores = same(a[:-1], (tokens,)) and same(b[:-1], lead)
+        if not (flattens or restores):
+            return f"{node.name} reshapes {list(a)} to {list(b)}, not over the token dims"
+    return None
+
+
 def _matched_eps(match: Any) -> Any:
     """The eps the graph adds to the mean of squares, read off the matched ``add`` node.
 
@@ -328,6 +362,55 @@ def _matched_eps(match: Any) -> Any:
     return match.kwargs.get("eps")
 
 
+def specialize_eps(graph: torch.fx.Graph) -> int:
+    """Turns each RMSNorm eps that arrives as a graph input back into a Python float.
+
+    With ``dynamic=True`` (Dynamo's ``specialize_float=False``) a float attribute such as
+    ``variance_epsilon`` becomes a backed SymFloat that AOT autograd passes as a 0-d fp64 tensor
+    input: the graph computes ``mean(x**2) + eps_tensor.to(fp32)`` and our op, which takes eps as
+    a float, could not be used. eps is a model constant, so we specialize it the way torch
+    specializes any backed symbol: ``guard_float`` records ``eps == value`` in the ShapeEnv, Dynamo
+    turns that into a guard on the attribute (another eps recompiles), and the graph then adds
+    the literal. The input is found by its Dynamo source: the one float symbol whose source is an
+    attribute of the module the ``mean`` was traced in. Returns how many adds were rewritten.
+    """
+    from torch.fx.experimental.symbolic_shapes import guard_float
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    from inductor_fusion.fusion_pass import innermost_module, normalize_module_path
+
+    rewritten = 0
+    for add in graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor):
+        mean, eps = (*add.args, None, None)[:2]
+        if not (isinstance(mean, torch.fx.Node) and mean.target == torch.ops.aten.mean.dim):
+            continue
+        source = eps
+        while isinstance(source, torch.fx.Node) and source.target == _CAST:
+            source = source.args[0]
+        if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"):
+            continue
+        # The add itself may be new (AOT's scalar tensorification); the mean was traced in the norm.
+        val, module = source.meta.get("val"), innermost_module(mean)
+        shape_env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
+        if shape_env is None or module is None or val.dim() != 0:
+            continue
+        symbols = [
+            sym
+            for sym, sources in shape_env.var_to_sources.items()
+            if symbol_is_type(sym, SymT.FLOAT)
+            and sym in shape_env.backed_var_to_val
+            and any(normalize_module_path(src.name).rpartition(".")[0] == module for src in sources)
+        ]
+        if len(symbols) != 1:
+            continue  # Not provably this module's eps: the region is reported unfused.
+        (sym,) = symbols
+        hint = float(shape_env.backed_var_to_val[sym])
+        value = guard_float(shape_env.create_symfloatnode(sym, hint=hint))
+        add.args = (mean, value, *add.args[2:])
+        rewritten += 1
+    return rewritten
+
+
 def _trace_reshapes(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.fx.GraphModule:
     """fwd_only, then view -> reshape, as compile_fx does before the post-grad passes: a 3-D
     pattern traced with views would never match there."""
@@ -339,14 +422,44 @@ def _trace_reshapes(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.f
     return gm
 
 
+_RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
+_CAST = torch.ops.prims.convert_element_type.default
+
+
+def search_pattern(variant: Variant) -> Any:
+    """The variant's search function as a PatternExpr whose shape-dependent literals are wildcards.
+
+    torch's own flow (``register_replacement`` without ``search_fn_pattern``) matches once with
+    every literal ignored, then re-traces the search function with the graph's shapes and matches
+    again with every literal compared. Under dynamic shapes that re-trace writes the reshape sizes
+    as its own ``sym_size``/``mul`` nodes (``view(x, [mul, 64])`` with ``mul = 2 * s0``), which
+    never equal the graph's (its ``mul`` has other users, both dims may be symbols, the factors may
+    come in another order), so batch > 1 with a dynamic dim, or two dynamic dims, never matched.
+    Here we trace once and keep every literal (``pow`` 2, ``mean`` over -1, the cast to fp32,
+    ``add`` 1 in SiLU) except two that depend on the graph: each reshape's size list and the dtype
+    a cast returns to (bf16 or fp16). `_check` verifies both on the matched nodes' metadata.
+    """
+    from torch._inductor.pattern_matcher import Ignored, fwd_only, fx_to_pattern
+
+    trace = fwd_only if variant.views else _trace_reshapes
+    gm = trace(_positional(variant.search, variant.argnames), variant.example_inputs())
+    for node in gm.graph.nodes:
+        wildcard = node.target in _RESHAPES or (
+            node.target == _CAST and node.args[1] != torch.float32
+        )
+        if wildcard:
+            node.args = (node.args[0], Ignored())
+    return fx_to_pattern(gm, argnames=variant.argnames, scalar_workaround={"eps": _EXAMPLE_EPS})
+
+
 def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
     """Registers every variant into ``pass_`` (a PatternMatcherPass). Traces; call once."""
     from torch._inductor.pattern_matcher import fwd_only, register_replacement
 
     import inductor_fusion.triton_kernels.rmsnorm_mlp  # noqa: F401  (the op the replacement calls)
 
-    # Where fwd_only itself already traces reshapes (torch 2.13), a view form would be the
-    # reshape form again; torch refuses duplicate patterns, and there is nothing more to match.
+    # Where fwd_only itself already traces reshapes, a view form would be the reshape form again;
+    # torch refuses duplicate patterns, and there is nothing more to match.
     views_differ = _fwd_only_traces_views()
     for variant in variants():
         if variant.views and not views_differ:
@@ -359,12 +472,19 @@ def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
             pass_,
             extra_check=functools.partial(_check, variant=variant, on_match=on_match),
             scalar_workaround={"eps": _EXAMPLE_EPS},
+            # Matched as is, not re-traced per graph: see `search_pattern`.
+            search_fn_pattern=search_pattern(variant),
         )
 
 
 def _fwd_only_traces_views() -> bool:
-    """Whether this torch's fwd_only leaves `view` nodes in a 3-D linear (2.11 does)."""
+    """Whether this torch's fwd_only leaves `view` nodes in a 3-D linear (2.11 and 2.13 do)."""
     from torch._inductor.pattern_matcher import fwd_only
 
     gm = fwd_only(F.linear, [torch.empty(2, 3, 32), torch.empty(48, 32)])
     return bool(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.view.default))
+
+
+def prepare_graph(graph: torch.fx.Graph) -> None:
+    """Run by the pass before matching: see `specialize_eps`."""
+    specialize_eps(graph)

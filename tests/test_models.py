@@ -105,13 +105,14 @@ def test_automatic_dynamic_token_count():
     assert report.count("rmsnorm_mlp") == 4  # the static graph, then the dynamic one
 
 
-def test_dynamic_true_with_eps_as_input_still_correct():
-    # With dynamic=True Dynamo may lift eps to a graph input; the pattern must then either
-    # fuse with a float eps or leave the region alone, never compute with a wrong eps.
+def test_dynamic_true_with_eps_as_input_fuses():
+    # With dynamic=True Dynamo lifts eps to a graph input; the pass specializes it (guarded) and
+    # fuses every layer with the model's eps, never a wrong one.
     model = tiny_model("llama", torch.float32, rms_norm_eps=0.25)
     ids = token_ids()
-    with fresh_compile():
+    with fresh_compile() as report:
         ours = _compile_run(model, ids, dynamic=True)
+    assert report.count("rmsnorm_mlp") == model.config.num_hidden_layers
     with torch.no_grad():
         assert rel_l2(ours, model(ids).logits) < 1e-5
 

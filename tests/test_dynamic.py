@@ -1,0 +1,169 @@
+"""Issue #16: fusion must survive dynamic shapes, dynamic=True and what users do to models.
+
+Counts come from our report inside `fresh_compile()` (FX graph cache off: a cache hit would skip
+our pass and leave the report empty). Graph counts are Dynamo's `unique_graphs`, the number of
+graphs ``backend="inductor"`` compiles for the same calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+from tiny_models import fresh_compile, rel_l2, tiny_model, token_ids
+from torch._dynamo.utils import counters
+
+from inductor_fusion.kernel_config import apply_kernel_config
+
+ON = "inductor_fusion:rmsnorm_mlp"
+OFF = "inductor_fusion:rmsnorm_mlp:off"
+NORM0, MLP0 = "model.layers.0.post_attention_layernorm", "model.layers.0.mlp"
+LAYER0 = (("RMSNorm", NORM0), ("MLP", MLP0))
+
+
+def _run_shapes(model, shapes, *, mark=(), **compile_kwargs):
+    """Runs every (batch, seq) through one compiled model; returns (report count, graphs)."""
+    compiled = torch.compile(model, backend="inductor_fusion", **compile_kwargs)
+    with fresh_compile() as report, torch.no_grad():
+        counters["stats"].clear()
+        for batch, seq in shapes:
+            ids = token_ids(batch=batch, seq=seq, seed=seq)
+            for dim in mark:
+                torch._dynamo.mark_dynamic(ids, dim)
+            assert rel_l2(compiled(ids).logits, model(ids).logits) < 1e-5, (batch, seq)
+        return report.count("rmsnorm_mlp"), counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "how", "shapes", "fused", "graphs"),
+    [
+        # A static graph for the first shape, then one dynamic graph that serves the rest.
+        ("llama", "automatic", [(2, 8), (2, 5), (2, 17)], 4, 2),
+        # Batch 1 is specialized (Dynamo assumes dynamic sizes >= 2), as with backend="inductor".
+        ("qwen3", "mark_batch", [(2, 8), (3, 8), (1, 8)], 4, 2),
+        ("llama", "mark_seq", [(3, 5), (3, 17)], 2, 1),
+        ("qwen3", "dynamic_true", [(2, 5), (3, 17), (2, 8)], 2, 1),
+    ],
+)
+def test_dynamic_graphs_fuse_every_layer(family, how, shapes, fused, graphs):
+    model = tiny_model(family, torch.float32)
+    kwargs = {"dynamic": True} if how == "dynamic_true" else {}
+    mark = {"mark_batch": (0,), "mark_seq": (1,)}.get(how, ())
+    assert _run_shapes(model, shapes, mark=mark, **kwargs) == (fused, graphs)
+
+
+@pytest.mark.slow
+def test_dynamic_true_specializes_eps_with_a_guard():
+    model = tiny_model("llama", torch.float32, rms_norm_eps=0.25)
+    compiled = torch.compile(model, backend="inductor_fusion", dynamic=True)
+    ids = token_ids()
+    with fresh_compile() as report, torch.no_grad():
+        assert rel_l2(compiled(ids).logits, model(ids).logits) < 1e-5
+        assert report.count("rmsnorm_mlp") == 2
+        for module in model.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.variance_epsilon = 0.5
+        # The specialized eps is guarded: another eps recompiles (and fuses) instead of reusing.
+        assert rel_l2(compiled(ids).logits, model(ids).logits) < 1e-5
+        assert report.count("rmsnorm_mlp") == 4
+
+
+def _layer0_model():
+    model = tiny_model("llama", torch.float32)
+    apply_kernel_config(model, {LAYER0: ON})
+    return model
+
+
+def _deepcopy(model):
+    return copy.deepcopy(model)
+
+
+def _assign_state(model):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def _half_then_float(model):
+    return model.half().float()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transform", [_deepcopy, _assign_state, _half_then_float])
+def test_plan_survives_new_parameters(transform):
+    model = transform(_layer0_model())
+    ids = token_ids()
+    with fresh_compile() as report, torch.no_grad():
+        out = torch.compile(model, backend="inductor_fusion")(ids).logits
+    assert report.paths("rmsnorm_mlp", "mlp") == [MLP0]
+    with torch.no_grad():
+        assert rel_l2(out, model(ids).logits) < 1e-5
+
+
+@pytest.mark.slow
+def test_switched_off_plan_survives_deepcopy():
+    model = tiny_model("llama", torch.float32)
+    apply_kernel_config(model, {("RMSNorm", "MLP"): OFF})
+    with fresh_compile() as report, torch.no_grad():
+        torch.compile(copy.deepcopy(model), backend="inductor_fusion")(token_ids())
+    assert report.count("rmsnorm_mlp") == 0
+
+
+GLOBAL_MODEL = None
+
+
+def _forward_global(ids):
+    return GLOBAL_MODEL(ids).logits
+
+
+@pytest.mark.slow
+def test_model_in_a_global_gets_its_plan_and_paths(monkeypatch):
+    monkeypatch.setitem(globals(), "GLOBAL_MODEL", _layer0_model())
+    with fresh_compile() as report, torch.no_grad():
+        torch.compile(_forward_global, backend="inductor_fusion")(token_ids())
+    assert report.paths("rmsnorm_mlp", "mlp") == [MLP0]
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ((("RMSNorm", NORM0), ("MLP", "model.layers.1.mlp")), "same block"),
+        ((("RMSNorm", "model.layers.*.mlp"), ("MLP", "model.layers.*.input_layernorm")), "swapped"),
+    ],
+)
+def test_globs_that_never_pair_warn(key, why):
+    model = tiny_model("llama", torch.float32)
+    with pytest.warns(UserWarning, match=f"never pair.*{why}"):
+        apply_kernel_config(model, {key: ON})
+
+
+def test_globs_that_pair_do_not_warn():
+    model = tiny_model("llama", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_kernel_config(model, {LAYER0: ON})
+
+
+def test_normalize_module_path_roots():
+    from inductor_fusion.fusion_pass import normalize_module_path
+
+    for raw in (
+        "L['self'].model.layers[0]._modules['mlp']",
+        "L['args'][0]._modules['model']._modules['layers']._modules['0']._modules['mlp']",
+        "G['m']._modules['model']._modules['layers']._modules['0']._modules['mlp']",
+        "G.m.model.layers.0.mlp",
+    ):
+        assert normalize_module_path(raw) == MLP0
+
+
+@pytest.mark.slow
+def test_region_outside_the_plan_gets_an_info_line(caplog):
+    model = _layer0_model()
+    with caplog.at_level(logging.INFO, logger="inductor_fusion"), fresh_compile(), torch.no_grad():
+        torch.compile(model, backend="inductor_fusion")(token_ids())
+    lines = [r.getMessage() for r in caplog.records if "not fused" in r.getMessage()]
+    assert len(lines) == 1 and "model.layers.1.mlp" in lines[0] and "plan" in lines[0]

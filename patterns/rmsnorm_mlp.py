@@ -291,15 +291,11 @@ def _check(match: Any, *, variant: Variant, on_match: Callable[[FusedRegion], bo
         },
         eps=_matched_eps(match),
     )
-    reason = _structure_reason(match, args.hidden) or can_fuse(args)
+    # Legality first, then profitability (which may guard on a symbolic token count).
+    reason = _structure_reason(match, args.hidden) or can_fuse(args) or should_fuse(args)
     if reason is not None:
         # The graph keeps Inductor's unfused code there; say why, once per region (keyed by
         # its statistics node, which every variant of the region shares).
-        key = next((n.name for n in match.nodes if n.target == torch.ops.aten.mean.dim), variant)
-        on_reject(key, f"{NAME} not fused ({variant.name}): {reason}")
-        return False
-    reason = should_fuse(args)
-    if reason is not None:
         key = next((n.name for n in match.nodes if n.target == torch.ops.aten.mean.dim), variant)
         on_reject(key, f"{NAME} not fused ({variant.name}): {reason}")
         return False

@@ -82,7 +82,7 @@ class InductorFusionBackend:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        from inductor_fusion.fusion_pass import STAGES, FusionPass
+        from inductor_fusion.fusion_pass import STAGES, FusionPass, specialize_eps_inputs
         from inductor_fusion.kernel_config import find_model_plan
 
         plan = fusion_config.resolve_plan(
@@ -100,6 +100,7 @@ class InductorFusionBackend:
         # Shared by this compile's passes only: what they fuse is this compile's (see records).
         compile_records = records.CompileRecords()
         rejected: set[object] = set()
+        specialized = specialize_eps_inputs() if plan.patterns else ()
         passes = []
         for stage, config_key in STAGES.items():
             # Compose with a pass the user set there (in options or globally): it runs first.
@@ -111,6 +112,7 @@ class InductorFusionBackend:
                 stage=stage,
                 rejected=rejected,
                 records=compile_records,
+                specialized=specialized,
             )
             passes.append(patches[config_key])
         # Under the patches, so that options such as force_disable_caches count.

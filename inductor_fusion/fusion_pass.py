@@ -181,6 +181,7 @@ class FusionPass(CustomGraphPass):
         stage: str = "post_grad",
         rejected: set[object] | None = None,
         records: CompileRecords | None = None,
+        specialized: tuple[tuple[str, float], ...] = (),
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -191,6 +192,9 @@ class FusionPass(CustomGraphPass):
         self.rejected: set[object] = set() if rejected is None else rejected
         self.report = report
         self.records = records
+        # Float inputs the backend specialized (see `specialize_eps_inputs`): their values are
+        # baked into the graphs we produce, so they are part of our cache key.
+        self.specialized = specialized
         if chained is None:
             self.chained: tuple[Callable[[torch.fx.Graph], Any], ...] = ()
         elif isinstance(chained, (list, tuple)):
@@ -254,7 +258,45 @@ class FusionPass(CustomGraphPass):
         digest.update(self.plan.key().encode())
         digest.update(self.stage.encode())
         digest.update("|".join(chained_ids).encode())
+        digest.update(repr(self.specialized).encode())
         return digest.hexdigest()
+
+
+# Module attributes that hold a norm's epsilon (LlamaRMSNorm.variance_epsilon, LayerNorm.eps...).
+_EPS_ATTRIBUTE = re.compile(r"\.(variance_epsilon|epsilon|eps)$")
+
+
+def specialize_eps_inputs() -> tuple[tuple[str, float], ...]:
+    """Guards on every norm epsilon that Dynamo made a graph input; returns (source, value) pairs.
+
+    Under ``dynamic=True`` Dynamo passes float attributes such as ``variance_epsilon`` as 0-d
+    float64 inputs backed by a float symbol. Our patterns need eps as a constant (the patterns'
+    ``specialize_eps`` writes it into the graph). Guarding here, in the backend, makes Dynamo
+    guard on each eps whether or not Inductor's caches then serve the graph (a cache hit runs no
+    pass, so a guard taken in the pass would be missing and a changed eps would reuse a graph
+    with the old one baked in). The values go into the pass's uuid, so the FX graph cache, whose
+    key sees only a 0-d input, never serves a graph compiled for another eps either.
+    """
+    from torch.fx.experimental.symbolic_shapes import guard_float
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    # Dynamo hands the backend real example inputs; its ShapeEnv is the tracing context's.
+    context = torch._guards.TracingContext.try_get()
+    fake_mode = getattr(context, "fake_mode", None)
+    shape_env = getattr(fake_mode, "shape_env", None)
+    if shape_env is None:
+        return ()
+    specialized = []
+    for sym, sources in list(shape_env.var_to_sources.items()):
+        if not symbol_is_type(sym, SymT.FLOAT) or sym not in shape_env.backed_var_to_val:
+            continue
+        names = [src.name for src in sources if _EPS_ATTRIBUTE.search(src.name)]
+        if not names:
+            continue
+        hint = float(shape_env.backed_var_to_val[sym])
+        value = guard_float(shape_env.create_symfloatnode(sym, hint=hint))
+        specialized.append((normalize_module_path(names[0]), value))
+    return tuple(sorted(specialized))
 
 
 def region_paths(

@@ -84,8 +84,28 @@ def fp64_logits(model, ids) -> torch.Tensor:
         return reference(ids).logits
 
 
-def assert_within_tolerance(ours, eager, reference, *, atol: float = 1e-5) -> None:
-    """Our rule: error vs an fp64 reference <= 2 x eager's own error + a small atol."""
+class FusedCountError(AssertionError):
+    """A fused-region count other than the expected one. Tests of a known gap are marked
+    ``xfail(strict=True, raises=FusedCountError)``: they flip to a failure when the gap closes,
+    and any other failure (wrong numbers) still fails them."""
+
+
+def assert_fused(report: inductor_fusion.FusionReport, expected: int) -> None:
+    got = report.count("rmsnorm_mlp")
+    if got != expected:
+        raise FusedCountError(f"fused {got} region(s), expected {expected}\n{report.summary()}")
+
+
+# Compiled fp32 logits/gradients vs eager on the CPU, where nothing but Inductor's own codegen
+# differs: measured 1.4e-7 to 5.0e-7 (2026-12-02, tiny models); ~5x headroom.
+FP32_VS_EAGER = 2e-6
+
+
+def assert_within_tolerance(ours, eager, reference, *, atol: float = 1e-6) -> None:
+    """Our rule: error vs an fp64 reference <= 2 x eager's own error + a small atol.
+
+    The default atol is an fp32 rounding's worth at these sizes; 16-bit eager errors (~5e-3)
+    dwarf it."""
     eager_err = rel_l2(eager, reference)
     ours_err = rel_l2(ours, reference)
     assert ours_err <= 2 * eager_err + atol, f"ours {ours_err:.3g} vs eager {eager_err:.3g}"

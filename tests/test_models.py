@@ -6,6 +6,9 @@ import pytest
 import torch
 from tiny_models import (
     DEVICES,
+    FP32_VS_EAGER,
+    FusedCountError,
+    assert_fused,
     assert_within_tolerance,
     fp64_logits,
     fresh_compile,
@@ -80,7 +83,7 @@ def test_gelu_mlp_is_not_matched():
     ids = token_ids()
     eager, ours, report = _eager_and_ours(model, ids)
     assert report.count("rmsnorm_mlp") == 0
-    assert rel_l2(ours, eager) < 1e-5
+    assert rel_l2(ours, eager) < FP32_VS_EAGER
 
 
 def test_mark_dynamic_token_count():
@@ -91,7 +94,7 @@ def test_mark_dynamic_token_count():
             ids = token_ids(batch=1, seq=seq, seed=seq)
             torch._dynamo.mark_dynamic(ids, 1)
             ours = compiled(ids).logits
-            assert rel_l2(ours, model(ids).logits) < 1e-5
+            assert rel_l2(ours, model(ids).logits) < FP32_VS_EAGER
     assert report.count("rmsnorm_mlp") == 2  # one dynamic graph, compiled once
 
 
@@ -101,22 +104,25 @@ def test_automatic_dynamic_token_count():
     with fresh_compile() as report, torch.no_grad():
         for seq in (5, 11, 13):  # the second shape recompiles as dynamic, the third reuses it
             ids = token_ids(batch=1, seq=seq, seed=seq)
-            assert rel_l2(compiled(ids).logits, model(ids).logits) < 1e-5
+            assert rel_l2(compiled(ids).logits, model(ids).logits) < FP32_VS_EAGER
     assert report.count("rmsnorm_mlp") == 4  # the static graph, then the dynamic one
 
 
 def test_dynamic_true_with_eps_as_input_fuses():
-    # With dynamic=True Dynamo lifts eps to a graph input; the pass specializes it (guarded) and
-    # fuses every layer with the model's eps, never a wrong one.
+    # With dynamic=True Dynamo lifts eps to a graph input; the backend specializes it (guarded)
+    # and every layer fuses with the model's eps, never a wrong one.
     model = tiny_model("llama", torch.float32, rms_norm_eps=0.25)
     ids = token_ids()
     with fresh_compile() as report:
         ours = _compile_run(model, ids, dynamic=True)
-    assert report.count("rmsnorm_mlp") == model.config.num_hidden_layers
     with torch.no_grad():
-        assert rel_l2(ours, model(ids).logits) < 1e-5
+        assert rel_l2(ours, model(ids).logits) < FP32_VS_EAGER
+    assert_fused(report, model.config.num_hidden_layers)
 
 
+@pytest.mark.xfail(
+    strict=True, raises=FusedCountError, reason="issue #11: training graphs do not match"
+)
 def test_training_compile_gives_eager_gradients():
     model = tiny_model("llama", torch.float32).train()
     ids = token_ids()
@@ -124,9 +130,11 @@ def test_training_compile_gives_eager_gradients():
     eager_loss.backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    with fresh_compile():
+    with fresh_compile() as report:
         loss = torch.compile(model, backend="inductor_fusion")(ids, labels=ids).loss
         loss.backward()
     assert abs(loss.item() - eager_loss.item()) < 1e-5
     for name, param in model.named_parameters():
-        assert rel_l2(param.grad, eager_grads[name]) < 1e-4, name
+        assert rel_l2(param.grad, eager_grads[name]) < FP32_VS_EAGER, name
+    # Numbers first: only the count may fail while issue #11 is open.
+    assert_fused(report, model.config.num_hidden_layers)

@@ -1,10 +1,12 @@
 """Measured launch configurations of ``inductor_fusion::rmsnorm_mlp`` (written by perf/tune.py).
 
-``TUNED[(hidden_size, intermediate_size)]`` lists ``(max_m, gate_up, down, prenorm)`` rows in
-increasing ``max_m``; the first row with ``m <= max_m`` applies. Block strings are
-``rmsnorm_mlp._Blocks.key()`` forms. 16-bit dtypes only; fp32 and untuned shapes use the defaults.
+``TUNED_BY_DEVICE[device name][(hidden_size, intermediate_size)]`` lists ``(max_m, gate_up,
+down, prenorm)`` rows in increasing ``max_m``; the first row with ``m <= max_m`` applies. Block
+strings are ``rmsnorm_mlp._Blocks.key()`` forms. 16-bit dtypes only; fp32 and untuned shapes use
+the defaults. A GPU without its own table uses ``TUNED``, the H100's (same architecture).
 
-Measured on NVIDIA H100 80GB HBM3 (2026-11-25T10:36:07+00:00, torch 2.11.0+cu130, triton 3.6.0).
+``TUNED``: measured on NVIDIA H100 80GB HBM3 (2026-11-25T10:36:07+00:00, torch 2.11.0+cu130,
+triton 3.6.0). perf/tune.py writes one device's table in this form; add it under its name.
 """
 
 TUNED: dict[tuple[int, int], tuple[tuple[int, str, str, bool], ...]] = {
@@ -50,4 +52,8 @@ TUNED: dict[tuple[int, int], tuple[tuple[int, str, str, bool], ...]] = {
         (2048, "tma:128x128x64:w8s3g8", "tma:128x256x64:w8s3g8", True),
         (2**62, "tma:128x128x64:w8s3g8", "tma:128x256x64:w8s3g8", True),
     ),
+}
+
+TUNED_BY_DEVICE: dict[str, dict[tuple[int, int], tuple[tuple[int, str, str, bool], ...]]] = {
+    "NVIDIA H100 80GB HBM3": TUNED,
 }

@@ -252,15 +252,33 @@ _INTERPRET_CONFIG = _config("interpret", "gemm:16x32x32:w1s1g1", "gemm:16x32x32:
 
 
 def _tuned_configs(
-    hidden_size: int, intermediate_size: int, dtype: torch.dtype
+    hidden_size: int, intermediate_size: int, dtype: torch.dtype, device_name: str | None = None
 ) -> tuple[tuple[int, _Config], ...] | None:
-    """The measured table for this shape (``perf/tune.py`` writes it), if there is one."""
+    """The measured table for this shape (``perf/tune.py`` writes it), if there is one.
+
+    ``device_name`` picks the table measured on that GPU model; GPUs without their own table
+    (and callers that name none) get the H100's, measured on the same Hopper architecture the
+    kernels were written for. Shapes no table has take the defaults.
+    """
     if dtype == torch.float32:
         return None
-    entry = _tuned.TUNED.get((hidden_size, intermediate_size))
+    table = _tuned.TUNED_BY_DEVICE.get(device_name or "", _tuned.TUNED)
+    entry = table.get((hidden_size, intermediate_size))
     if entry is None:
         return None
     return _parse_table(f"tuned-{hidden_size}x{intermediate_size}", entry)
+
+
+def _device_name(device: torch.device) -> str | None:
+    """The GPU model's name, as tuning tables are keyed (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_device_name(device.index if device.index is not None else 0)
+
+
+@functools.cache
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 @functools.cache
@@ -280,7 +298,12 @@ def _m_text(max_m: int) -> str:
 
 
 def _pick_config(
-    m: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype, interpret: bool
+    m: int,
+    hidden_size: int,
+    intermediate_size: int,
+    dtype: torch.dtype,
+    interpret: bool,
+    device_name: str | None = None,
 ) -> _Config:
     """The launch configuration for ``m`` tokens.
 
@@ -290,7 +313,7 @@ def _pick_config(
     """
     if interpret:
         return _INTERPRET_CONFIG
-    tuned = _tuned_configs(hidden_size, intermediate_size, dtype) or ()
+    tuned = _tuned_configs(hidden_size, intermediate_size, dtype, device_name) or ()
     # A table tuned up to some M only covers that far; larger M take the defaults.
     config = next((cfg for max_m, cfg in tuned if m <= max_m), None)
     if config is None:
@@ -442,8 +465,9 @@ def rmsnorm_mlp_triton(
     m = hidden.numel() // hidden.shape[-1]
     interpret = hidden.device.type == "cpu"
     config = _config or _pick_config(
-        m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, interpret
-    )
+        m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, interpret,
+        _device_name(hidden.device),
+    )  # fmt: skip
     plan = _plan(hidden, *tensors, residual, eps, config, tma=True)
     with _device_guard(hidden):
         for launch in plan.launches:
@@ -479,8 +503,9 @@ def rmsnorm_mlp_lowered(
     _check_args(hidden, *tensors, residual)
     m = hidden.numel() // hidden.shape[-1]
     config = _graph_config(
-        m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, hidden.device.type == "cpu"
-    )
+        m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, hidden.device.type == "cpu",
+        _device_name(hidden.device),
+    )  # fmt: skip
     plan = _plan(hidden, *tensors, residual, eps, config, tma=False)
     return _emit(plan).view(hidden.shape)
 
@@ -492,18 +517,25 @@ _GRAPH_REGIMES = ((16, 16), (64, 64))
 
 
 def _graph_config(
-    m: Any, hidden_size: int, intermediate_size: int, dtype: torch.dtype, interpret: bool
+    m: Any,
+    hidden_size: int,
+    intermediate_size: int,
+    dtype: torch.dtype,
+    interpret: bool,
+    device_name: str | None = None,
 ) -> _Config:
+    def pick(tokens: int) -> _Config:
+        return _pick_config(tokens, hidden_size, intermediate_size, dtype, interpret, device_name)
+
     if isinstance(m, int):
-        return _pick_config(m, hidden_size, intermediate_size, dtype, interpret)
-    for upper, pick in _GRAPH_REGIMES:
+        return pick(m)
+    for upper, tokens in _GRAPH_REGIMES:
         # bool() of a symbolic comparison guards on it: the graph is valid for this regime only.
         if bool(m <= upper):
-            return _pick_config(pick, hidden_size, intermediate_size, dtype, interpret)
+            return pick(tokens)
     # Tiled regime: every configuration is right for any M; pick by the size hint, no guard.
     hint = m.node.shape_env.size_hint(m.node.expr) if hasattr(m, "node") else int(m)
-    hint = max(int(hint), _GRAPH_REGIMES[-1][0] + 1)
-    return _pick_config(hint, hidden_size, intermediate_size, dtype, interpret)
+    return pick(max(int(hint), _GRAPH_REGIMES[-1][0] + 1))
 
 
 @functools.cache

@@ -77,7 +77,11 @@ EDGE_CONFIGS = (
 def _distinct_configs() -> dict[str, _Config]:
     """Every launch configuration the op can pick on a GPU, plus the edge ones, each once."""
     found: dict[tuple, _Config] = {}
-    tuned = (_tuned_configs(h, i, torch.bfloat16) for h, i in _tuned.TUNED)
+    tuned = (
+        _tuned_configs(h, i, torch.bfloat16, device)
+        for device, table in _tuned.TUNED_BY_DEVICE.items()
+        for h, i in table
+    )
     for table in (_DEFAULT_CONFIGS, *tuned):
         for _, config in table:
             found.setdefault((config.gate_up, config.down, config.prenorm), config)
@@ -286,14 +290,19 @@ def test_every_config_branch(device, dtype, config):
 
 # A shape perf/tune.py has not measured, so _pick_config falls back to _DEFAULT_CONFIGS.
 UNTUNED = (1000, 3000)
+# name -> (shape, rows, GPU model the table is for; None: the default table, the H100's).
 TABLES = {
-    "default": (UNTUNED, _DEFAULT_CONFIGS),
-    **{f"tuned-{h}x{i}": ((h, i), _tuned_configs(h, i, torch.bfloat16)) for h, i in _tuned.TUNED},
+    "default": (UNTUNED, _DEFAULT_CONFIGS, None),
+    **{
+        f"{device}-{h}x{i}": ((h, i), _tuned_configs(h, i, torch.bfloat16, device), device)
+        for device, table in _tuned.TUNED_BY_DEVICE.items()
+        for h, i in table
+    },
 }
 
 
 def _all_blocks() -> set[_Blocks]:
-    configs = [c for _, table in TABLES.values() for _, c in table]
+    configs = [c for _, table, _ in TABLES.values() for _, c in table]
     configs += [*CONFIGS.values(), rmsnorm_mlp_module._INTERPRET_CONFIG]
     configs += [_fp32_form(c) for c in configs]
     return {blocks for c in configs for blocks in (c.gate_up, c.down)}
@@ -303,20 +312,32 @@ def _all_blocks() -> set[_Blocks]:
 @pytest.mark.parametrize("table", TABLES)
 def test_pick_config_follows_table(table, dtype):
     """Each row applies up to its max_m and the next one from max_m + 1."""
-    (h, i), rows = TABLES[table]
-    assert UNTUNED not in _tuned.TUNED
+    (h, i), rows, device = TABLES[table]
+    assert all(UNTUNED not in t for t in _tuned.TUNED_BY_DEVICE.values())
     bounds = [max_m for max_m, _ in rows]
     assert bounds == sorted(set(bounds))
-    assert bounds[-1] == 2**62  # the last row takes any M
 
     def pick(m):
-        return _pick_config(m, h, i, dtype, interpret=False)
+        return _pick_config(m, h, i, dtype, interpret=False, device_name=device)
 
     assert pick(1) == rows[0][1]
     for (max_m, config), (_, next_config) in itertools.pairwise(rows):
         assert pick(max_m) == config
         assert pick(max_m + 1) == next_config
-    assert pick(2**62) == rows[-1][1]
+    if bounds[-1] == 2**62:  # the last row takes any M
+        assert pick(2**62) == rows[-1][1]
+    else:  # a table tuned up to some M: past it, the defaults
+        default = next(c for max_m, c in _DEFAULT_CONFIGS if bounds[-1] + 1 <= max_m)
+        assert pick(bounds[-1] + 1) == default
+
+
+def test_gpu_models_without_a_table_take_the_h100s():
+    h100 = _tuned.TUNED_BY_DEVICE["NVIDIA H100 80GB HBM3"]
+    for h, i in h100:
+        for m in (1, 16, 64, 4096):
+            expected = _pick_config(m, h, i, torch.bfloat16, False, "NVIDIA H100 80GB HBM3")
+            assert _pick_config(m, h, i, torch.bfloat16, False, "Some Future GPU") == expected
+            assert _pick_config(m, h, i, torch.bfloat16, False) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -351,13 +372,13 @@ def test_every_block_is_valid_and_round_trips():
         assert min(blocks.block_m, blocks.block_n, blocks.block_k) >= 16
         assert blocks.split_k >= 1
         assert _Blocks.parse(blocks.key()) == blocks
-    for _, table in TABLES.values():
+    for _, table, _ in TABLES.values():
         for _, config in table:
             # The launchers ignore split_k where no kernel splits K: such a table entry would
             # not run the configuration it names.
             assert config.gate_up.split_k == 1
             assert config.down.split_k == 1 or config.down.kind in ("gemv", "tma")
-    for rows in _tuned.TUNED.values():
+    for rows in (r for t in _tuned.TUNED_BY_DEVICE.values() for r in t.values()):
         for _, gate_up, down, _ in rows:
             # Stored strings are canonical, so a diff of the table shows real changes only.
             assert _Blocks.parse(gate_up).key() == gate_up

@@ -162,8 +162,10 @@ def test_post_grad_graph_loses_the_mms_and_gains_one_op():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("tokens", [1, 16, 300])
+@pytest.mark.parametrize("tokens", [1, 16, 64, 300])
 def test_reduce_overhead_cuda_graphs_replay(tokens):
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
+
     region = Region(bias=False, residual="left").to(device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(region, backend="inductor_fusion", mode="reduce-overhead")
     with fresh_compile() as report, torch.no_grad():
@@ -171,4 +173,5 @@ def test_reduce_overhead_cuda_graphs_replay(tokens):
             h = region_hidden(3, torch.bfloat16, tokens=tokens, device="cuda") * (step + 1)
             out = compiled(h).clone()
             assert_within_tolerance(out, region(h), region.fp64(h), atol=ATOL[torch.bfloat16])
-    assert report.count("rmsnorm_mlp") == 1
+    # Past MAX_PROFITABLE_TOKENS the region stays Inductor's (its GEMMs are faster there).
+    assert report.count("rmsnorm_mlp") == int(tokens <= MAX_PROFITABLE_TOKENS)

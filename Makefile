@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 
-.PHONY: tune install demo test test-fast lint format bench bench-e2e clean
+.PHONY: tune install demo test test-fast lint format bench bench-host bench-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -36,6 +36,11 @@ format:
 # GPU benchmark (needs CUDA): writes perf/results/{results.json,csv,md,png}.
 bench: $(STAMP)
 	$(PYTHON) perf/bench.py --out perf/results
+
+# Host cost without CUDA graphs (enqueue, wall) beside CUDA-graph GPU time, ours vs Inductor, and
+# the demo model's default-mode forward (needs CUDA): writes perf/results/host/host.{json,md}.
+bench-host: $(STAMP)
+	$(PYTHON) perf/bench_host.py --out perf/results/host
 
 # End-to-end generate() benchmark (needs CUDA; `--cpu-smoke` checks the script on a CPU).
 bench-e2e: $(STAMP)

@@ -125,7 +125,8 @@ def _compile_refused(fn, *inputs, reason: str, caplog) -> torch.Tensor:
     """Compiles and runs ``fn``; asserts nothing fused and one INFO line gave ``reason``."""
     with (
         caplog.at_level(logging.INFO, logger="inductor_fusion"),
-        fresh_compile() as report,
+        # Caches off: the reason line comes from the pass, which a cache hit does not run.
+        fresh_compile(caches=False) as report,
         torch.no_grad(),
     ):
         out = torch.compile(fn, backend="inductor_fusion")(*inputs)

@@ -87,7 +87,8 @@ def _compile(region: Region, h: torch.Tensor, *, stage: str, where: str, user: _
     with (
         caplog.at_level(logging.INFO, logger="inductor_fusion"),
         patch or contextlib.nullcontext(),
-        fresh_compile() as report,
+        # Caches off: these tests watch the passes run, and a cache hit runs none of them.
+        fresh_compile(caches=False) as report,
         torch.no_grad(),
     ):
         out = torch.compile(region, backend="inductor_fusion", options=options)(h)

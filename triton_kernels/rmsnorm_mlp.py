@@ -270,8 +270,9 @@ def _tuned_configs(
 
 
 def _device_name(device: torch.device) -> str | None:
-    """The GPU model's name, as tuning tables are keyed (None off CUDA)."""
-    if device.type != "cuda":
+    """The GPU model's name, as tuning tables are keyed (None off CUDA, and where the device is
+    only described, e.g. fake CUDA tensors traced on a machine without one)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return _cuda_device_name(device.index if device.index is not None else 0)
 

@@ -2,9 +2,11 @@
 
     torch.compile(model, backend="inductor_fusion")          # after pip install
     torch.compile(model, backend=inductor_fusion.backend(patterns=["rmsnorm_mlp"]))
+    inductor_fusion.install()                                # every backend="inductor" compile
 
 Importing this package changes no torch configuration and registers nothing with Inductor: the
-patterns are traced and registered the first time the backend compiles a graph.
+patterns are traced and registered the first time the backend compiles a graph, and only
+`install()` changes Inductor's global configuration (`uninstall()` restores it).
 """
 
 from inductor_fusion.backend import InductorFusionBackend, backend, inductor_fusion_backend
@@ -34,6 +36,7 @@ __all__ = [
     "FusionPlan",
     "FusionReport",
     "InductorFusionBackend",
+    "Installation",
     "KernelConfig",
     "apply_kernel_config",
     "backend",
@@ -41,11 +44,22 @@ __all__ = [
     "fusion_config",
     "get_report",
     "inductor_fusion_backend",
+    "install",
+    "installed",
     "pattern_names",
     "register_fusable_modules",
     "reset_report",
     "resolve_plan",
+    "uninstall",
 ]
+
+# Loaded on first use: they import Inductor's pass machinery (~1 s) or transformers.
+_LAZY = {
+    "Installation": "inductor_fusion.global_pass",
+    "install": "inductor_fusion.global_pass",
+    "installed": "inductor_fusion.global_pass",
+    "uninstall": "inductor_fusion.global_pass",
+}
 
 
 def __getattr__(name: str):
@@ -55,4 +69,8 @@ def __getattr__(name: str):
         from inductor_fusion.kernel_config import KernelConfig
 
         return KernelConfig
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,7 @@
     torch.compile(model, backend="inductor_fusion")          # after pip install
     torch.compile(model, backend=inductor_fusion.backend(patterns=["rmsnorm_mlp"]))
     inductor_fusion.install()                                # every backend="inductor" compile
+    inductor_fusion.explain(model_or_config)                 # what would fuse, without compiling
 
 Importing this package changes no torch configuration and registers nothing with Inductor: the
 patterns are traced and registered the first time the backend compiles a graph, and only
@@ -31,6 +32,7 @@ __all__ = [
     "ENV_DISABLE",
     "ENV_PATTERNS",
     "OPTIONS_KEY",
+    "Explanation",
     "FusedRegion",
     "FusionOptions",
     "FusionPlan",
@@ -40,6 +42,7 @@ __all__ = [
     "KernelConfig",
     "apply_kernel_config",
     "backend",
+    "explain",
     "fusable_modules",
     "fusion_config",
     "get_report",
@@ -55,6 +58,8 @@ __all__ = [
 
 # Loaded on first use: they import Inductor's pass machinery (~1 s) or transformers.
 _LAZY = {
+    "Explanation": "inductor_fusion.explainer",
+    "explain": "inductor_fusion.explainer",
     "Installation": "inductor_fusion.global_pass",
     "install": "inductor_fusion.global_pass",
     "installed": "inductor_fusion.global_pass",

@@ -121,7 +121,7 @@ def test_uuid_follows_the_toggles_and_the_chained_pass(
 def test_import_alone_installs_nothing() -> None:
     code = (
         "import torch._inductor.config as c; before = c.get_config_copy(); "
-        "import inductor_fusion; inductor_fusion.install; "
+        "import inductor_fusion; inductor_fusion.install; inductor_fusion.explain; "
         "assert c.get_config_copy() == before; "
         "inductor_fusion.install(); assert c.get_config_copy() != before; "
         "inductor_fusion.uninstall(); assert c.get_config_copy() == before; print('ok')"

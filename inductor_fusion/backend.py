@@ -83,6 +83,7 @@ class InductorFusionBackend:
         from torch._inductor.compile_fx import compile_fx
 
         from inductor_fusion.fusion_pass import STAGES, FusionPass, specialize_eps_inputs
+        from inductor_fusion.global_pass import user_pass as installed_user_pass
         from inductor_fusion.kernel_config import find_model_plan
 
         plan = fusion_config.resolve_plan(
@@ -104,7 +105,10 @@ class InductorFusionBackend:
         passes = []
         for stage, config_key in STAGES.items():
             # Compose with a pass the user set there (in options or globally): it runs first.
-            user_pass = patches.get(config_key, getattr(inductor_config, config_key))
+            # An installed pass of ours (inductor_fusion.install) gives way to this compile's.
+            user_pass = installed_user_pass(
+                patches.get(config_key, getattr(inductor_config, config_key))
+            )
             patches[config_key] = FusionPass(
                 plan,
                 report=self.report,

@@ -123,6 +123,26 @@ def find_model_plan(example_inputs: Sequence[Any]) -> FusionPlan | None:
     return _plan_from_dynamo_frame()
 
 
+def current_model_plan() -> FusionPlan | None:
+    """`find_model_plan` for a pass run without a backend call (`inductor_fusion.install`): the
+    graph inputs are those of the frame Dynamo is compiling (None outside Dynamo)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError):
+        return None
+    if tx is None:
+        return None
+    examples = []
+    for arg in getattr(tx.output, "graphargs", ()):
+        try:
+            examples.append(arg.example)
+        except Exception:  # an expired weak reference: that input cannot carry a plan
+            continue
+    return find_model_plan(examples)
+
+
 def _plan_from_dynamo_frame() -> FusionPlan | None:
     """The plan attached to a module that the graph Dynamo is compiling reads from.
 

@@ -1,0 +1,101 @@
+"""``python -m inductor_fusion <command>``.
+
+    python -m inductor_fusion explain MODEL [--json] [--dtype bfloat16] [--patterns ...] [--disable ...]
+
+MODEL is a local checkpoint folder (only its config.json is read), a config JSON file, or a
+transformers model class or model type (``LlamaForCausalLM``, ``qwen3``), which gets a tiny
+default config. The demo stays ``python -m inductor_fusion.demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# A tiny model for a bare class or model-type name: only keys the config has are set.
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=128,
+)
+
+
+def load_config(model: str) -> Any:
+    """A transformers config from a checkpoint folder, a config JSON or a class/type name."""
+    import transformers
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"{model}: no config.json in this folder")
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if "model_type" not in data:
+            raise SystemExit(f"{model}: the config JSON has no model_type")
+        return AutoConfig.for_model(**data)
+    model_class = getattr(transformers, model, None)
+    config_class = getattr(model_class, "config_class", None)
+    if config_class is not None:
+        config = config_class()
+        config.architectures = [model]
+    else:
+        try:
+            config = AutoConfig.for_model(model)
+        except ValueError:
+            raise SystemExit(
+                f"{model}: not a folder, a config JSON, a transformers model class or a model type"
+            ) from None
+    defaults = config.to_dict()
+    for key, value in TINY_CONFIG.items():
+        if key in defaults:
+            setattr(config, key, value)
+    return config
+
+
+def explain_main(argv: list[str]) -> int:
+    import torch
+
+    from inductor_fusion.explainer import explain
+
+    parser = argparse.ArgumentParser(
+        prog="python -m inductor_fusion explain",
+        description="What torch.compile with inductor_fusion would fuse, without compiling.",
+    )
+    parser.add_argument("model", help="checkpoint folder, config JSON, or model class/type name")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--dtype", help="e.g. bfloat16 (default: the config's, else float32)")
+    parser.add_argument("--patterns", help="comma-separated patterns, as the backend option")
+    parser.add_argument("--disable", default="", help="comma-separated patterns to switch off")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        parser.error(f"--dtype {args.dtype}: not a torch dtype")
+    explanation = explain(
+        load_config(args.model), patterns=args.patterns, disable=args.disable, dtype=dtype
+    )
+    print(explanation.to_json() if args.json else explanation)
+    return 0
+
+
+COMMANDS = {"explain": explain_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

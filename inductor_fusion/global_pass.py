@@ -1,0 +1,282 @@
+"""``inductor_fusion.install()``: our pass in Inductor's global config, for every client of Inductor.
+
+Trainer (``torch_compile=True``), accelerate (``dynamo_backend="inductor"``), ``generate()``'s own
+compile and a plain ``torch.compile(model)`` all compile with ``backend="inductor"``; none of them
+lets a user name our backend. `install` puts one `InstalledPass` at each of our two hooks in
+``torch._inductor.config`` (``joint_custom_pre_pass``, ``post_grad_custom_pre_pass``), chaining
+what was there, so that every compile in the process fuses; `uninstall` puts the old values back.
+Nothing happens at import: only these calls change Inductor's config.
+
+A global pass has no backend call in which to resolve the plan from the compiled model, so it
+resolves lazily, per compile: the first time Inductor asks the pass anything within a compile
+(its ``uuid()``, for the FX graph cache key, comes before it runs) the plan is resolved from the
+install options, the environment and the KernelConfig plan of the model Dynamo is compiling
+(found as our backend finds it), and kept on that compile's tracing context, so that a backward
+graph compiled later (outside Dynamo's frame, under the same tracing context) uses the same plan.
+The uuid is then that compile's `FusionPass` uuid: our sources, the plan, the chained pass's
+uuid (None, disabling the cache, when it has none, as Inductor does) and the specialized eps.
+
+Reports: every region fused under an installed pass is recorded in the process-wide
+``get_report()`` and in the installation's ``report``. A graph Inductor serves from its caches runs
+no pass and is not reported here (our backend reports those from its records, see
+`inductor_fusion.records`): count regions with caches off, or compile with our backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from inductor_fusion import config as fusion_config
+from inductor_fusion import registry
+from inductor_fusion.backend import inductor_config_patches
+from inductor_fusion.config import FusionOptions, FusionPlan
+from inductor_fusion.fusion_pass import STAGES, FusionPass, specialize_eps_inputs
+from inductor_fusion.report import FusionReport
+
+
+@dataclass
+class _CompileState:
+    """What one compile's stages share: its plan and the regions already reported unfused."""
+
+    plan: FusionPlan
+    rejected: set[object] = field(default_factory=set)
+
+
+class InstalledPass(CustomGraphPass):
+    """The pass `install` puts at one Inductor hook; resolves its plan per compile."""
+
+    def __init__(self, installation: Installation, stage: str, chained: Any) -> None:
+        self.installation = installation
+        self.stage = stage
+        self.chained = chained  # what the hook held before: runs first, as in our backend
+
+    def _current(self) -> FusionPass:
+        """This compile's FusionPass (a new object per call: the state is the compile's)."""
+        state = self.installation.state()
+        return FusionPass(
+            state.plan,
+            report=self.installation.report,
+            chained=self.chained,
+            stage=self.stage,
+            rejected=state.rejected,
+            specialized=specialize_eps_inputs() if state.plan.patterns else (),
+        )
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self._current()(graph)
+
+    def uuid(self) -> str | None:
+        return self._current().uuid()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InstalledPass:
+        # torch copies Inductor's config (get_config_copy) for each torch.compile call; a copy
+        # must stay this pass, a handle on the installation's state (and it holds a lock).
+        return self
+
+    def __repr__(self) -> str:
+        return f"InstalledPass(stage={self.stage!r}, chained={self.chained!r})"
+
+
+class Installation:
+    """One `install` call: its options, the Inductor values it replaced, what it fused."""
+
+    def __init__(self, options: FusionOptions, patches: Mapping[str, Any]) -> None:
+        self.options = options
+        self.patches = dict(patches)  # Inductor options set globally with the passes
+        self.report = FusionReport()
+        self.saved: dict[str, Any] = {}
+        self.passes: dict[str, InstalledPass] = {}
+        # One state per tracing context (one Dynamo frame compile), shared by both stages and by
+        # a backward graph compiled later; weak, so it goes with the compile.
+        self._states: weakref.WeakKeyDictionary[Any, _CompileState] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def state(self) -> _CompileState:
+        """The current compile's state, resolving its plan the first time it is asked for."""
+        from inductor_fusion.kernel_config import current_model_plan
+
+        context = torch._guards.TracingContext.try_get()
+        with self._lock:
+            state = self._states.get(context) if context is not None else None
+            if state is None:
+                plan = fusion_config.resolve_plan(
+                    options=self.options, model_plan=current_model_plan()
+                )
+                state = _CompileState(plan)
+                if context is not None:
+                    self._states[context] = state
+            return state
+
+
+_installations: list[Installation] = []
+_install_lock = threading.RLock()
+
+
+def user_pass(value: Any) -> Any:
+    """``value`` (an Inductor hook's content) with our installed pass replaced by what it chains.
+
+    Our backend calls this: a compile with ``backend="inductor_fusion"`` runs its own pass, with
+    its own plan, and must not run an installed one too."""
+    while isinstance(value, InstalledPass):
+        value = value.chained
+    return value
+
+
+def install(
+    patterns: Sequence[str] | str | None = None,
+    disable: Sequence[str] | str = (),
+    options: Mapping[str, Any] | None = None,
+) -> Installation:
+    """Makes every ``backend="inductor"`` compile in this process fuse, until `uninstall`.
+
+    ``patterns``/``disable`` and ``options`` mean what they mean for our backend: ``options``
+    may hold our own options under ``"inductor_fusion"`` and Inductor options, which are set in
+    Inductor's global config too (and restored by `uninstall`). Toggles resolve per compile as for
+    the backend (``INDUCTOR_FUSION_DISABLE`` still wins). Installing again while installed stacks:
+    the newest installation is the one in effect, and `uninstall` returns to the previous one.
+    A plain ``transformers.KernelConfig`` naming our patterns also works in ``from_pretrained``
+    while installed. Returns the installation; its ``report`` lists what its compiles fused.
+    """
+    from torch._inductor import config as inductor_config
+
+    options = dict(options or {})
+    ours = FusionOptions.from_value(options.pop(fusion_config.OPTIONS_KEY, None))
+    if patterns is not None or disable:
+        given = FusionOptions(patterns=patterns, disable=disable)
+        ours = FusionOptions(
+            patterns=given.patterns if patterns is not None else ours.patterns,
+            disable=(*ours.disable, *given.disable),
+        )
+    patches = inductor_config_patches(None, options)
+    # As our backend does (see there), unless the caller chose.
+    if hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
+        patches.setdefault("static_launch_user_defined_triton_kernels", True)
+    # A cache hit runs compiled code without any pass: the ops it calls must exist.
+    registry.import_op_modules(registry.pattern_names())
+    installation = Installation(ours, patches)
+    with _install_lock:
+        for key in (*patches, *STAGES.values()):
+            installation.saved[key] = getattr(inductor_config, key)
+        for stage, key in STAGES.items():
+            installation.passes[stage] = InstalledPass(
+                installation, stage, chained=user_pass(getattr(inductor_config, key))
+            )
+        for key, value in patches.items():
+            setattr(inductor_config, key, value)
+        for stage, key in STAGES.items():
+            setattr(inductor_config, key, installation.passes[stage])
+        _installations.append(installation)
+        _install_from_pretrained_hook()
+    return installation
+
+
+def uninstall() -> bool:
+    """Undoes the latest `install`: Inductor's config is again what it was before it.
+
+    A hook that something else changed since `install` is left as it is now (with a warning):
+    restoring it would undo that change. Returns False if nothing was installed."""
+    from torch._inductor import config as inductor_config
+
+    with _install_lock:
+        if not _installations:
+            return False
+        installation = _installations.pop()
+        for key, value in installation.saved.items():
+            stage = next((s for s, k in STAGES.items() if k == key), None)
+            current = getattr(inductor_config, key)
+            if stage is not None and current is not installation.passes[stage]:
+                warnings.warn(
+                    f"inductor_fusion.uninstall: torch._inductor.config.{key} was changed after "
+                    "install(); leaving it as it is",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                continue
+            setattr(inductor_config, key, value)
+        if not _installations:
+            _uninstall_from_pretrained_hook()
+    return True
+
+
+@contextlib.contextmanager
+def installed(
+    patterns: Sequence[str] | str | None = None,
+    disable: Sequence[str] | str = (),
+    options: Mapping[str, Any] | None = None,
+) -> Iterator[Installation]:
+    """``with inductor_fusion.installed(): ...``: `install` for the block, then `uninstall`."""
+    installation = install(patterns=patterns, disable=disable, options=options)
+    try:
+        yield installation
+    finally:
+        with _install_lock:
+            if _installations and _installations[-1] is installation:
+                uninstall()
+
+
+def is_installed() -> bool:
+    return bool(_installations)
+
+
+# --- from_pretrained with a plain transformers.KernelConfig ------------------------------------
+
+_FROM_PRETRAINED_MARK = "_inductor_fusion_from_pretrained"
+_saved_from_pretrained: list[Any] = []
+
+
+def _install_from_pretrained_hook() -> None:
+    """While installed, ``from_pretrained(kernel_config=transformers.KernelConfig(...))`` whose
+    mapping names our patterns is given ``inductor_fusion.KernelConfig(that config)`` instead (a
+    new object; the caller's is not modified), so our entries never reach transformers' hub
+    loader (which runs before the model is built, so no later hook could stop it)."""
+    try:
+        from transformers import modeling_utils
+    except ImportError:  # transformers is a dependency, but install() must not need it
+        return
+    model_class = modeling_utils.PreTrainedModel
+    original = model_class.__dict__["from_pretrained"]
+    if getattr(original.__func__, _FROM_PRETRAINED_MARK, False):
+        return
+
+    @functools.wraps(original.__func__)
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+        kernel_config = kwargs.get("kernel_config")
+        if kernel_config is not None and _plain_config_with_ours(kernel_config):
+            from inductor_fusion.kernel_config import fusion_config as ours
+
+            kwargs["kernel_config"] = ours(kernel_config)
+        return original.__func__(cls, *args, **kwargs)
+
+    setattr(from_pretrained, _FROM_PRETRAINED_MARK, True)
+    _saved_from_pretrained.append(original)
+    model_class.from_pretrained = classmethod(from_pretrained)
+
+
+def _uninstall_from_pretrained_hook() -> None:
+    if not _saved_from_pretrained:
+        return
+    from transformers import modeling_utils
+
+    modeling_utils.PreTrainedModel.from_pretrained = _saved_from_pretrained.pop()
+
+
+def _plain_config_with_ours(kernel_config: Any) -> bool:
+    from inductor_fusion.kernel_config import FusionKernelConfigMixin, split_kernel_mapping
+
+    if isinstance(kernel_config, FusionKernelConfigMixin):
+        return False
+    mapping = getattr(kernel_config, "kernel_mapping", None)
+    if not isinstance(mapping, Mapping):
+        return False
+    _, ours = split_kernel_mapping(mapping)
+    return bool(ours)

@@ -78,7 +78,10 @@ OFF = "off"
 # The names KernelConfig keys use for each pattern's modules, aligned with the family's roles
 # (registry.PatternFamily.roles). They follow transformers' kernel layer names. A family missing
 # here is keyed by its role names.
-KERNEL_LAYER_NAMES: Mapping[str, tuple[str, ...]] = {"rmsnorm_mlp": ("RMSNorm", "MLP")}
+KERNEL_LAYER_NAMES: Mapping[str, tuple[str, ...]] = {
+    "rmsnorm_mlp": ("RMSNorm", "MLP"),
+    "layernorm_mlp": ("LayerNorm", "MLP"),
+}
 
 
 # --- per-model plans -----------------------------------------------------------------------------

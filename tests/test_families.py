@@ -66,3 +66,23 @@ def test_family_region_fuses_once_per_layer(
     assert sorted(report.paths(pattern, "norm")) == paths
     assert sorted(report.paths(pattern, "mlp")) == [p.rsplit(".", 1)[0] + ".mlp" for p in paths]
     assert_within_tolerance(ours, eager, fp64_logits(model, ids))
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("gemma", {"RMSNorm": "model.layers.*.post_attention_layernorm"}),
+        ("gemma2", {"RMSNorm": "model.layers.*.pre_feedforward_layernorm"}),
+        ("gemma3", {"RMSNorm": "model.layers.*.pre_feedforward_layernorm"}),
+        ("phi3", {"RMSNorm": "model.layers.*.post_attention_layernorm"}),
+        ("granite", {"RMSNorm": "model.layers.*.post_attention_layernorm"}),
+        ("gpt_neox", {"LayerNorm": "gpt_neox.layers.*.post_attention_layernorm"}),
+        ("starcoder2", {"LayerNorm": "model.layers.*.post_attention_layernorm"}),
+        ("nemotron", {"LayerNorm": "model.layers.*.post_attention_layernorm"}),
+    ],
+)
+def test_kernel_config_registry_names_each_family(family, expected):
+    import inductor_fusion
+
+    mlp = next(iter(expected.values())).rsplit(".", 1)[0] + ".mlp"
+    assert inductor_fusion.fusable_modules(tiny_model(family)) == {**expected, "MLP": mlp}

@@ -239,7 +239,8 @@ class Variant:
             a.get("eps", 0.0),
             a.get("norm_bias"),
         )
-        scale = a.get("residual_scale", 1.0)
+        # Indexed, never defaulted: a scaled variant without its scale must fail loudly.
+        scale = a["residual_scale"] if self.residual == "scaled" else 1.0
         # On CUDA the kernels become launches in Inductor's own generated code (no dispatcher
         # call per region); elsewhere the op, whose body is the PyTorch reference.
         if a["hidden"].device.type == "cuda":

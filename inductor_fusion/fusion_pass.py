@@ -247,10 +247,10 @@ class FusionPass(CustomGraphPass):
             if uid is None:
                 return None
             chained_ids.append(repr(uid))
-        families = [registry.get_family(n) for n in sorted(self.plan.patterns)]
         modules = (
             "inductor_fusion",  # this package: pass, registry, config, backend
-            *(f.pattern_module for f in families),
+            # Every pattern source: family modules share the engine (patterns/norm_mlp.py).
+            "inductor_fusion.patterns",
             "inductor_fusion.triton_kernels",  # every kernel source
         )
         digest = hashlib.sha256()

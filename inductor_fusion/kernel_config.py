@@ -78,7 +78,10 @@ OFF = "off"
 # The names KernelConfig keys use for each pattern's modules, aligned with the family's roles
 # (registry.PatternFamily.roles). They follow transformers' kernel layer names. A family missing
 # here is keyed by its role names.
-KERNEL_LAYER_NAMES: Mapping[str, tuple[str, ...]] = {"rmsnorm_mlp": ("RMSNorm", "MLP")}
+KERNEL_LAYER_NAMES: Mapping[str, tuple[str, ...]] = {
+    "rmsnorm_mlp": ("RMSNorm", "MLP"),
+    "layernorm_mlp": ("LayerNorm", "MLP"),
+}
 
 
 # --- per-model plans -----------------------------------------------------------------------------
@@ -190,18 +193,42 @@ _FUSABLE: weakref.WeakKeyDictionary[type, dict[str, str]] = weakref.WeakKeyDicti
 # Shipped defaults, keyed by the class's dotted name so that nothing imports transformers' model
 # modules for them. Registered on the base models; a head class (…ForCausalLM, …ForQuestionAnswering)
 # inherits them under its base_model_prefix (see `fusable_modules`).
-_DEFAULT_FUSABLE: dict[str, dict[str, str]] = {
-    f"transformers.models.{module}.modeling_{module}.{prefix}Model": {
-        "RMSNorm": "layers.*.post_attention_layernorm",
-        "MLP": "layers.*.mlp",
+_DEFAULT_FUSABLE: dict[str, dict[str, str]] = (
+    {
+        f"transformers.models.{module}.modeling_{module}.{prefix}Model": {
+            "RMSNorm": "layers.*.post_attention_layernorm",
+            "MLP": "layers.*.mlp",
+        }
+        for module, prefix in (
+            ("llama", "Llama"),
+            ("mistral", "Mistral"),
+            ("qwen2", "Qwen2"),
+            ("qwen3", "Qwen3"),
+            ("gemma", "Gemma"),
+            ("phi3", "Phi3"),
+            ("granite", "Granite"),
+        )
     }
-    for module, prefix in (
-        ("llama", "Llama"),
-        ("mistral", "Mistral"),
-        ("qwen2", "Qwen2"),
-        ("qwen3", "Qwen3"),
-    )
-}
+    | {
+        # A second norm follows their MLP; the region fused is the pre-feedforward norm -> MLP.
+        f"transformers.models.{module}.modeling_{module}.{prefix}": {
+            "RMSNorm": "layers.*.pre_feedforward_layernorm",
+            "MLP": "layers.*.mlp",
+        }
+        for module, prefix in (("gemma2", "Gemma2Model"), ("gemma3", "Gemma3TextModel"))
+    }
+    | {
+        f"transformers.models.{module}.modeling_{module}.{prefix}Model": {
+            "LayerNorm": "layers.*.post_attention_layernorm",
+            "MLP": "layers.*.mlp",
+        }
+        for module, prefix in (
+            ("gpt_neox", "GPTNeoX"),
+            ("starcoder2", "Starcoder2"),
+            ("nemotron", "Nemotron"),
+        )
+    }
+)
 
 
 def register_fusable_modules(model_class: type, modules: Mapping[str, str]) -> None:

@@ -51,8 +51,18 @@ FAMILIES: dict[str, PatternFamily] = {
             op_modules=("inductor_fusion.triton_kernels.rmsnorm_mlp",),
             roles=("norm", "mlp"),
             description=(
-                "Llama-style RMSNorm -> SwiGLU MLP (gate/up/down, SiLU), with or without the "
-                "residual add that follows"
+                "RMSNorm (Llama's, Gemma's 1 + w) -> gated MLP (SiLU or GELU-tanh; separate or "
+                "fused gate/up), with or without the (scaled) residual add that follows"
+            ),
+        ),
+        PatternFamily(
+            name="layernorm_mlp",
+            pattern_module="inductor_fusion.patterns.layernorm_mlp",
+            op_modules=("inductor_fusion.triton_kernels.rmsnorm_mlp",),
+            roles=("norm", "mlp"),
+            description=(
+                "LayerNorm (with bias, or Nemotron's 1 + w) -> non-gated MLP (GELU, GELU-tanh, "
+                "ReLU^2), with or without the residual add that follows"
             ),
         ),
     )

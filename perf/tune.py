@@ -182,7 +182,7 @@ class Problem:
         def run(i: int) -> None:
             a = x
             if prenorm:
-                op._rms_norm_launch(x, self.norm_w, normed, EPS).run()
+                op._norm_launch(x, self.norm_w, normed, EPS).run()
                 a = normed
             op._gate_up_launch(
                 blocks, a, self.norm_w, self.gate[i], self.up[i], None, None, inter, EPS, "tf32",

@@ -107,7 +107,7 @@ def test_tiled_kernels_lower_too():
         gm = make_fx(lambda *a: kernels.rmsnorm_mlp_lowered(*a, None, None, None, a[0], 1e-5))(
             *args
         )
-    assert _launched(gm) == ["rms_norm_kernel", "gate_up_gemm_kernel", "down_gemm_kernel"]
+    assert _launched(gm) == ["norm_kernel", "gate_up_gemm_kernel", "down_gemm_kernel"]
 
 
 def test_launch_buffers_belong_to_the_graph():

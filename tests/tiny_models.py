@@ -9,14 +9,30 @@ from collections.abc import Iterator
 import torch
 from hf_region import hf_formula_fp64
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    NemotronConfig,
+    NemotronForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Starcoder2Config,
+    Starcoder2ForCausalLM,
 )
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
@@ -31,6 +47,24 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
+    "granite": (GraniteConfig, GraniteForCausalLM),
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
+    "starcoder2": (Starcoder2Config, Starcoder2ForCausalLM),
+    "nemotron": (NemotronConfig, NemotronForCausalLM),
+}
+
+# What a family's tiny config needs besides TINY: Granite's realistic residual multiplier (1.0
+# would hide a dropped scale), token ids inside the tiny vocabulary, eps for the norms' own names.
+FAMILY_OVERRIDES = {
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "granite": dict(residual_multiplier=0.22),
+    "gpt_neox": dict(layer_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    "starcoder2": dict(norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2),
+    "nemotron": dict(norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
 }
 
 # Sizes that are not multiples of Triton block sizes; eps that differs from every default.
@@ -49,7 +83,7 @@ TINY = dict(
 
 def tiny_config(family: str, **overrides):
     config_cls, _ = FAMILIES[family]
-    return config_cls(**{**TINY, **overrides})
+    return config_cls(**{**TINY, **FAMILY_OVERRIDES.get(family, {}), **overrides})
 
 
 def tiny_model(
@@ -63,6 +97,8 @@ def tiny_model(
         for name, param in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
+            if name.endswith("layernorm.bias") or name.endswith("norm.bias"):
+                param.uniform_(-0.5, 0.5)  # LayerNorm biases start at 0: a dropped one would hide
     return model.to(device=device, dtype=dtype).eval()
 
 

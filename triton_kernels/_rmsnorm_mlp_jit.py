@@ -39,8 +39,17 @@ that of the un-normalised hidden state, so an fp16 hidden state whose ``|x * w_n
 65504 would overflow where eager does not (bf16 and fp32 have the range to spare). The pre-pass
 form rounds exactly as eager does.
 
-Scalars: Inductor may hand Python floats over as fp64; ``eps`` is cast to fp32 so the math is
-never promoted to fp64.
+Family axes (``tl.constexpr`` switches, see ``rmsnorm_mlp.RegionSpec``): ``NORM`` is "rms"
+(folded as above), "layer" (F.layer_norm: the mean shift does not commute with the dot, so a
+pre-loop over the few KB of ``x`` takes mean and 1/std and the K loop feeds the finished
+``(x - mean) * rstd * w + b``) or "none" (OLMo-2; also how the tiled kernels read pre-normalised
+rows); ``weight_offset`` (runtime) makes the weight ``offset + w`` (Gemma, Nemotron);
+``ACTIVATION`` and ``GATED`` pick the epilogue ``act(gate) * up`` or ``act(gate)``; the down
+epilogue computes ``residual + y * residual_scale`` (Granite). Gate and up weights are read
+through their own strides, so Phi-3's fused ``gate_up_proj`` arrives as two views of one tensor.
+
+Scalars: Inductor may hand Python floats over as fp64; ``eps``, ``weight_offset`` and ``residual_scale``
+are cast to fp32 so the math is never promoted to fp64.
 
 Weights are read through their strides (nn.Linear layout [out, in]), so no weight is ever copied
 or repacked. Row offsets are int64 because M * I exceeds 2**31 for long prefills with large
@@ -55,11 +64,12 @@ def _gate_up_metadata(grid, metadata, args):
     """Bytes and flops of one gate/up launch, for Triton's profiler hooks."""
     m, n, k = args["M"], args["N"], args["K"]
     size = args["x_ptr"].element_size()
-    bytes_moved = size * (m * k + k + 2 * n * k + m * n)
+    projections = 2 if args.get("GATED", True) else 1
+    bytes_moved = size * (m * k + k + projections * n * k + m * n)
     bytes_moved += size * n * (int(args["HAS_GATE_BIAS"]) + int(args["HAS_UP_BIAS"]))
     return {
         "name": f"rmsnorm_gate_up[M={m},N={n},K={k}]",
-        f"flops{8 * size}": 4 * m * n * k,
+        f"flops{8 * size}": 2 * projections * m * n * k,
         "bytes": bytes_moved,
     }
 
@@ -78,9 +88,73 @@ def _down_metadata(grid, metadata, args):
 
 
 @triton.jit
-def _silu_mul(gate, up):
-    """SiLU(gate) * up in fp32 (the epilogue of both gate/up kernels)."""
-    return gate * tl.sigmoid(gate) * up
+def _activation(x, ACTIVATION: tl.constexpr):
+    """The MLP's activation in fp32, as transformers' ACT2FN entries define it."""
+    if ACTIVATION == "silu":
+        y = x * tl.sigmoid(x)
+    elif ACTIVATION == "gelu":  # erf form (nn.GELU(), "gelu")
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":  # "gelu_pytorch_tanh"
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        # tanh(u) = 2 sigmoid(2u) - 1: sigmoid exists on every backend and in the interpreter.
+        y = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    else:  # "relu2": relu(x) ** 2 (Nemotron)
+        r = tl.maximum(x, 0.0)
+        y = r * r
+    return y
+
+
+@triton.jit
+def _gate_up_epilogue(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
+    """act(gate) * up for gated MLPs, act(gate) for the others (``gate`` is then the only
+    up-projection, e.g. GPT-NeoX's dense_h_to_4h); fp32 in, fp32 out."""
+    y = _activation(gate, ACTIVATION)
+    if GATED:
+        y = y * up
+    return y
+
+
+@triton.jit
+def _layer_norm_stats(
+    x_ptrs, mask_m, K, eps, stride_xk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """Mean and 1/std of each row of [BLOCK_M, K] activations (F.layer_norm's statistics, in fp32).
+
+    Two passes (mean, then the mean of squared deviations), not E[x^2] - E[x]^2: hidden states
+    with a large common offset would cancel there. The rows are a few KB and stay in L1/L2."""
+    offs_k = tl.arange(0, BLOCK_K)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (offs_k < K - k0)[None, :]
+        total += tl.sum(tl.load(x_ptrs + k0 * stride_xk, mask=mask, other=0.0).to(tl.float32), 1)
+    mean = total / K
+    dev = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (offs_k < K - k0)[None, :]
+        x = tl.load(x_ptrs + k0 * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        dev += tl.sum(d * d, 1)
+    return mean, tl.rsqrt(dev / K + tl.cast(eps, tl.float32))
+
+
+@triton.jit
+def _normalize_tile(x, norm_w, norm_b, mean, rstd, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+    """The K-loop form of the norm: what the gate/up dots read for an fp32 tile ``x``.
+
+    "rms": ``x * w`` without rstd, which the accumulators get at the end (a per-row scale
+    commutes with the dot), so the statistics come from the tiles the loop loads anyway.
+    "layer": the whole ``(x - mean) * rstd * w + b`` (statistics from a pre-loop: see
+    `_layer_norm_stats`), since the mean shift does not commute with the dot.
+    "none": ``x``."""
+    if NORM == "rms":
+        a = x * norm_w[None, :]
+    elif NORM == "layer":
+        a = (x - mean[:, None]) * rstd[:, None] * norm_w[None, :]
+        if HAS_NORM_BIAS:
+            a += norm_b[None, :]
+    else:
+        a = x
+    return a
 
 
 @triton.jit
@@ -115,58 +189,84 @@ def _zero_counters(lock_ptr, num_locks, ZERO_LOCKS: tl.constexpr):
 
 
 @triton.jit
-def rms_norm_kernel(
+def norm_kernel(
     x_ptr,  # [M, K]
-    w_ptr,  # [K]
+    w_ptr,  # [K] (unused when NORM == "none")
+    b_ptr,  # [K] (unused unless HAS_BIAS)
     out_ptr,  # [M, K] normalised, in the input dtype
     M,
     K,
     eps,
+    weight_offset,
     stride_xm,
     stride_xk,
     stride_w,
+    stride_b,
     stride_om,
     stride_ok,
+    NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WEIGHT_FP32: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``out = round(round(x * rstd) * w)``: LlamaRMSNorm's arithmetic and roundings, one row per
-    program. Two passes over the row (the second one hits L1/L2)."""
+    """The norm with the modules' roundings, one row per program: "rms" is
+    ``round(round(x * rstd) * w)`` (LlamaRMSNorm) or, with WEIGHT_FP32, ``round(x * rstd * w)``
+    (GemmaRMSNorm's fp32 ``(1 + w)``); "layer" is F.layer_norm's single rounding of
+    ``(x - mean) * rstd * w + b``. ``w`` is the weight plus ``weight_offset``. Two passes over
+    the row for "rms", three for "layer" (the later ones hit L1/L2)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
+    mean = 0.0
+    if NORM == "layer":
+        total = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = offs < K - k0
+            total += tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(total, axis=0) / K
     sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask = offs < K - k0
         x = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        sum_sq += x * x
+        d = tl.where(mask, x - mean, 0.0)
+        sum_sq += d * d
     rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / K + tl.cast(eps, tl.float32))
     dtype = out_ptr.dtype.element_ty
+    offset = tl.cast(weight_offset, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask = offs < K - k0
         x = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + (k0 + offs) * stride_w, mask=mask, other=0.0).to(tl.float32)
-        n = (x * rstd).to(dtype).to(tl.float32) * w
+        w = tl.load(w_ptr + (k0 + offs) * stride_w, mask=mask, other=0.0).to(tl.float32) + offset
+        n = (x - mean) * rstd
+        if NORM == "rms" and not WEIGHT_FP32:
+            n = n.to(dtype).to(tl.float32)
+        n = n * w
+        if HAS_BIAS:
+            n += tl.load(b_ptr + (k0 + offs) * stride_b, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_om + (k0 + offs) * stride_ok, n.to(dtype), mask=mask)
 
 
 @triton.jit(launch_metadata=_gate_up_metadata)
 def gate_up_gemv_kernel(
     x_ptr,  # [M, K] hidden states (K = H, the hidden size)
-    norm_w_ptr,  # [K]
-    gate_w_ptr,  # [N, K] (N = I, the intermediate size)
-    up_w_ptr,  # [N, K]
+    norm_w_ptr,  # [K] (unused when NORM == "none")
+    norm_b_ptr,  # [K] (unused unless HAS_NORM_BIAS)
+    gate_w_ptr,  # [N, K] (N = I, the intermediate size); the only up-projection unless GATED
+    up_w_ptr,  # [N, K] (unused unless GATED)
     gate_b_ptr,  # [N] (unused unless HAS_GATE_BIAS)
     up_b_ptr,  # [N] (unused unless HAS_UP_BIAS)
-    out_ptr,  # [M, N] silu(gate) * up, in the input dtype
+    out_ptr,  # [M, N] act(gate) * up (or act(gate)), in the input dtype
     lock_ptr,  # int32 split-K counters of the down launch (unused unless ZERO_LOCKS)
     num_locks,
     M,
     N,
     K,
     eps,
+    weight_offset,
     stride_xm,
     stride_xk,
     stride_norm_w,
+    stride_norm_b,
     stride_gate_n,
     stride_gate_k,
     stride_up_n,
@@ -175,6 +275,10 @@ def gate_up_gemv_kernel(
     stride_up_b,
     stride_om,
     stride_on,
+    NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
     ZERO_LOCKS: tl.constexpr,
@@ -198,57 +302,79 @@ def gate_up_gemv_kernel(
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     norm_w_ptrs = norm_w_ptr + offs_k * stride_norm_w
+    norm_b_ptrs = norm_b_ptr + offs_k * stride_norm_b
     # Weight rows are contiguous along K: each warp reads whole 16-byte vectors of a row.
     gate_w_ptrs = gate_w_ptr + cols[:, None] * stride_gate_n + offs_k[None, :] * stride_gate_k
     up_w_ptrs = up_w_ptr + cols[:, None] * stride_up_n + offs_k[None, :] * stride_up_k
 
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM == "layer":
+        mean, rstd = _layer_norm_stats(x_ptrs, mask_m, K, eps, stride_xk, BLOCK_M, BLOCK_K)
+    offset = tl.cast(weight_offset, tl.float32)
+    norm_b = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    up_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=gate_w_ptr.dtype.element_ty)
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_gate = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0).to(tl.float32)
-            norm_w = tl.load(norm_w_ptrs).to(tl.float32)
+            norm_w = tl.load(norm_w_ptrs).to(tl.float32) + offset
+            if HAS_NORM_BIAS:
+                norm_b = tl.load(norm_b_ptrs).to(tl.float32)
             gate_w = tl.load(gate_w_ptrs, mask=mask_n[:, None], other=0.0)
-            up_w = tl.load(up_w_ptrs, mask=mask_n[:, None], other=0.0)
+            if GATED:
+                up_w = tl.load(up_w_ptrs, mask=mask_n[:, None], other=0.0)
         else:
             mask_k = offs_k < K - k0
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            norm_w = tl.load(norm_w_ptrs, mask=mask_k, other=0.0).to(tl.float32)
+            norm_w = tl.load(norm_w_ptrs, mask=mask_k, other=0.0).to(tl.float32) + offset
+            if HAS_NORM_BIAS:
+                norm_b = tl.load(norm_b_ptrs, mask=mask_k, other=0.0).to(tl.float32)
             gate_w = tl.load(gate_w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            up_w = tl.load(up_w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        # Masked lanes load 0, so they add nothing to the statistics or to the dots. Every
-        # program recomputes the statistics of its tokens; x is a few KB and stays in L2.
+            if GATED:
+                up_w = tl.load(up_w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        # Masked lanes load 0, so they add nothing to the statistics; past K the weight tiles
+        # are 0, so whatever the norm makes of a masked lane adds nothing to the dots either.
+        # Every program recomputes the statistics of its tokens; x is a few KB and stays in L2.
         sum_sq += tl.sum(x * x, axis=1)
-        a = (x * norm_w[None, :]).to(x_ptr.dtype.element_ty)
+        a = _normalize_tile(x, norm_w, norm_b, mean, rstd, NORM, HAS_NORM_BIAS)
+        a = a.to(x_ptr.dtype.element_ty)
         acc_gate = tl.dot(gate_w, tl.trans(a), acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(up_w, tl.trans(a), acc_up, input_precision=DOT_PRECISION)
+        if GATED:
+            acc_up = tl.dot(up_w, tl.trans(a), acc_up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         norm_w_ptrs += BLOCK_K * stride_norm_w
+        norm_b_ptrs += BLOCK_K * stride_norm_b
         gate_w_ptrs += BLOCK_K * stride_gate_k
         up_w_ptrs += BLOCK_K * stride_up_k
 
-    # Same statistic as LlamaRMSNorm: mean of squares in fp32, plus eps, reciprocal square root.
-    rstd = tl.rsqrt(sum_sq / K + tl.cast(eps, tl.float32))
-    gate = acc_gate * rstd[None, :]
-    up = acc_up * rstd[None, :]
+    gate = acc_gate
+    up = acc_up
+    if NORM == "rms":
+        # Same statistic as the RMSNorms: mean of squares in fp32, plus eps, 1/sqrt.
+        rstd = tl.rsqrt(sum_sq / K + tl.cast(eps, tl.float32))
+        gate = gate * rstd[None, :]
+        up = up * rstd[None, :]
     if HAS_GATE_BIAS:
         gate_b = tl.load(gate_b_ptr + cols * stride_gate_b, mask=mask_n, other=0.0)
         gate += gate_b.to(tl.float32)[:, None]
     if HAS_UP_BIAS:
         up_b = tl.load(up_b_ptr + cols * stride_up_b, mask=mask_n, other=0.0)
         up += up_b.to(tl.float32)[:, None]
-    act = _silu_mul(gate, up)
+    act = _gate_up_epilogue(gate, up, ACTIVATION, GATED)
     out_ptrs = out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on
     tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
 @triton.jit(launch_metadata=_gate_up_metadata)
 def gate_up_gemm_kernel(
-    x_ptr,  # [M, K] hidden states, or the pre-normalised ones when not NORM_IN_LOOP
-    norm_w_ptr,  # [K] (unused unless NORM_IN_LOOP)
-    gate_w_ptr,  # [N, K]
-    up_w_ptr,  # [N, K]
+    x_ptr,  # [M, K] hidden states (pre-normalised ones come with NORM == "none")
+    norm_w_ptr,  # [K] (unused when NORM == "none")
+    norm_b_ptr,  # [K] (unused unless HAS_NORM_BIAS)
+    gate_w_ptr,  # [N, K]; the only up-projection unless GATED
+    up_w_ptr,  # [N, K] (unused unless GATED)
     gate_b_ptr,  # [N] (unused unless HAS_GATE_BIAS)
     up_b_ptr,  # [N] (unused unless HAS_UP_BIAS)
     out_ptr,  # [M, N]
@@ -258,9 +384,11 @@ def gate_up_gemm_kernel(
     N,
     K,
     eps,
+    weight_offset,
     stride_xm,
     stride_xk,
     stride_norm_w,
+    stride_norm_b,
     stride_gate_n,
     stride_gate_k,
     stride_up_n,
@@ -269,11 +397,14 @@ def gate_up_gemm_kernel(
     stride_up_b,
     stride_om,
     stride_on,
+    NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
     ZERO_LOCKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    NORM_IN_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -294,41 +425,54 @@ def gate_up_gemm_kernel(
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     norm_w_ptrs = norm_w_ptr + offs_k * stride_norm_w
+    norm_b_ptrs = norm_b_ptr + offs_k * stride_norm_b
     # W is [N, K]; the dot wants W.T tiles [BLOCK_K, BLOCK_N], read in place through the strides.
     gate_w_ptrs = gate_w_ptr + offs_k[:, None] * stride_gate_k + cols[None, :] * stride_gate_n
     up_w_ptrs = up_w_ptr + offs_k[:, None] * stride_up_k + cols[None, :] * stride_up_n
 
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM == "layer":
+        mean, rstd = _layer_norm_stats(x_ptrs, mask_m, K, eps, stride_xk, BLOCK_M, BLOCK_K)
+    offset = tl.cast(weight_offset, tl.float32)
+    norm_w = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    norm_b = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    up_w = tl.zeros((BLOCK_K, BLOCK_N), dtype=gate_w_ptr.dtype.element_ty)
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
         if EVEN_K:
             a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             gate_w = tl.load(gate_w_ptrs, mask=mask_n[None, :], other=0.0)
-            up_w = tl.load(up_w_ptrs, mask=mask_n[None, :], other=0.0)
+            if GATED:
+                up_w = tl.load(up_w_ptrs, mask=mask_n[None, :], other=0.0)
         else:
-            mask_k = offs_k < K - k0
             a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             gate_w = tl.load(gate_w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            up_w = tl.load(up_w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if NORM_IN_LOOP:
+            if GATED:
+                up_w = tl.load(up_w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if NORM != "none":
             x = a.to(tl.float32)
             sum_sq += tl.sum(x * x, axis=1)
-            if EVEN_K:
-                norm_w = tl.load(norm_w_ptrs).to(tl.float32)
-            else:
-                norm_w = tl.load(norm_w_ptrs, mask=offs_k < K - k0, other=0.0).to(tl.float32)
-            a = (x * norm_w[None, :]).to(x_ptr.dtype.element_ty)
+            norm_w = tl.load(norm_w_ptrs, mask=mask_k, other=0.0).to(tl.float32) + offset
+            if HAS_NORM_BIAS:
+                norm_b = tl.load(norm_b_ptrs, mask=mask_k, other=0.0).to(tl.float32)
+            a = _normalize_tile(x, norm_w, norm_b, mean, rstd, NORM, HAS_NORM_BIAS)
+            a = a.to(x_ptr.dtype.element_ty)
             norm_w_ptrs += BLOCK_K * stride_norm_w
+            norm_b_ptrs += BLOCK_K * stride_norm_b
         acc_gate = tl.dot(a, gate_w, acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(a, up_w, acc_up, input_precision=DOT_PRECISION)
+        if GATED:
+            acc_up = tl.dot(a, up_w, acc_up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         gate_w_ptrs += BLOCK_K * stride_gate_k
         up_w_ptrs += BLOCK_K * stride_up_k
 
     gate = acc_gate
     up = acc_up
-    if NORM_IN_LOOP:
+    if NORM == "rms":
         rstd = tl.rsqrt(sum_sq / K + tl.cast(eps, tl.float32))
         gate = gate * rstd[:, None]
         up = up * rstd[:, None]
@@ -338,7 +482,7 @@ def gate_up_gemm_kernel(
     if HAS_UP_BIAS:
         up_b = tl.load(up_b_ptr + cols * stride_up_b, mask=mask_n, other=0.0)
         up += up_b.to(tl.float32)[None, :]
-    act = _silu_mul(gate, up)
+    act = _gate_up_epilogue(gate, up, ACTIVATION, GATED)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -358,15 +502,19 @@ def _down_epilogue(
     stride_rn,
     stride_om,
     stride_on,
+    residual_scale,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
 ):
+    """Bias, then ``residual + y * residual_scale`` (Granite's scaled residual; 1.0 elsewhere,
+    an exact multiply), on a transposed (GEMV) tile."""
     mask = mask_n[:, None] & mask_m[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols * stride_b, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     if HAS_RESIDUAL:
         res_ptrs = res_ptr + rows[None, :] * stride_rm + cols[:, None] * stride_rn
-        acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+        res = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * tl.cast(residual_scale, tl.float32) + res
     out_ptrs = out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -415,6 +563,7 @@ def down_gemv_kernel(
     stride_rn,
     stride_om,
     stride_on,
+    residual_scale,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -460,7 +609,7 @@ def down_gemv_kernel(
     if SPLIT_K == 1:
         _down_epilogue(
             acc, cols, rows, mask_n, mask_m, b_ptr, res_ptr, out_ptr, stride_b, stride_rm, stride_rn,
-            stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL,
+            stride_om, stride_on, residual_scale, HAS_BIAS, HAS_RESIDUAL,
         )  # fmt: skip
     else:
         ws_ptrs = ws_ptr + rows[None, :] * N + cols[:, None]
@@ -469,7 +618,7 @@ def down_gemv_kernel(
         if last:
             _down_epilogue(
                 acc, cols, rows, mask_n, mask_m, b_ptr, res_ptr, out_ptr, stride_b, stride_rm,
-                stride_rn, stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL,
+                stride_rn, stride_om, stride_on, residual_scale, HAS_BIAS, HAS_RESIDUAL,
             )  # fmt: skip
 
 
@@ -494,6 +643,7 @@ def down_gemm_kernel(
     stride_rn,
     stride_om,
     stride_on,
+    residual_scale,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -550,7 +700,8 @@ def down_gemm_kernel(
             acc += bias.to(tl.float32)[None, :]
         if HAS_RESIDUAL:
             res_ptrs = res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn
-            acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+            res = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+            acc = acc * tl.cast(residual_scale, tl.float32) + res
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -573,6 +724,8 @@ def gate_up_tma_kernel(
     stride_up_b,
     stride_om,
     stride_on,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
     ZERO_LOCKS: tl.constexpr,
@@ -594,9 +747,10 @@ def gate_up_tma_kernel(
     for k0 in range(0, K, BLOCK_K):
         a = x_desc.load([off_m, k0])
         gate_w = gate_desc.load([off_n, k0])
-        up_w = up_desc.load([off_n, k0])
         acc_gate = tl.dot(a, gate_w.T, acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(a, up_w.T, acc_up, input_precision=DOT_PRECISION)
+        if GATED:
+            up_w = up_desc.load([off_n, k0])
+            acc_up = tl.dot(a, up_w.T, acc_up, input_precision=DOT_PRECISION)
 
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -610,7 +764,7 @@ def gate_up_tma_kernel(
     if HAS_UP_BIAS:
         up_b = tl.load(up_b_ptr + cols * stride_up_b, mask=mask_n, other=0.0)
         acc_up += up_b.to(tl.float32)[None, :]
-    act = _silu_mul(acc_gate, acc_up)
+    act = _gate_up_epilogue(acc_gate, acc_up, ACTIVATION, GATED)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -633,6 +787,7 @@ def down_tma_kernel(
     stride_rn,
     stride_om,
     stride_on,
+    residual_scale,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -676,6 +831,7 @@ def down_tma_kernel(
             acc += bias.to(tl.float32)[None, :]
         if HAS_RESIDUAL:
             res_ptrs = res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn
-            acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+            res = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+            acc = acc * tl.cast(residual_scale, tl.float32) + res
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)

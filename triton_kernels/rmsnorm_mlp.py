@@ -34,6 +34,8 @@ from inductor_fusion.triton_kernels import _rmsnorm_mlp_jit as _jit
 from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned as _tuned
 
 __all__ = [
+    "LLAMA",
+    "RegionSpec",
     "rmsnorm_mlp",
     "rmsnorm_mlp_lowered",
     "rmsnorm_mlp_reference",
@@ -51,11 +53,51 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PROFITABLE_TOKENS = 64
 
 
+NORMS = ("rms", "layer", "none")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionSpec:
+    """What the region computes besides its tensors: the op's axes, named after what the models
+    write. Defaults are Llama's (LlamaRMSNorm -> SwiGLU).
+
+    ``norm``: "rms" (the RMSNorms), "layer" (``F.layer_norm``, optional bias) or "none" (the MLP
+    reads ``hidden`` itself, OLMo-2). ``norm_weight_offset``: the norm multiplies by
+    ``weight + offset`` (1.0 for Gemma's ``1 + w`` and Nemotron's LayerNorm1P). ``norm_weight_fp32``
+    (RMS only): the weight multiplies the fp32 normalised value before the one cast back (Gemma)
+    rather than the value already cast back (Llama); F.layer_norm always does the former.
+    ``activation``: "silu", "gelu" (erf), "gelu_tanh" (``gelu_pytorch_tanh``) or "relu2"
+    (``relu(x)**2``). ``gated``: ``down(act(gate(n)) * up(n))``, else ``down(act(gate(n)))``
+    with ``gate`` the only up-projection (GPT-NeoX's dense_h_to_4h, Starcoder2's c_fc)."""
+
+    norm: str = "rms"
+    norm_weight_offset: float = 0.0
+    norm_weight_fp32: bool = False
+    activation: str = "silu"
+    gated: bool = True
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.norm == "none" and (self.norm_weight_offset or self.norm_weight_fp32):
+            raise ValueError("norm='none' takes no weight offset and no weight placement")
+
+    def op_kwargs(self) -> dict[str, Any]:
+        """The op's keyword arguments that spell this spec."""
+        return dataclasses.asdict(self)
+
+
+LLAMA = RegionSpec()
+
+
 def rmsnorm_mlp_reference(
     hidden: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     gate_weight: Tensor,
-    up_weight: Tensor,
+    up_weight: Tensor | None,
     down_weight: Tensor,
     *,
     gate_bias: Tensor | None = None,
@@ -63,20 +105,52 @@ def rmsnorm_mlp_reference(
     down_bias: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float,
+    norm_bias: Tensor | None = None,
+    residual_scale: float = 1.0,
+    spec: RegionSpec = LLAMA,
 ) -> Tensor:
-    """The region exactly as Hugging Face's LlamaRMSNorm + LlamaMLP (+ residual) compute it.
+    """The region exactly as the Hugging Face modules compute it (``spec`` says which).
 
-    The statistics are taken in fp32, the normalised value is rounded to the input dtype *before*
-    the weight multiply, and every intermediate is rounded to the input dtype: this rounding is
-    what "same-dtype eager" means in our tolerance rule.
+    Norms round as the modules do: LlamaRMSNorm takes the statistics in fp32 and rounds the
+    normalised value to the input dtype *before* the weight multiply; GemmaRMSNorm multiplies by
+    ``1 + w`` in fp32 and rounds once; F.layer_norm rounds once. Every later intermediate is
+    rounded to the input dtype: this rounding is what "same-dtype eager" means in our tolerance
+    rule.
     """
-    x32 = hidden.float()
-    n = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
-    n = n * norm_weight
+    n = _norm_reference(hidden, norm_weight, norm_bias, eps, spec)
     gate = F.linear(n, gate_weight, gate_bias)
-    up = F.linear(n, up_weight, up_bias)
-    y = F.linear(F.silu(gate) * up, down_weight, down_bias)
-    return y if residual is None else residual + y
+    act = _ACTIVATION_REFERENCE[spec.activation](gate)
+    if spec.gated:
+        act = act * F.linear(n, up_weight, up_bias)
+    y = F.linear(act, down_weight, down_bias)
+    if residual is None:
+        return y
+    return residual + (y if residual_scale == 1.0 else y * residual_scale)
+
+
+def _norm_reference(
+    hidden: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, spec: RegionSpec
+) -> Tensor:
+    if spec.norm == "none":
+        return hidden
+    offset = spec.norm_weight_offset
+    if spec.norm == "layer":
+        # NemotronLayerNorm1P adds its 1 in the weight's dtype, then calls F.layer_norm.
+        w = weight if offset == 0.0 else weight + offset
+        return F.layer_norm(hidden, (hidden.shape[-1],), w, bias, eps)
+    x32 = hidden.float()
+    n = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if spec.norm_weight_fp32:  # GemmaRMSNorm
+        return (n * (weight.float() + offset)).to(hidden.dtype)
+    return n.to(hidden.dtype) * (weight if offset == 0.0 else weight + offset)  # LlamaRMSNorm
+
+
+_ACTIVATION_REFERENCE = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu2": lambda x: torch.square(F.relu(x)),
+}
 
 
 def supports(
@@ -98,14 +172,16 @@ def supports(
 
 def _check_args(
     hidden: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     gate_weight: Tensor,
-    up_weight: Tensor,
+    up_weight: Tensor | None,
     down_weight: Tensor,
     gate_bias: Tensor | None,
     up_bias: Tensor | None,
     down_bias: Tensor | None,
     residual: Tensor | None,
+    norm_bias: Tensor | None = None,
+    spec: RegionSpec = LLAMA,
 ) -> None:
     """Raise ``ValueError`` naming the offending argument when shapes, dtypes or devices disagree.
 
@@ -121,8 +197,19 @@ def _check_args(
         ),
     )
     inter_size = gate_weight.shape[0]
+    present = {
+        "norm_weight": (norm_weight, spec.norm != "none"),
+        "norm_bias": (norm_bias, None if spec.norm == "layer" else False),
+        "up_weight": (up_weight, spec.gated),
+        "up_bias": (up_bias, None if spec.gated else False),
+    }
+    for name, (tensor, wanted) in present.items():
+        if wanted is not None and (tensor is not None) != wanted:
+            what = "needs" if wanted else "takes no"
+            raise ValueError(f"rmsnorm_mlp: {spec} {what} {name}")
     expected = {
         "norm_weight": (norm_weight, (hidden_size,)),
+        "norm_bias": (norm_bias, (hidden_size,)),
         "gate_weight": (gate_weight, (inter_size, hidden_size)),
         "up_weight": (up_weight, (inter_size, hidden_size)),
         "down_weight": (down_weight, (hidden_size, inter_size)),
@@ -219,7 +306,7 @@ class _Config:
     name: str
     gate_up: _Blocks
     down: _Blocks
-    prenorm: bool = False  # gemm gate/up only: rms_norm_kernel first, plain A tiles in the loop
+    prenorm: bool = False  # gemm gate/up only: norm_kernel first, plain A tiles in the loop
 
     def __post_init__(self) -> None:
         if self.prenorm and self.gate_up.kind == "gemv":
@@ -380,9 +467,9 @@ class _Plan:
 
 def _plan(
     hidden: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     gate_weight: Tensor,
-    up_weight: Tensor,
+    up_weight: Tensor | None,
     down_weight: Tensor,
     gate_bias: Tensor | None,
     up_bias: Tensor | None,
@@ -392,6 +479,9 @@ def _plan(
     config: _Config,
     *,
     tma: bool,
+    norm_bias: Tensor | None = None,
+    residual_scale: float = 1.0,
+    spec: RegionSpec = LLAMA,
 ) -> _Plan:
     """The launches that compute the region, and the buffers they write (allocated here).
 
@@ -424,26 +514,31 @@ def _plan(
     if split_k > 1:
         locks = torch.empty(tiles, dtype=torch.int32, device=hidden.device)
     launches = []
-    if config.prenorm:
+    # Without a norm the tiled kernels read hidden as they would read pre-normalised rows.
+    prenorm = config.prenorm or spec.norm == "none"
+    if config.prenorm and spec.norm != "none":
         normed = torch.empty((m, hidden_size), dtype=hidden.dtype, device=hidden.device)
-        launches.append(_rms_norm_launch(x, norm_weight, normed, eps))
+        launches.append(_norm_launch(x, norm_weight, normed, eps, bias=norm_bias, spec=spec))
         x = normed
     gate_up = _gate_up_launch(
         config.gate_up, x, norm_weight, gate_weight, up_weight, gate_bias, up_bias, inter,
-        eps, precision, norm_in_loop=not config.prenorm, zero_locks=locks, tma=tma,
+        eps, precision, norm_in_loop=not prenorm, zero_locks=locks, tma=tma,
+        norm_bias=norm_bias, spec=spec,
     )  # fmt: skip
     launches.append(gate_up)
-    launches.append(
-        _down_launch(config.down, inter, down_weight, down_bias, res, out, precision, locks, tma)
-    )
+    down = _down_launch(
+        config.down, inter, down_weight, down_bias, res, out, precision, locks, tma,
+        residual_scale=residual_scale,
+    )  # fmt: skip
+    launches.append(down)
     return _Plan(tuple(launches), out)
 
 
 def rmsnorm_mlp_triton(
     hidden: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     gate_weight: Tensor,
-    up_weight: Tensor,
+    up_weight: Tensor | None,
     down_weight: Tensor,
     *,
     gate_bias: Tensor | None = None,
@@ -451,6 +546,9 @@ def rmsnorm_mlp_triton(
     down_bias: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float,
+    norm_bias: Tensor | None = None,
+    residual_scale: float = 1.0,
+    spec: RegionSpec = LLAMA,
     _config: _Config | None = None,
 ) -> Tensor:
     """Launch the Triton kernels now; same contract as :func:`rmsnorm_mlp_reference`.
@@ -460,7 +558,7 @@ def rmsnorm_mlp_triton(
     can reach every kernel and branch.
     """
     tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
-    _check_args(hidden, *tensors, residual)
+    _check_args(hidden, *tensors, residual, norm_bias, spec)
     if hidden.numel() == 0:
         return torch.empty_like(hidden)
     m = hidden.numel() // hidden.shape[-1]
@@ -469,7 +567,10 @@ def rmsnorm_mlp_triton(
         m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, interpret,
         _device_name(hidden.device),
     )  # fmt: skip
-    plan = _plan(hidden, *tensors, residual, eps, config, tma=True)
+    plan = _plan(
+        hidden, *tensors, residual, eps, config, tma=True, norm_bias=norm_bias,
+        residual_scale=residual_scale, spec=spec,
+    )  # fmt: skip
     with _device_guard(hidden):
         for launch in plan.launches:
             launch.run()
@@ -478,15 +579,19 @@ def rmsnorm_mlp_triton(
 
 def rmsnorm_mlp_lowered(
     hidden: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     gate_weight: Tensor,
-    up_weight: Tensor,
+    up_weight: Tensor | None,
     down_weight: Tensor,
     gate_bias: Tensor | None,
     up_bias: Tensor | None,
     down_bias: Tensor | None,
     residual: Tensor | None,
     eps: float,
+    *,
+    norm_bias: Tensor | None = None,
+    residual_scale: float = 1.0,
+    spec: RegionSpec = LLAMA,
 ) -> Tensor:
     """The region as Inductor-visible Triton launches, for a compiled graph (same contract).
 
@@ -501,13 +606,16 @@ def rmsnorm_mlp_lowered(
     regime recompiles once: at most one graph per regime, never one per M).
     """
     tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
-    _check_args(hidden, *tensors, residual)
+    _check_args(hidden, *tensors, residual, norm_bias, spec)
     m = hidden.numel() // hidden.shape[-1]
     config = _graph_config(
         m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, hidden.device.type == "cpu",
         _device_name(hidden.device),
     )  # fmt: skip
-    plan = _plan(hidden, *tensors, residual, eps, config, tma=False)
+    plan = _plan(
+        hidden, *tensors, residual, eps, config, tma=False, norm_bias=norm_bias,
+        residual_scale=residual_scale, spec=spec,
+    )  # fmt: skip
     return _emit(plan).view(hidden.shape)
 
 
@@ -579,24 +687,38 @@ def _emit(plan: _Plan) -> Tensor:
     return latest[id(plan.out)]
 
 
-def _rms_norm_launch(x: Tensor, weight: Tensor, out: Tensor, eps: float) -> _Launch:
+def _norm_launch(
+    x: Tensor,
+    weight: Tensor,
+    out: Tensor,
+    eps: float,
+    *,
+    bias: Tensor | None = None,
+    spec: RegionSpec = LLAMA,
+) -> _Launch:
     m, k = x.shape
     block_k = min(triton.next_power_of_2(k), 4096)
     args = {
         "x_ptr": x,
         "w_ptr": weight,
+        "b_ptr": weight if bias is None else bias,  # unread without a bias
         "out_ptr": out,
         "M": m,
         "K": k,
         "eps": float(eps),
+        "weight_offset": float(spec.norm_weight_offset),
         "stride_xm": x.stride(0),
         "stride_xk": x.stride(1),
         "stride_w": weight.stride(0),
+        "stride_b": 0 if bias is None else bias.stride(0),
         "stride_om": out.stride(0),
         "stride_ok": out.stride(1),
+        "NORM": spec.norm,
+        "HAS_BIAS": bias is not None,
+        "WEIGHT_FP32": spec.norm_weight_fp32,
         "BLOCK_K": block_k,
     }
-    return _Launch(_jit.rms_norm_kernel, (m,), args, ("out_ptr",), 8 if block_k >= 2048 else 4, 1)
+    return _Launch(_jit.norm_kernel, (m,), args, ("out_ptr",), 8 if block_k >= 2048 else 4, 1)
 
 
 def _gate_up_launch(
@@ -613,10 +735,20 @@ def _gate_up_launch(
     norm_in_loop: bool,
     zero_locks: Tensor | None = None,
     tma: bool = True,
+    *,
+    norm_bias: Tensor | None = None,
+    spec: RegionSpec = LLAMA,
 ) -> _Launch:
-    """The gate/up launch; it also zeroes ``zero_locks``, the down launch's split-K counters."""
+    """The gate/up launch; it also zeroes ``zero_locks``, the down launch's split-K counters.
+
+    ``norm_in_loop=False``: ``x`` holds the norm's output (or the region has no norm)."""
     m, k = x.shape
     n = inter.shape[1]
+    gated = spec.gated
+    if not gated:
+        up_weight = gate_weight  # unread
+    if norm_weight is None:
+        norm_weight = gate_weight  # unread: no norm
     # Arguments by name, grouped by what the kernels share. Unused pointer arguments still need a
     # tensor; the constexpr flags keep them unread. They get a weight, never a buffer the launch
     # writes: in a compiled graph an alias of a written buffer would stop Inductor from reusing
@@ -634,6 +766,8 @@ def _gate_up_launch(
         "stride_up_b": 0 if up_bias is None else up_bias.stride(0),
         "stride_om": inter.stride(0),
         "stride_on": inter.stride(1),
+        "ACTIVATION": spec.activation,
+        "GATED": gated,
         "HAS_GATE_BIAS": gate_bias is not None,
         "HAS_UP_BIAS": up_bias is not None,
         "ZERO_LOCKS": zero_locks is not None,
@@ -657,24 +791,30 @@ def _gate_up_launch(
     pointers = {
         "x_ptr": x,
         "norm_w_ptr": norm_weight,
+        "norm_b_ptr": norm_weight if norm_bias is None else norm_bias,
         "gate_w_ptr": gate_weight,
         "up_w_ptr": up_weight,
         "eps": float(eps),
+        "weight_offset": float(spec.norm_weight_offset),
         "stride_xm": x.stride(0),
         "stride_xk": x.stride(1),
         "stride_norm_w": norm_weight.stride(0),
+        "stride_norm_b": 0 if norm_bias is None else norm_bias.stride(0),
         "stride_gate_n": gate_weight.stride(0),
         "stride_gate_k": gate_weight.stride(1),
         "stride_up_n": up_weight.stride(0),
         "stride_up_k": up_weight.stride(1),
         "EVEN_K": k % blocks.block_k == 0,
+        # The kernels apply the norm in their K loop, unless the rows come normalised.
+        "NORM": spec.norm if norm_in_loop else "none",
+        "HAS_NORM_BIAS": norm_in_loop and norm_bias is not None,
     }
     if blocks.kind == "gemv":
-        if not norm_in_loop:
+        if not norm_in_loop and spec.norm != "none":
             raise ValueError("the gate/up GEMV always computes the norm in its loop")
         grid = (triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m))
         return _Launch(_jit.gate_up_gemv_kernel, grid, {**pointers, **shared}, writes, *options)
-    args = {**pointers, **shared, "NORM_IN_LOOP": norm_in_loop}
+    args = {**pointers, **shared}
     return _Launch(_jit.gate_up_gemm_kernel, grid, args, writes, *options)
 
 
@@ -701,6 +841,8 @@ def _down_launch(
     precision: str,
     locks: Tensor | None = None,
     tma: bool = True,
+    *,
+    residual_scale: float = 1.0,
 ) -> _Launch:
     """The down launch. Split-K configurations need ``locks``, int32 counters (at least one per
     output tile) that are zero at launch; without them the launch runs unsplit."""
@@ -719,6 +861,7 @@ def _down_launch(
         "stride_rn": 0 if res is None else res.stride(1),
         "stride_om": out.stride(0),
         "stride_on": out.stride(1),
+        "residual_scale": float(residual_scale),
         "HAS_BIAS": down_bias is not None,
         "HAS_RESIDUAL": res is not None,
         "DOT_PRECISION": precision,
@@ -767,107 +910,105 @@ def _device_guard(tensor: Tensor):
     return contextlib.nullcontext()
 
 
-# The schema keeps every argument positional and the optional tensors explicit: that is the form
-# a post-grad replacement calls, and what ``register_fake`` and ``opcheck`` see.
+# The schema keeps the tensors and eps positional and the optional tensors explicit: that is the
+# form a post-grad replacement calls, and what ``register_fake`` and ``opcheck`` see. The region's
+# kind (`RegionSpec`) and the new tensors come as keyword arguments whose defaults are Llama's, so
+# calls written before them still mean what they meant.
 @torch.library.custom_op("inductor_fusion::rmsnorm_mlp", mutates_args=())
 def rmsnorm_mlp(
     hidden: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     gate_weight: Tensor,
-    up_weight: Tensor,
+    up_weight: Tensor | None,
     down_weight: Tensor,
     gate_bias: Tensor | None,
     up_bias: Tensor | None,
     down_bias: Tensor | None,
     residual: Tensor | None,
     eps: float,
+    norm_bias: Tensor | None = None,  # torch.library refuses keyword-only tensors
+    *,
+    residual_scale: float = 1.0,
+    norm: str = "rms",
+    norm_weight_offset: float = 0.0,
+    norm_weight_fp32: bool = False,
+    activation: str = "silu",
+    gated: bool = True,
 ) -> Tensor:
-    """``residual + down(silu(gate(n)) * up(n))`` with ``n = rmsnorm(hidden) * norm_weight``.
+    """``residual + residual_scale * down(act(gate(n)) * up(n))`` with ``n = norm(hidden)``
+    (see `RegionSpec` for the keyword axes).
 
     This body is the implementation for every device without a registered kernel (CPU
     included): the reference itself, contiguous to match the fake implementation.
     """
-    _check_args(
-        hidden,
-        norm_weight,
-        gate_weight,
-        up_weight,
-        down_weight,
-        gate_bias,
-        up_bias,
-        down_bias,
-        residual,
-    )
+    spec = RegionSpec(norm, norm_weight_offset, norm_weight_fp32, activation, gated)
+    tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+    _check_args(hidden, *tensors, residual, norm_bias, spec)
     out = rmsnorm_mlp_reference(
-        hidden,
-        norm_weight,
-        gate_weight,
-        up_weight,
-        down_weight,
-        gate_bias=gate_bias,
-        up_bias=up_bias,
-        down_bias=down_bias,
-        residual=residual,
-        eps=eps,
-    )
+        hidden, norm_weight, gate_weight, up_weight, down_weight, gate_bias=gate_bias,
+        up_bias=up_bias, down_bias=down_bias, residual=residual, eps=eps, norm_bias=norm_bias,
+        residual_scale=residual_scale, spec=spec,
+    )  # fmt: skip
     return out.contiguous()
 
 
 @rmsnorm_mlp.register_kernel("cuda")
 def _rmsnorm_mlp_cuda(
     hidden: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     gate_weight: Tensor,
-    up_weight: Tensor,
+    up_weight: Tensor | None,
     down_weight: Tensor,
     gate_bias: Tensor | None,
     up_bias: Tensor | None,
     down_bias: Tensor | None,
     residual: Tensor | None,
     eps: float,
+    norm_bias: Tensor | None = None,  # torch.library refuses keyword-only tensors
+    *,
+    residual_scale: float = 1.0,
+    norm: str = "rms",
+    norm_weight_offset: float = 0.0,
+    norm_weight_fp32: bool = False,
+    activation: str = "silu",
+    gated: bool = True,
 ) -> Tensor:
     # Patterns only insert the op where ``supports`` agrees, but a direct call may bring any
     # dtype (e.g. float64); that gets the reference rather than an error.
+    spec = RegionSpec(norm, norm_weight_offset, norm_weight_fp32, activation, gated)
     impl = rmsnorm_mlp_triton
     if supports(hidden.dtype, hidden.device.type, hidden.shape[-1], gate_weight.shape[0]):
         impl = rmsnorm_mlp_reference
     out = impl(
-        hidden,
-        norm_weight,
-        gate_weight,
-        up_weight,
-        down_weight,
-        gate_bias=gate_bias,
-        up_bias=up_bias,
-        down_bias=down_bias,
-        residual=residual,
-        eps=eps,
-    )
+        hidden, norm_weight, gate_weight, up_weight, down_weight, gate_bias=gate_bias,
+        up_bias=up_bias, down_bias=down_bias, residual=residual, eps=eps, norm_bias=norm_bias,
+        residual_scale=residual_scale, spec=spec,
+    )  # fmt: skip
     return out.contiguous()
 
 
 @rmsnorm_mlp.register_fake
 def _rmsnorm_mlp_fake(
     hidden: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     gate_weight: Tensor,
-    up_weight: Tensor,
+    up_weight: Tensor | None,
     down_weight: Tensor,
     gate_bias: Tensor | None,
     up_bias: Tensor | None,
     down_bias: Tensor | None,
     residual: Tensor | None,
     eps: float,
+    norm_bias: Tensor | None = None,  # torch.library refuses keyword-only tensors
+    *,
+    residual_scale: float = 1.0,
+    norm: str = "rms",
+    norm_weight_offset: float = 0.0,
+    norm_weight_fp32: bool = False,
+    activation: str = "silu",
+    gated: bool = True,
 ) -> Tensor:
-    _check_args(
-        hidden,
-        norm_weight,
-        gate_weight,
-        up_weight,
-        down_weight,
-        gate_bias,
-        up_bias,
-        down_bias,
-        residual,
-    )
+    spec = RegionSpec(norm, norm_weight_offset, norm_weight_fp32, activation, gated)
+    tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+    _check_args(hidden, *tensors, residual, norm_bias, spec)
     return hidden.new_empty(hidden.shape)

@@ -1,0 +1,37 @@
+"""LayerNorm -> non-gated MLP (-> residual add): GPT-NeoX, Starcoder2, Nemotron.
+
+The rows of the `norm_mlp` table this family registers. GPT-NeoX's parallel residual
+(``h + attn + mlp(ln(h))``) fuses in its no-residual form; its sequential form adds the MLP output
+on the left of the norm's input (``mlp + h``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from inductor_fusion.patterns import norm_mlp
+from inductor_fusion.patterns.norm_mlp import Shape
+from inductor_fusion.report import FusedRegion
+
+NAME = "layernorm_mlp"
+ROLES = ("norm", "mlp")
+
+SHAPES: tuple[Shape, ...] = (
+    Shape(
+        "gpt_neox", "layer", "gelu", "plain", ("right", "none"), biases=(True,),
+        models="GPT-NeoX (sequential: mlp + h; parallel: mlp only)",
+    ),
+    Shape(
+        "starcoder2", "layer", "gelu_tanh", "plain", ("left", "none"), biases=(True, False),
+        models="Starcoder2 (use_bias=True or False)",
+    ),
+    Shape(
+        "nemotron", "layer_1p", "relu2", "plain", ("left", "none"), biases=(False, True),
+        models="Nemotron (LayerNorm1P, ReLU^2)",
+    ),
+)  # fmt: skip
+
+
+def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
+    norm_mlp.register(pass_, family=NAME, shapes=SHAPES, on_match=on_match)

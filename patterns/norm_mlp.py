@@ -1,0 +1,687 @@
+"""The norm -> MLP (-> residual) engine behind the pattern families of this package.
+
+One table describes what the Hugging Face decoder families write after attention, as a few named
+axes: the norm (Llama's RMSNorm, Gemma's ``(1 + w)`` RMSNorm, LayerNorm, Nemotron's LayerNorm1P,
+none), the MLP (activation; gated with separate or fused gate/up projections, or not gated) and
+the residual (none, ``h + mlp`` on either side, ``h + mlp * scale``). Each row (`Shape`) is a
+family's form; each family module (``rmsnorm_mlp``, ``layernorm_mlp``) lists its rows and calls
+`register`. The search functions are the modules' math written as plain PyTorch, e.g. Llama's:
+
+    n   = weight * (h.float() * rsqrt(mean(h.float()**2, -1, keepdim) + eps)).to(h.dtype)
+    out = h + down(silu(gate(n)) * up(n))
+
+Inductor's pattern matcher traces them (with its own decompositions, so ``F.silu``,
+``F.layer_norm`` and ``F.linear`` become exactly the nodes a compiled HF model shows) and finds
+them in post-grad graphs with every literal compared (`search_pattern`), so a ``pow(x, 3)``, a
+``mean`` over another dim, another activation's constants or a cast to another dtype never fuse.
+
+Variants come from one loop: the row, dtype class (fp32 graphs lose the casts), 2-D or 3-D
+activations (3-D adds reshapes), MLP biases, and the residual forms the row's models write.
+Regions with a second norm on the MLP output (Gemma2/3's and OLMo-2's
+``post_feedforward_layernorm``) fuse up to the MLP output (the no-residual variant); the post-norm
+and the add stay Inductor's, because a row norm over H cannot sit in the down GEMM's epilogue,
+whose programs each see only part of a row.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from inductor_fusion.report import FusedRegion
+from inductor_fusion.triton_kernels.rmsnorm_mlp import RegionSpec
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SUPPORTED_DEVICES = ("cuda", "cpu")
+# Example scalars that equal no other literal of any pattern (2 in pow, 1 in silu and 1 + w, -1
+# in mean, GELU's constants), so the scalar workaround turns exactly these into arguments.
+_EXAMPLE_EPS = 1e-5
+_EXAMPLE_SCALE = 0.3173828125
+_SCALARS = {"eps": _EXAMPLE_EPS, "residual_scale": _EXAMPLE_SCALE}
+
+
+# --- the math, as plain PyTorch -----------------------------------------------------------------
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm (Mistral, Qwen2/3, Phi-3, Granite)."""
+    x = hidden.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(hidden.dtype)
+
+
+def gemma_rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """GemmaRMSNorm (Gemma, Gemma2, Gemma3): ``1 + w`` in fp32, one cast at the end."""
+    x = hidden.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (x * (1.0 + weight.float())).type_as(hidden)
+
+
+def layer_norm(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """nn.LayerNorm (GPT-NeoX, Starcoder2)."""
+    return F.layer_norm(hidden, (hidden.shape[-1],), weight, bias, eps)
+
+
+def layer_norm_1p(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """NemotronLayerNorm1P: LayerNorm with the weight used as ``w + 1``."""
+    return F.layer_norm(hidden, (hidden.shape[-1],), weight + 1.0, bias, eps)
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),  # "gelu_pytorch_tanh"
+    "relu2": lambda x: torch.square(F.relu(x)),  # ReLUSquaredActivation
+}
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm the models write: its search function and the op's spelling of it."""
+
+    fn: Callable[..., torch.Tensor] | None  # (hidden, weight[, bias], eps) -> normed
+    kind: str  # the op's norm: "rms", "layer" or "none"
+    bias: bool = False
+    offset: float = 0.0
+    weight_fp32: bool = False
+
+
+NORMS = {
+    "llama_rms": Norm(rms_norm, "rms"),
+    "gemma_rms": Norm(gemma_rms_norm, "rms", offset=1.0, weight_fp32=True),
+    "layer": Norm(layer_norm, "layer", bias=True, weight_fp32=True),
+    "layer_1p": Norm(layer_norm_1p, "layer", bias=True, offset=1.0, weight_fp32=True),
+    "none": Norm(None, "none"),
+}
+MLPS = ("separate", "fused", "plain")  # gate/up projections; one fused gate_up; no gate
+RESIDUALS = ("left", "right", "scaled", "none")  # h + y, y + h, h + y * scale, y
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One row of the table: the region as one group of models writes it."""
+
+    name: str  # variant-name prefix ("" for Llama's, the historical names)
+    norm: str  # a key of NORMS
+    activation: str  # a key of _ACTIVATIONS
+    mlp: str  # one of MLPS
+    residuals: tuple[str, ...]  # the residual forms registered, from RESIDUALS
+    biases: tuple[bool, ...] = (False,)  # MLP biases registered (mlp_bias / use_bias)
+    models: str = ""  # who writes it, for messages and the README
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS or self.activation not in _ACTIVATIONS or self.mlp not in MLPS:
+            raise ValueError(f"unknown axis value in {self}")
+        if not set(self.residuals) <= set(RESIDUALS):
+            raise ValueError(f"unknown residual form in {self}")
+        if self.mlp == "fused" and True in self.biases:
+            raise ValueError("fused gate_up projections are registered without biases")
+
+    @property
+    def spec(self) -> RegionSpec:
+        norm = NORMS[self.norm]
+        return RegionSpec(
+            norm=norm.kind,
+            norm_weight_offset=norm.offset,
+            norm_weight_fp32=norm.weight_fp32,
+            activation=self.activation,
+            gated=self.mlp != "plain",
+        )
+
+
+def mlp(shape: Shape, x: torch.Tensor, a: dict[str, Any], bias: bool) -> torch.Tensor:
+    act = _ACTIVATIONS[shape.activation]
+    gate_bias = a["gate_bias"] if bias else None
+    down_bias = a["down_bias"] if bias else None
+    if shape.mlp == "plain":
+        inter = act(F.linear(x, a["gate_weight"], gate_bias))
+    elif shape.mlp == "fused":  # Phi3MLP: one projection, chunked; operands as it writes them
+        gate, up = F.linear(x, a["gate_weight"]).chunk(2, dim=-1)
+        inter = up * act(gate)
+    else:
+        gate = F.linear(x, a["gate_weight"], gate_bias)
+        inter = act(gate) * F.linear(x, a["up_weight"], a["up_bias"] if bias else None)
+    return F.linear(inter, a["down_weight"], down_bias)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One registered form of a row: the unit torch's pattern matcher registers."""
+
+    lowp: bool  # bf16/fp16 graph: casts to fp32 and back are present
+    ndim: int  # 2 or 3: 3-D activations add reshapes around each mm
+    bias: bool  # MLP biases: addmm instead of mm
+    residual: str  # one of RESIDUALS
+    # 3-D graphs come in two forms: with `view` nodes (the joint graph, where we match first,
+    # before Inductor's pad_mm can pad an unaligned mm out of the pattern's reach) and with
+    # `reshape` nodes (compile_fx converts views before the post-grad passes).
+    views: bool = False
+    shape: Shape | None = None  # None: Llama's row (the default of `LLAMA`)
+
+    @property
+    def row(self) -> Shape:
+        return self.shape or LLAMA
+
+    @property
+    def name(self) -> str:
+        parts = [self.row.name] if self.row.name else []
+        parts += ["lowp" if self.lowp else "fp32", f"{self.ndim}d"]
+        if self.bias:
+            parts.append("bias")
+        parts.append(f"residual_{self.residual}" if self.residual != "none" else "no_residual")
+        return "_".join(parts)
+
+    @property
+    def argnames(self) -> tuple[str, ...]:
+        norm, row = NORMS[self.row.norm], self.row
+        names = ["hidden"]
+        if norm.fn is not None:
+            names.append("norm_weight")
+        if norm.bias:
+            names.append("norm_bias")
+        names.append("gate_weight")
+        if row.mlp == "separate":
+            names.append("up_weight")
+        names.append("down_weight")
+        if self.bias:
+            names += ["gate_bias", "up_bias"] if row.mlp == "separate" else ["gate_bias"]
+            names.append("down_bias")
+        if norm.fn is not None:
+            names.append("eps")
+        if self.residual == "scaled":
+            names.append("residual_scale")
+        return tuple(names)
+
+    def search(self, **a: Any) -> torch.Tensor:
+        norm = NORMS[self.row.norm]
+        x = a["hidden"]
+        if norm.fn is not None:
+            extra = (a["norm_bias"],) if norm.bias else ()
+            x = norm.fn(x, a["norm_weight"], *extra, a["eps"])
+        out = mlp(self.row, x, a, self.bias)
+        if self.residual == "left":
+            return a["hidden"] + out
+        if self.residual == "right":
+            return out + a["hidden"]
+        if self.residual == "scaled":  # GraniteDecoderLayer
+            return a["hidden"] + out * a["residual_scale"]
+        return out
+
+    def replace(self, **a: Any) -> torch.Tensor:
+        from inductor_fusion.triton_kernels.rmsnorm_mlp import rmsnorm_mlp_lowered
+
+        gate, up = a["gate_weight"], a.get("up_weight")
+        if self.row.mlp == "fused":
+            # The halves of Phi-3's [2I, H] gate_up_proj, as views: the kernels read through
+            # strides, so nothing is copied.
+            gate, up = gate.chunk(2, dim=0)
+        args = (
+            a["hidden"],
+            a.get("norm_weight"),
+            gate,
+            up,
+            a["down_weight"],
+            a.get("gate_bias"),
+            a.get("up_bias"),
+            a.get("down_bias"),
+            None if self.residual == "none" else a["hidden"],
+            a.get("eps", 0.0),
+            a.get("norm_bias"),
+        )
+        # Indexed, never defaulted: a scaled variant without its scale must fail loudly.
+        scale = a["residual_scale"] if self.residual == "scaled" else 1.0
+        # On CUDA the kernels become launches in Inductor's own generated code (no dispatcher
+        # call per region); elsewhere the op, whose body is the PyTorch reference.
+        if a["hidden"].device.type == "cuda":
+            return rmsnorm_mlp_lowered(*args[:10], norm_bias=args[10], residual_scale=scale,
+                                       spec=self.row.spec)  # fmt: skip
+        return torch.ops.inductor_fusion.rmsnorm_mlp.default(
+            *args, residual_scale=scale, **self.row.spec.op_kwargs()
+        )
+
+    def example_inputs(self) -> list[Any]:
+        # Distinct sizes (M=6, H=32, I=48) so no two dims are confused while tracing; values and
+        # device do not matter to the trace.
+        dtype = torch.bfloat16 if self.lowp else torch.float32
+        hidden_shape = (2, 3, 32) if self.ndim == 3 else (6, 32)
+        fused = self.row.mlp == "fused"
+        shapes = {
+            "hidden": hidden_shape,
+            "norm_weight": (32,),
+            "norm_bias": (32,),
+            "gate_weight": (96, 32) if fused else (48, 32),
+            "up_weight": (48, 32),
+            "down_weight": (32, 48),
+            "gate_bias": (48,),
+            "up_bias": (48,),
+            "down_bias": (32,),
+        }
+        return [
+            _SCALARS[name] if name in _SCALARS else torch.empty(shapes[name], dtype=dtype)
+            for name in self.argnames
+        ]
+
+
+LLAMA = Shape(
+    "", "llama_rms", "silu", "separate", ("left", "right", "none"), biases=(False, True),
+    models="Llama, Mistral, Qwen2, Qwen3, Granite (without its scale); Gemma2/3-style post-norm "
+    "regions of these up to the MLP output",
+)  # fmt: skip
+
+
+def variants(shapes: tuple[Shape, ...] = (LLAMA,)) -> list[Variant]:
+    # Residual forms in the row's order: "left" first, as HF writes it, so it is tried first on
+    # each add.
+    return [
+        Variant(
+            lowp=lowp,
+            ndim=ndim,
+            bias=bias,
+            residual=residual,
+            views=views,
+            shape=None if shape is LLAMA else shape,
+        )
+        for shape in shapes
+        for lowp, ndim, bias, residual in itertools.product(
+            (True, False), (3, 2), shape.biases, shape.residuals
+        )
+        for views in ((False, True) if ndim == 3 else (False,))
+    ]
+
+
+def _positional(fn: Callable[..., torch.Tensor], names: tuple[str, ...]) -> Callable[..., Any]:
+    """Gives a keyword-only body the explicit positional signature the matcher inspects."""
+
+    def call(*args: Any) -> torch.Tensor:
+        return fn(**dict(zip(names, args, strict=True)))
+
+    call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+    return call
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionArgs:
+    """The matched region's inputs as fake tensors (plus its scalars), for the checks.
+
+    Phi-3's fused gate_up weight arrives split into its two halves (``gate_weight``,
+    ``up_weight``); what a row does not have is None (``up_weight`` of a non-gated MLP,
+    ``norm_weight`` without a norm) and its scalars their neutral values."""
+
+    hidden: torch.Tensor
+    norm_weight: torch.Tensor | None
+    gate_weight: torch.Tensor
+    up_weight: torch.Tensor | None
+    down_weight: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    eps: Any
+    norm_bias: torch.Tensor | None = None
+    residual_scale: Any = 1.0
+
+
+def can_fuse(args: RegionArgs) -> str | None:
+    """Legality: None if our op computes this region exactly as written, else the reason not."""
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import supports
+
+    if not isinstance(args.eps, float):
+        # With dynamic=True eps may arrive as a graph input (SymFloat or tensor).
+        return f"eps is not a Python float ({type(args.eps).__name__})"
+    if not isinstance(args.residual_scale, float):
+        # The kernels take the scale as a constant; a computed one (a tensor, a SymFloat) stays.
+        return f"residual scale is not a Python float ({type(args.residual_scale).__name__})"
+    h = args.hidden
+    tensors = [t for t in (h, *_weights_of(args)) if t is not None]
+    if any(not isinstance(t, torch.Tensor) for t in tensors):
+        return "an input has no tensor metadata"
+    if h.dtype not in _SUPPORTED_DTYPES:
+        return f"unsupported dtype {h.dtype}"
+    if any(t.dtype != h.dtype for t in tensors):
+        return "mixed dtypes: " + ", ".join(sorted({str(t.dtype) for t in tensors}))
+    if h.device.type not in _SUPPORTED_DEVICES:
+        return f"unsupported device {h.device}"
+    if any(t.device != h.device for t in tensors):
+        return "inputs on different devices"
+    if h.dim() < 2:
+        return f"hidden has {h.dim()} dims"
+    hidden_size, inter = args.gate_weight.shape[1], args.gate_weight.shape[0]
+    if not all(isinstance(s, int) for s in (hidden_size, inter)):
+        return "symbolic hidden or intermediate size"
+    expected = {
+        "hidden[-1]": (tuple(h.shape[-1:]), (hidden_size,)),
+        "norm_weight": (_shape(args.norm_weight), (hidden_size,)),
+        "norm_bias": (_shape(args.norm_bias), (hidden_size,)),
+        "up_weight": (_shape(args.up_weight), (inter, hidden_size)),
+        "down_weight": (tuple(args.down_weight.shape), (hidden_size, inter)),
+        "gate_bias": (_shape(args.gate_bias), (inter,)),
+        "up_bias": (_shape(args.up_bias), (inter,)),
+        "down_bias": (_shape(args.down_bias), (hidden_size,)),
+    }
+    for what, (got, want) in expected.items():
+        if got is not None and got != want:
+            return f"{what} has shape {got}, expected {want}"
+    if h.device.type == "cuda":
+        reason = supports(h.dtype, "cuda", hidden_size, inter)
+        if reason is not None:
+            return reason
+    return None
+
+
+def should_fuse(args: RegionArgs) -> str | None:
+    """Profitability: None if fusing pays, else why not.
+
+    On CUDA the fused kernels win up to ``MAX_PROFITABLE_TOKENS`` tokens (they stream the weights
+    once, with the norm, activation and residual in their prologue/epilogues); above it the
+    region is compute-bound and Inductor's own code (cuBLAS GEMMs) is faster than our tiled
+    kernels, so the region stays Inductor's (measured on an H200: perf/results/host). On the CPU
+    our op is the eager reference and we still fuse, so that CPU runs exercise the same graphs as
+    GPU ones.
+    """
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
+
+    h = args.hidden
+    if h.device.type != "cuda":
+        return None
+    tokens = h.numel() // h.shape[-1]
+    # bool() of a symbolic comparison guards on it: a graph with a dynamic token count is then
+    # compiled for one side of the threshold, and the other side recompiles once.
+    if bool(tokens <= MAX_PROFITABLE_TOKENS):
+        return None
+    return (
+        f"{tokens} tokens: above {MAX_PROFITABLE_TOKENS} Inductor's GEMMs are faster than "
+        "our tiled kernels"
+    )
+
+
+def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if t is None else tuple(t.shape)
+
+
+def _weights_of(args: RegionArgs) -> tuple[torch.Tensor | None, ...]:
+    return (
+        args.norm_weight,
+        args.norm_bias,
+        args.gate_weight,
+        args.up_weight,
+        args.down_weight,
+        args.gate_bias,
+        args.up_bias,
+        args.down_bias,
+    )
+
+
+def _value(arg: Any) -> Any:
+    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+
+
+_NORM_TARGETS = (
+    torch.ops.aten.mean.dim,
+    torch.ops.aten.rsqrt.default,
+    torch.ops.aten.var_mean.correction,
+)
+_MLP_TARGETS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+
+def _check(
+    match: Any, *, variant: Variant, family: str, on_match: Callable[[FusedRegion], bool]
+) -> bool:
+    from inductor_fusion.fusion_pass import on_reject, region_paths
+
+    values = {name: _value(match.kwargs.get(name)) for name in variant.argnames}
+    if variant.row.mlp == "fused":
+        gate_up = values.pop("gate_weight")
+        if isinstance(gate_up, torch.Tensor) and gate_up.dim() == 2:
+            values["gate_weight"], values["up_weight"] = gate_up.chunk(2, dim=0)
+        else:
+            values["gate_weight"] = gate_up
+    values.pop("eps", None)
+    values.pop("residual_scale", None)
+    args = RegionArgs(
+        **{name: values.get(name) for name in _TENSOR_FIELDS},
+        eps=_matched_eps(match) if "eps" in variant.argnames else 0.0,
+        residual_scale=_matched_scale(match) if variant.residual == "scaled" else 1.0,
+    )
+    # Legality first, then profitability (which may guard on a symbolic token count).
+    reason = _structure_reason(match, args.hidden) or can_fuse(args) or should_fuse(args)
+    if reason is not None:
+        # The graph keeps Inductor's unfused code there; say why, once per region (keyed by
+        # its first projection, which every variant of the region shares).
+        key = next((n.name for n in match.nodes if n.target in _MLP_TARGETS), variant)
+        on_reject(key, f"{family} not fused ({variant.name}): {reason}")
+        return False
+    roles = {"mlp": [n for n in match.nodes if n.target in _MLP_TARGETS]}
+    if variant.row.norm != "none":
+        roles = {"norm": [n for n in match.nodes if n.target in _NORM_TARGETS], **roles}
+    return on_match(FusedRegion(pattern=family, variant=variant.name, paths=region_paths(roles)))
+
+
+_TENSOR_FIELDS = tuple(
+    n for n in RegionArgs.__dataclass_fields__ if n not in ("eps", "residual_scale")
+)
+
+
+def _structure_reason(match: Any, hidden: Any) -> str | None:
+    """What `search_pattern` left as wildcards, checked on the match: None if every reshape
+    flattens ``hidden``'s leading dims into one (``[..., K] -> [M, K]``) or restores them
+    (``[M, N] -> [..., N]``), and every cast goes to fp32 or back to ``hidden``'s dtype."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if not isinstance(hidden, torch.Tensor):
+        return "hidden has no tensor metadata"
+    lead = tuple(hidden.shape[:-1])
+    tokens = functools.reduce(lambda a, b: a * b, lead, 1)
+
+    def same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+        return len(a) == len(b) and all(
+            statically_known_true(x == y) for x, y in zip(a, b, strict=True)
+        )
+
+    for node in match.nodes:
+        if node.target == _CAST and node.args[1] not in (torch.float32, hidden.dtype):
+            return f"a cast to {node.args[1]} inside the region"
+        if node.target == _SPLIT:
+            src = _value(node.args[0])
+            if not isinstance(src, torch.Tensor) or not statically_known_true(
+                src.shape[-1] == 2 * node.args[1]
+            ):
+                return f"{node.name} splits the gate_up projection other than in halves"
+            continue
+        if node.target not in _RESHAPES:
+            continue
+        src, out = _value(node.args[0]), _value(node)
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+            return f"{node.name} has no tensor metadata"
+        a, b = tuple(src.shape), tuple(out.shape)
+        if not a or not b or not statically_known_true(a[-1] == b[-1]):
+            return f"{node.name} reshapes {list(a)} to {list(b)}, not over the token dims"
+        flattens = same(a[:-1], lead) and same(b[:-1], (tokens,))
+        restores = same(a[:-1], (tokens,)) and same(b[:-1], lead)
+        if not (flattens or restores):
+            return f"{node.name} reshapes {list(a)} to {list(b)}, not over the token dims"
+    return None
+
+
+def _matched_eps(match: Any) -> Any:
+    """The eps the graph adds to the mean of squares, read off the matched ``add`` node.
+
+    Read from the graph rather than from ``match.kwargs``: whether the re-matched pattern keeps
+    eps as an argument differs between torch versions (2.13 does, 2.11 bakes the literal in).
+    A Node here means eps is computed at run time (e.g. a graph input under dynamic=True).
+    """
+    for node in match.nodes:
+        # The add under the rsqrt: mean(x**2) + eps (RMSNorm) or var + eps (LayerNorm).
+        if node.target == torch.ops.aten.add.Tensor and any(
+            u.target == torch.ops.aten.rsqrt.default for u in node.users
+        ):
+            return node.args[1]
+    return match.kwargs.get("eps")
+
+
+def _matched_scale(match: Any) -> Any:
+    """Granite's residual multiplier, read off the graph (see `_matched_eps` for why): the
+    scalar the MLP output is multiplied by before the residual add."""
+    out = match.output_node()
+    for arg in out.args:
+        if isinstance(arg, torch.fx.Node) and arg.target == torch.ops.aten.mul.Tensor:
+            return arg.args[1]
+    return match.kwargs.get("residual_scale")
+
+
+def specialize_eps(graph: torch.fx.Graph) -> int:
+    """Turns each RMSNorm eps that arrives as a graph input back into a Python float.
+
+    With ``dynamic=True`` (Dynamo's ``specialize_float=False``) a float attribute such as
+    ``variance_epsilon`` becomes a backed SymFloat that AOT autograd passes as a 0-d fp64 tensor
+    input: the graph computes ``mean(x**2) + eps_tensor.to(fp32)`` and our op, which takes eps as
+    a float, could not be used. eps is a model constant, so we specialize it the way torch
+    specializes any backed symbol: ``guard_float`` records ``eps == value`` in the ShapeEnv, Dynamo
+    turns that into a guard on the attribute (another eps recompiles), and the graph then adds
+    the literal. The input is found by its Dynamo source: the one float symbol whose source is an
+    attribute of the module the ``mean`` was traced in. Returns how many adds were rewritten.
+    """
+    from torch.fx.experimental.symbolic_shapes import guard_float
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    from inductor_fusion.fusion_pass import innermost_module, normalize_module_path
+
+    rewritten = 0
+    for add in graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor):
+        mean, eps = (*add.args, None, None)[:2]
+        if not (isinstance(mean, torch.fx.Node) and mean.target == torch.ops.aten.mean.dim):
+            continue
+        source = eps
+        while isinstance(source, torch.fx.Node) and source.target == _CAST:
+            source = source.args[0]
+        if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"):
+            continue
+        # The add itself may be new (AOT's scalar tensorification); the mean was traced in the norm.
+        val, module = source.meta.get("val"), innermost_module(mean)
+        shape_env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
+        if shape_env is None or module is None or val.dim() != 0:
+            continue
+        symbols = [
+            sym
+            for sym, sources in shape_env.var_to_sources.items()
+            if symbol_is_type(sym, SymT.FLOAT)
+            and sym in shape_env.backed_var_to_val
+            and any(normalize_module_path(src.name).rpartition(".")[0] == module for src in sources)
+        ]
+        if len(symbols) != 1:
+            continue  # Not provably this module's eps: the region is reported unfused.
+        (sym,) = symbols
+        hint = float(shape_env.backed_var_to_val[sym])
+        value = guard_float(shape_env.create_symfloatnode(sym, hint=hint))
+        add.args = (mean, value, *add.args[2:])
+        rewritten += 1
+    return rewritten
+
+
+def _trace_reshapes(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.fx.GraphModule:
+    """fwd_only, then view -> reshape, as compile_fx does before the post-grad passes: a 3-D
+    pattern traced with views would never match there."""
+    from torch._inductor.fx_passes.post_grad import view_to_reshape
+    from torch._inductor.pattern_matcher import fwd_only
+
+    gm = fwd_only(fn, args, **kwargs)
+    view_to_reshape(gm)
+    return gm
+
+
+_RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
+_CAST = torch.ops.prims.convert_element_type.default
+_SPLIT = torch.ops.aten.split.Tensor
+
+
+def search_pattern(variant: Variant) -> Any:
+    """The variant's search function as a PatternExpr whose shape-dependent literals are wildcards.
+
+    torch's own flow (``register_replacement`` without ``search_fn_pattern``) matches once with
+    every literal ignored, then re-traces the search function with the graph's shapes and matches
+    again with every literal compared. Under dynamic shapes that re-trace writes the reshape sizes
+    as its own ``sym_size``/``mul`` nodes (``view(x, [mul, 64])`` with ``mul = 2 * s0``), which
+    never equal the graph's (its ``mul`` has other users, both dims may be symbols, the factors may
+    come in another order), so batch > 1 with a dynamic dim, or two dynamic dims, never matched.
+    Here we trace once and keep every literal (``pow`` 2, ``mean`` over -1, the cast to fp32,
+    ``add`` 1 in SiLU) except two that depend on the graph: each reshape's size list and the dtype
+    a cast returns to (bf16 or fp16). `_check` verifies both on the matched nodes' metadata.
+    """
+    from torch._inductor.pattern_matcher import Ignored, fwd_only, fx_to_pattern
+
+    trace = fwd_only if variant.views else _trace_reshapes
+    gm = trace(_positional(variant.search, variant.argnames), variant.example_inputs())
+    for node in gm.graph.nodes:
+        wildcard = node.target in _RESHAPES or (
+            node.target == _CAST and node.args[1] != torch.float32
+        )
+        if wildcard:
+            node.args = (node.args[0], Ignored())
+        elif node.target == _SPLIT:  # Phi-3's chunk(2): the split size is I
+            node.args = (node.args[0], Ignored(), *node.args[2:])
+    return fx_to_pattern(gm, argnames=variant.argnames, scalar_workaround=_scalars(variant))
+
+
+def _scalars(variant: Variant) -> dict[str, float]:
+    return {name: value for name, value in _SCALARS.items() if name in variant.argnames}
+
+
+def register(
+    pass_: Any,
+    *,
+    family: str,
+    shapes: tuple[Shape, ...],
+    on_match: Callable[[FusedRegion], bool],
+) -> None:
+    """Registers every variant of ``shapes`` into ``pass_`` (a PatternMatcherPass) as ``family``.
+    Traces; call once."""
+    from torch._inductor.pattern_matcher import fwd_only, register_replacement
+
+    import inductor_fusion.triton_kernels.rmsnorm_mlp  # noqa: F401  (the op the replacement calls)
+
+    # Where fwd_only itself already traces reshapes, a view form would be the reshape form again;
+    # torch refuses duplicate patterns, and there is nothing more to match.
+    views_differ = _fwd_only_traces_views()
+    for variant in variants(shapes):
+        if variant.views and not views_differ:
+            continue
+        register_replacement(
+            _positional(variant.search, variant.argnames),
+            _positional(variant.replace, variant.argnames),
+            variant.example_inputs(),
+            fwd_only if variant.views else _trace_reshapes,
+            pass_,
+            extra_check=functools.partial(
+                _check, variant=variant, family=family, on_match=on_match
+            ),
+            scalar_workaround=_scalars(variant),
+            # Matched as is, not re-traced per graph: see `search_pattern`.
+            search_fn_pattern=search_pattern(variant),
+        )
+
+
+def _fwd_only_traces_views() -> bool:
+    """Whether this torch's fwd_only leaves `view` nodes in a 3-D linear (2.11 and 2.13 do)."""
+    from torch._inductor.pattern_matcher import fwd_only
+
+    gm = fwd_only(F.linear, [torch.empty(2, 3, 32), torch.empty(48, 32)])
+    return bool(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.view.default))
+
+
+def prepare_graph(graph: torch.fx.Graph) -> None:
+    """Run by the pass before matching: see `specialize_eps`."""
+    specialize_eps(graph)

@@ -1,0 +1,88 @@
+"""Each Hugging Face decoder family's norm -> MLP region fuses, once per layer, at the right
+modules, with logits within the tolerance rule (our error vs fp64 <= 2x eager's + atol).
+
+On the CPU the op runs its reference. One compile per case (~15 s each on 2 cores): bf16 for every
+family, fp32 where the fp32 graph differs in more than its casts (Gemma's ``1 + w``, Phi-3's
+split).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import (
+    assert_within_tolerance,
+    fp64_logits,
+    fresh_compile,
+    layer_paths,
+    tiny_model,
+    token_ids,
+)
+
+pytestmark = pytest.mark.slow
+
+# family, config overrides, dtype, pattern, expected variant, norm module, model prefix
+CASES = [
+    ("gemma", {}, torch.bfloat16, "rmsnorm_mlp", "gemma_lowp_3d_residual_left", "post_attention_layernorm", "model"),
+    ("gemma", {}, torch.float32, "rmsnorm_mlp", "gemma_fp32_3d_residual_left", "post_attention_layernorm", "model"),
+    # A second norm on the MLP output: fused up to the MLP output, post-norm + add stay Inductor's.
+    ("gemma2", {}, torch.bfloat16, "rmsnorm_mlp", "gemma_lowp_3d_no_residual", "pre_feedforward_layernorm", "model"),
+    ("gemma3", {}, torch.bfloat16, "rmsnorm_mlp", "gemma_lowp_3d_no_residual", "pre_feedforward_layernorm", "model"),
+    ("granite", {}, torch.bfloat16, "rmsnorm_mlp", "granite_lowp_3d_residual_scaled", "post_attention_layernorm", "model"),
+    ("granite", {}, torch.float32, "rmsnorm_mlp", "granite_fp32_3d_residual_scaled", "post_attention_layernorm", "model"),
+    # Phi-3, Starcoder2 and GPT-NeoX: the MLP part fuses; their residual add does not yet join
+    # it (see the README's known gaps).
+    ("phi3", {}, torch.bfloat16, "rmsnorm_mlp", "phi3_lowp_3d_no_residual", "post_attention_layernorm", "model"),
+    ("phi3", {}, torch.float32, "rmsnorm_mlp", "phi3_fp32_3d_no_residual", "post_attention_layernorm", "model"),
+    ("nemotron", {}, torch.bfloat16, "layernorm_mlp", "nemotron_lowp_3d_residual_left", "post_attention_layernorm", "model"),
+    ("starcoder2", {}, torch.bfloat16, "layernorm_mlp", "starcoder2_lowp_3d_bias_no_residual", "post_attention_layernorm", "model"),
+    ("gpt_neox", {"hidden_act": "gelu"}, torch.bfloat16, "layernorm_mlp", "gpt_neox_lowp_3d_bias_no_residual", "post_attention_layernorm", "gpt_neox"),
+    ("gpt_neox", {"hidden_act": "gelu", "use_parallel_residual": False}, torch.float32, "layernorm_mlp", "gpt_neox_fp32_3d_bias_no_residual", "post_attention_layernorm", "gpt_neox"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "dtype", "pattern", "variant", "norm", "prefix"),
+    CASES,
+    ids=[
+        f"{c[0]}-{'seq-' if c[1].get('use_parallel_residual') is False else ''}{str(c[2])[6:]}"
+        for c in CASES
+    ],
+)
+def test_family_region_fuses_once_per_layer(
+    family, overrides, dtype, pattern, variant, norm, prefix
+):
+    model = tiny_model(family, dtype, **overrides)
+    ids = token_ids()
+    with torch.no_grad():
+        eager = model(ids).logits
+    with fresh_compile() as report, torch.no_grad():
+        ours = torch.compile(model, backend="inductor_fusion")(ids).logits
+    layers = model.config.num_hidden_layers
+    assert report.count(pattern) == layers, report.summary()
+    assert len(list(report)) == layers, report.summary()  # nothing else fused anywhere
+    assert {r.variant for r in report} == {variant}
+    paths = [p.replace("model.", f"{prefix}.", 1) for p in layer_paths(norm)]
+    assert sorted(report.paths(pattern, "norm")) == paths
+    assert sorted(report.paths(pattern, "mlp")) == [p.rsplit(".", 1)[0] + ".mlp" for p in paths]
+    assert_within_tolerance(ours, eager, fp64_logits(model, ids))
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("gemma", {"RMSNorm": "model.layers.*.post_attention_layernorm"}),
+        ("gemma2", {"RMSNorm": "model.layers.*.pre_feedforward_layernorm"}),
+        ("gemma3", {"RMSNorm": "model.layers.*.pre_feedforward_layernorm"}),
+        ("phi3", {"RMSNorm": "model.layers.*.post_attention_layernorm"}),
+        ("granite", {"RMSNorm": "model.layers.*.post_attention_layernorm"}),
+        ("gpt_neox", {"LayerNorm": "gpt_neox.layers.*.post_attention_layernorm"}),
+        ("starcoder2", {"LayerNorm": "model.layers.*.post_attention_layernorm"}),
+        ("nemotron", {"LayerNorm": "model.layers.*.post_attention_layernorm"}),
+    ],
+)
+def test_kernel_config_registry_names_each_family(family, expected):
+    import inductor_fusion
+
+    mlp = next(iter(expected.values())).rsplit(".", 1)[0] + ".mlp"
+    assert inductor_fusion.fusable_modules(tiny_model(family)) == {**expected, "MLP": mlp}

@@ -227,6 +227,14 @@ class FusionPass(CustomGraphPass):
                 get_report().record(region)
                 if self.report is not None:
                     self.report.record(region)
+        if self.stage == "post_grad":
+            # The last stage: whatever looks like a region but matched no variant gets its INFO
+            # line too (regions a check refused already have theirs, under the same key).
+            for name in sorted(self.plan.patterns):
+                scan = getattr(registry.pattern_module(name), "unmatched_candidates", None)
+                for key, message in scan(graph) if scan is not None else ():
+                    with _running(_PassRun(plan=self.plan, regions=[], rejected=self.rejected)):
+                        on_reject(key, message)
         if self.records is not None:
             # Also when nothing fused: that this stage ran says it was not served from a cache.
             self.records.add(self.stage, fused)

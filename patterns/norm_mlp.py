@@ -685,3 +685,92 @@ def _fwd_only_traces_views() -> bool:
 def prepare_graph(graph: torch.fx.Graph) -> None:
     """Run by the pass before matching: see `specialize_eps`."""
     specialize_eps(graph)
+
+
+# --- candidates no variant matched ----------------------------------------------------------------
+
+_STAT_SOURCES = (torch.ops.aten.pow.Tensor_Scalar, torch.ops.aten.mul.Tensor)
+
+
+def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[object, str]]:
+    """Regions that look like RMSNorm -> gated MLP but that no registered variant matched (so no
+    check could say why): ``(key, message)`` for one INFO line each.
+
+    A candidate is the RMSNorm statistic ``rsqrt(mean(x*x, -1) + eps)`` whose normalised output
+    reaches two matmuls whose results meet in one multiply (the gate * up of a gated MLP) within a
+    few nodes. That excludes the attention-side norms (their q/k/v matmuls never multiply each
+    other) and the final norm (one matmul). Typical causes: a float64 graph (its SiLU has no
+    casts, unlike every variant), an activation other than SiLU, or an arrangement our variants
+    do not cover. The key is the statistic's ``mean`` node, as for the regions a check refused,
+    so a region is reported once.
+    """
+    found = []
+    for rsqrt in graph.find_nodes(op="call_function", target=torch.ops.aten.rsqrt.default):
+        mean = _statistic_mean(rsqrt)
+        if mean is None:
+            continue
+        matmuls = _downstream(rsqrt, _MLP_TARGETS, depth=8)
+        if len(matmuls) < 2 or not _products_meet(matmuls):
+            continue
+        # The dtype the region's input has, before the norm's upcast to fp32.
+        source = mean.args[0].args[0]
+        while isinstance(source, torch.fx.Node) and source.target == _CAST:
+            source = source.args[0]
+        dtype = getattr(_value(source), "dtype", None)
+        path = innermost_module_path(rsqrt)
+        hint = (
+            f"unsupported dtype {dtype}"
+            if dtype is not None and dtype not in _SUPPORTED_DTYPES
+            else "its graph matches none of the registered variants (activation, casts or "
+            "layout differ)"
+        )
+        found.append((mean.name, f"{family} candidate at {path or '?'} not fused: {hint}"))
+    return found
+
+
+def innermost_module_path(node: torch.fx.Node) -> str | None:
+    from inductor_fusion.fusion_pass import innermost_module
+
+    return innermost_module(node)
+
+
+def _statistic_mean(rsqrt: torch.fx.Node) -> torch.fx.Node | None:
+    """The ``mean`` of ``rsqrt(mean(x*x or x**2, -1) + eps)``, else None."""
+    add = rsqrt.args[0]
+    if not (isinstance(add, torch.fx.Node) and add.target == torch.ops.aten.add.Tensor):
+        return None
+    mean = add.args[0]
+    if not (isinstance(mean, torch.fx.Node) and mean.target == torch.ops.aten.mean.dim):
+        return None
+    source = mean.args[0]
+    if not (isinstance(source, torch.fx.Node) and source.target in _STAT_SOURCES):
+        return None
+    return mean
+
+
+def _downstream(start: torch.fx.Node, targets: tuple[Any, ...], depth: int) -> list[torch.fx.Node]:
+    """Nodes with one of ``targets`` reachable from ``start`` through at most ``depth`` users,
+    not looking past them."""
+    seen, frontier, hits = {start}, [start], []
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.target in targets:
+                    hits.append(user)
+                else:
+                    nxt.append(user)
+        frontier = nxt
+    return hits
+
+
+def _products_meet(matmuls: list[torch.fx.Node]) -> bool:
+    """Whether the results of two of ``matmuls`` meet in one ``mul`` within a few nodes."""
+    reached: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+    for mm in matmuls:
+        for node in _downstream(mm, (torch.ops.aten.mul.Tensor,), depth=8):
+            reached.setdefault(node, set()).add(mm)
+    return any(len(sources) >= 2 for sources in reached.values())

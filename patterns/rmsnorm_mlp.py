@@ -44,3 +44,8 @@ def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
 def prepare_graph(graph: Any) -> None:
     """Run by the pass before matching: see `norm_mlp.specialize_eps`."""
     norm_mlp.specialize_eps(graph)
+
+
+def unmatched_candidates(graph: Any) -> list[tuple[object, str]]:
+    """Run by the pass after matching: see `norm_mlp.unmatched_candidates`."""
+    return norm_mlp.unmatched_candidates(graph, NAME)

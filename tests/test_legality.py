@@ -230,3 +230,35 @@ def test_symbolic_sizes_are_refused(dynamic, caplog):
     )
     truth = hf_formula_fp64(h, *weights, residual=h, eps=0.1)
     assert_within_tolerance(out, _hf_region_fn(h, *weights), truth, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "dtype"), [("llama", torch.float64), ("qwen3", torch.float32)])
+def test_every_unfused_candidate_gets_one_info_line(family, dtype, caplog):
+    """A region that no variant matches (a float64 graph: its SiLU has no casts) is still named,
+    once, with the reason; the attention-side and final norms are never taken for candidates."""
+    from tiny_models import tiny_model, token_ids
+
+    model = tiny_model(family, dtype)
+    ids = token_ids()
+    # Caches off: the lines come from the pass, which a cache hit does not run.
+    with (
+        caplog.at_level(logging.INFO, logger="inductor_fusion"),
+        fresh_compile(caches=False) as report,
+        torch.no_grad(),
+    ):
+        ours = torch.compile(model, backend="inductor_fusion")(ids).logits
+        eager = model(ids).logits
+    lines = [r.getMessage() for r in caplog.records if "candidate" in r.getMessage()]
+    layers = model.config.num_hidden_layers
+    if dtype == torch.float64:
+        assert report.count("rmsnorm_mlp") == 0
+        assert len(lines) == layers
+        for i in range(layers):
+            assert any(f"model.layers.{i}.post_attention_layernorm" in line for line in lines)
+        assert all("unsupported dtype torch.float64" in line for line in lines)
+    else:
+        assert report.count("rmsnorm_mlp") == layers
+        assert lines == []
+    # Inductor's code (and our op's) rounds the fp32 norm math as eager does, up to reordering.
+    assert ((ours - eager).norm() / eager.norm()).item() < 2e-6

@@ -232,9 +232,13 @@ class FusionPass(CustomGraphPass):
             # line too (regions a check refused already have theirs, under the same key).
             for name in sorted(self.plan.patterns):
                 scan = getattr(registry.pattern_module(name), "unmatched_candidates", None)
-                for key, message in scan(graph) if scan is not None else ():
-                    with _running(_PassRun(plan=self.plan, regions=[], rejected=self.rejected)):
-                        on_reject(key, message)
+                for keys, paths, message in scan(graph) if scan is not None else ():
+                    # Regions the plan keeps out have their line already (or want none).
+                    allowed = self.plan.allows(name, dict(paths))
+                    if allowed and not any(key in self.rejected for key in keys):
+                        self.rejected.update(keys[1:])
+                        with _running(_PassRun(plan=self.plan, regions=[], rejected=self.rejected)):
+                            on_reject(keys[0], message)
         if self.records is not None:
             # Also when nothing fused: that this stage ran says it was not served from a cache.
             self.records.add(self.stage, fused)

@@ -692,7 +692,7 @@ def prepare_graph(graph: torch.fx.Graph) -> None:
 _STAT_SOURCES = (torch.ops.aten.pow.Tensor_Scalar, torch.ops.aten.mul.Tensor)
 
 
-def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[object, str]]:
+def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[tuple[str, ...], str]]:
     """Regions that look like RMSNorm -> gated MLP but that no registered variant matched (so no
     check could say why): ``(key, message)`` for one INFO line each.
 
@@ -701,8 +701,8 @@ def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[objec
     few nodes. That excludes the attention-side norms (their q/k/v matmuls never multiply each
     other) and the final norm (one matmul). Typical causes: a float64 graph (its SiLU has no
     casts, unlike every variant), an activation other than SiLU, or an arrangement our variants
-    do not cover. The key is the statistic's ``mean`` node, as for the regions a check refused,
-    so a region is reported once.
+    do not cover. Each is ``(keys, paths, message)``: ``keys`` name the region's nodes, so that a
+    region is reported once; ``paths`` are its (role, module path) pairs, for the plan.
     """
     found = []
     for rsqrt in graph.find_nodes(op="call_function", target=torch.ops.aten.rsqrt.default):
@@ -724,8 +724,19 @@ def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[objec
             else "its graph matches none of the registered variants (activation, casts or "
             "layout differ)"
         )
-        found.append((mean.name, f"{family} candidate at {path or '?'} not fused: {hint}"))
+        # Keys: every matmul of the region and the statistic, so that a region a check already
+        # refused (keyed by one of its matmuls) is not reported twice.
+        region_mms = _downstream(rsqrt, _MLP_TARGETS, 14, through=True)
+        keys = (mean.name, *(n.name for n in region_mms))
+        paths = region_paths({"norm": [rsqrt], "mlp": region_mms})
+        found.append((keys, paths, f"{family} candidate at {path or '?'} not fused: {hint}"))
     return found
+
+
+def region_paths(roles: dict[str, list[torch.fx.Node]]) -> tuple[tuple[str, str | None], ...]:
+    from inductor_fusion.fusion_pass import region_paths as paths
+
+    return paths(roles)
 
 
 def innermost_module_path(node: torch.fx.Node) -> str | None:
@@ -748,9 +759,11 @@ def _statistic_mean(rsqrt: torch.fx.Node) -> torch.fx.Node | None:
     return mean
 
 
-def _downstream(start: torch.fx.Node, targets: tuple[Any, ...], depth: int) -> list[torch.fx.Node]:
+def _downstream(
+    start: torch.fx.Node, targets: tuple[Any, ...], depth: int, through: bool = False
+) -> list[torch.fx.Node]:
     """Nodes with one of ``targets`` reachable from ``start`` through at most ``depth`` users,
-    not looking past them."""
+    looking past them only if ``through``."""
     seen, frontier, hits = {start}, [start], []
     for _ in range(depth):
         nxt = []
@@ -761,7 +774,7 @@ def _downstream(start: torch.fx.Node, targets: tuple[Any, ...], depth: int) -> l
                 seen.add(user)
                 if user.target in targets:
                     hits.append(user)
-                else:
+                if through or user.target not in targets:
                     nxt.append(user)
         frontier = nxt
     return hits

@@ -46,6 +46,6 @@ def prepare_graph(graph: Any) -> None:
     norm_mlp.specialize_eps(graph)
 
 
-def unmatched_candidates(graph: Any) -> list[tuple[object, str]]:
+def unmatched_candidates(graph: Any) -> list[tuple[Any, ...]]:
     """Run by the pass after matching: see `norm_mlp.unmatched_candidates`."""
     return norm_mlp.unmatched_candidates(graph, NAME)

@@ -51,6 +51,9 @@ from inductor_fusion.kernel_config import (
     split_kernel_mapping,
 )
 
+# What an ":off" entry for rmsnorm_mlp leaves on.
+ALL_BUT_RMSNORM_MLP = frozenset(inductor_fusion.pattern_names()) - {"rmsnorm_mlp"}
+
 pytestmark = pytest.mark.usefixtures("offline_hub_no_toggles")
 
 ON = "inductor_fusion:rmsnorm_mlp"
@@ -223,14 +226,18 @@ def test_hub_kernels_on_our_modules_warn() -> None:
             {INLINE: "inductor_fusion:layernorm_gelu"},
             ValueError,
             "'inductor_fusion:layernorm_gelu': unknown inductor_fusion pattern 'layernorm_gelu'; "
-            "valid names: rmsnorm_mlp",
+            "valid names: layernorm_mlp, rmsnorm_mlp",
         ),
         (
             {INLINE: "inductor_fusion:rmsnorm_mlp:maybe"},
             ValueError,
             "'inductor_fusion:<pattern>:off'",
         ),
-        ({INLINE: "inductor_fusion:"}, ValueError, "with <pattern> one of: rmsnorm_mlp"),
+        (
+            {INLINE: "inductor_fusion:"},
+            ValueError,
+            "with <pattern> one of: layernorm_mlp, rmsnorm_mlp",
+        ),
         (
             {INLINE: "Inductor-Fusion:rmsnorm_mlp"},
             ValueError,
@@ -341,7 +348,8 @@ def test_plans_from_each_form() -> None:
     assert model_plan(model) is plan
     assert find_model_plan([torch.ones(1), *model.parameters()]) is plan
     # Switched off: nothing of ours for this model, whatever INDUCTOR_FUSION_PATTERNS says.
-    assert apply_kernel_config(model, {NAMES: OFF}).patterns == frozenset()
+    # ":off" turns that pattern off; every other pattern stays on.
+    assert apply_kernel_config(model, {NAMES: OFF}).patterns == ALL_BUT_RMSNORM_MLP
     # Without entries of ours nothing is attached.
     other = tiny(LlamaConfig, LlamaForCausalLM)
     assert apply_kernel_config(other, {HUB_KEY: HUB_VALUE}) is None
@@ -407,7 +415,8 @@ def test_unregistered_names_fail_at_from_pretrained(checkpoints: SimpleNamespace
     assert repr(NAMES) in message and "GPT2LMHeadModel registers no fusable module named" in message
     assert "register_fusable_modules(GPT2LMHeadModel" in message
     # Switching off needs no registration.
-    assert model_plan(load(checkpoints.gpt2, KernelConfig({NAMES: OFF}))).patterns == frozenset()
+    off = model_plan(load(checkpoints.gpt2, KernelConfig({NAMES: OFF})))
+    assert off.patterns == ALL_BUT_RMSNORM_MLP
 
 
 def test_glob_matching_no_module_warns(checkpoints: SimpleNamespace) -> None:

@@ -19,12 +19,12 @@ each tile adds them in a fixed order (so the result is deterministic), then runs
    apply ``rstd`` to the fp32 accumulators at the end. The sum of squares that ``rstd`` needs
    comes from the very x tiles the K loop already loads, so the norm costs no extra pass over
    ``hidden``. Gate and up share the A tile: two dots per K step, two fp32 accumulators.
-   With ``NORM_IN_LOOP=False`` the GEMM instead reads activations that ``rms_norm_kernel``
-   normalised beforehand (see 3.).
+   With ``NORM="none"`` the GEMM instead reads activations that ``norm_kernel`` normalised
+   beforehand (see 3.).
 2. ``down_gemv_kernel`` / ``down_gemm_kernel``: the down GEMM with the bias and the residual add in
    its epilogue.
-3. ``rms_norm_kernel`` (large M only): a pre-pass that writes ``n`` once, rounded exactly as
-   Hugging Face's LlamaRMSNorm rounds it. At large M the GEMMs are compute-bound; scaling the A
+3. ``norm_kernel`` (large M only): a pre-pass that writes ``n`` once, rounded exactly as the
+   Hugging Face norm module rounds it. At large M the GEMMs are compute-bound; scaling the A
    tile inside the K loop would route every A tile through registers and stall the tensor-core
    pipeline, while the pre-pass costs 2·M·H·2 bytes, about 1% of the GEMM time from M=1024 on.
    The statistics are still computed once per row, never per output column.

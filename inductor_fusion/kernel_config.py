@@ -74,6 +74,9 @@ log = logging.getLogger("inductor_fusion")
 PLAN_ATTRIBUTE = "_inductor_fusion_plan"
 FUSION_PREFIX = "inductor_fusion"
 OFF = "off"
+EAGER = "eager"
+# Patterns with an eager layer (`inductor_fusion.layers`) that ":eager" entries swap in.
+EAGER_PATTERNS = ("rmsnorm_mlp",)
 
 # The names KernelConfig keys use for each pattern's modules, aligned with the family's roles
 # (registry.PatternFamily.roles). They follow transformers' kernel layer names. A family missing
@@ -291,6 +294,7 @@ class FusionEntry:
     globs: tuple[str, ...] | None  # None: registry form, resolved against the model class
     key: Any  # as written, for messages
     value: str
+    eager: bool = False  # ":eager": also swap the eager fused layer in at from_pretrained
 
     def describe(self) -> str:
         return f"KernelConfig entry {self.key!r}: {self.value!r}"
@@ -322,8 +326,8 @@ def _mentions_ours(value: Any) -> bool:
     return False
 
 
-def _parse_value(key: Any, value: Any) -> tuple[str, bool] | None:
-    """(pattern, enabled) for a value of ours, None for transformers' values."""
+def _parse_value(key: Any, value: Any) -> tuple[str, bool, bool] | None:
+    """(pattern, enabled, eager) for a value of ours, None for transformers' values."""
     if not isinstance(value, str):
         if _mentions_ours(value):
             raise TypeError(
@@ -338,17 +342,23 @@ def _parse_value(key: Any, value: Any) -> tuple[str, bool] | None:
     valid = ", ".join(registry.pattern_names())
     head, _, rest = value.partition(":")
     name, _, state = rest.partition(":")
-    if head != FUSION_PREFIX or not name or state not in ("", OFF):
+    if head != FUSION_PREFIX or not name or state not in ("", OFF, EAGER):
         raise ValueError(
-            f"KernelConfig entry {key!r}: {value!r}: expected '{FUSION_PREFIX}:<pattern>' or "
-            f"'{FUSION_PREFIX}:<pattern>:{OFF}' with <pattern> one of: {valid}"
+            f"KernelConfig entry {key!r}: {value!r}: expected '{FUSION_PREFIX}:<pattern>', "
+            f"'{FUSION_PREFIX}:<pattern>:{OFF}' or '{FUSION_PREFIX}:<pattern>:{EAGER}' with "
+            f"<pattern> one of: {valid}"
         )
     if name not in registry.FAMILIES:
         raise ValueError(
             f"KernelConfig entry {key!r}: {value!r}: unknown inductor_fusion pattern {name!r}; "
             f"valid names: {valid}"
         )
-    return name, state != OFF
+    if state == EAGER and name not in EAGER_PATTERNS:
+        raise ValueError(
+            f"KernelConfig entry {key!r}: {value!r}: {name} has no eager layer; ':{EAGER}' is "
+            f"available for: {', '.join(EAGER_PATTERNS)}"
+        )
+    return name, state != OFF, state == EAGER
 
 
 def _parse_key(
@@ -408,9 +418,9 @@ def split_kernel_mapping(
         if parsed is None:
             hub[key] = copy.deepcopy(value)
             continue
-        pattern, enabled = parsed
+        pattern, enabled, eager = parsed
         names, globs = _parse_key(key, pattern, value)
-        ours.append(FusionEntry(pattern, enabled, names, globs, key, value))
+        ours.append(FusionEntry(pattern, enabled, names, globs, key, value, eager))
     for pattern in sorted({entry.pattern for entry in ours}):
         states = {entry.enabled: entry for entry in ours if entry.pattern == pattern}
         if len(states) == 2:
@@ -511,6 +521,75 @@ def _warn_unpaired(model: torch.nn.Module, entry: FusionEntry, globs: tuple[str,
     )
 
 
+def _eager_pairs(
+    model: torch.nn.Module, entries: Iterable[FusionEntry]
+) -> list[tuple[str, str, str]]:
+    """(parent path, norm name, MLP name) for each region the ":eager" entries fuse: a module the
+    norm glob matches and its one sibling the MLP glob matches. Raises ValueError when a pairing
+    is ambiguous (a norm with two matched sibling MLPs, an MLP claimed by two norms)."""
+    modules = dict(model.named_modules())
+    pairs: dict[str, tuple[str, str, str]] = {}  # MLP path -> pair
+    for entry in entries:
+        if not entry.eager:
+            continue
+        norm_glob, mlp_glob = (
+            entry.globs if entry.globs is not None else _registered_globs(model, entry)
+        )
+        mlps = [path for path in modules if path and fnmatch.fnmatchcase(path, mlp_glob)]
+        for norm_path in modules:
+            if not norm_path or not fnmatch.fnmatchcase(norm_path, norm_glob):
+                continue
+            parent, _, norm_name = norm_path.rpartition(".")
+            siblings = [m for m in mlps if m.rpartition(".")[0] == parent and m != norm_path]
+            if len(siblings) > 1:
+                raise ValueError(
+                    f"{entry.describe()}: the norm {norm_path} has several sibling modules "
+                    f"matching the MLP glob {mlp_glob!r} ({', '.join(siblings)}); an eager "
+                    "region is one norm and the one MLP it feeds"
+                )
+            if not siblings:
+                continue
+            mlp_path = siblings[0]
+            other = pairs.get(mlp_path)
+            if other is not None and other[1] != norm_name:
+                raise ValueError(
+                    f"{entry.describe()}: the MLP {mlp_path} pairs with both "
+                    f"{_join(parent, other[1])} and {norm_path}; narrow the RMSNorm glob "
+                    f"{norm_glob!r} to the norm that feeds the MLP"
+                )
+            pairs[mlp_path] = (parent, norm_name, mlp_path.rpartition(".")[2])
+    return list(pairs.values())
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def apply_eager_layers(model: torch.nn.Module, entries: Iterable[FusionEntry]) -> list[str]:
+    """Swaps the eager fused layer in where ":eager" entries say (`inductor_fusion.layers`);
+    returns the norm paths fused now. Checks every pair before changing any module, so a bad
+    module leaves the model as it was; pairs already fused are left alone."""
+    from inductor_fusion import layers
+
+    pairs = _eager_pairs(model, entries)
+    if not pairs:
+        return []
+    fused = []
+    plan = []
+    for parent_path, norm_name, mlp_name in pairs:
+        parent = model.get_submodule(parent_path)
+        norm, mlp = getattr(parent, norm_name), getattr(parent, mlp_name)
+        if isinstance(norm, layers.RMSNormMLP) or isinstance(mlp, layers.FusedAway):
+            continue
+        where = f"{_join(parent_path, norm_name)} -> {_join(parent_path, mlp_name)}"
+        layers.region_spec(norm, mlp, where=where)  # raises, naming the module, before any swap
+        plan.append((parent, norm_name, mlp_name, where))
+    for parent, norm_name, mlp_name, where in plan:
+        layers.fuse_norm_mlp(parent, norm_name, mlp_name, where=where)
+        fused.append(where)
+    return fused
+
+
 def _describe_plan(plan: FusionPlan) -> str:
     if not plan.scopes:
         return f"patterns {sorted(plan.patterns)} everywhere"
@@ -542,13 +621,25 @@ def apply_kernel_config(model: torch.nn.Module, kernel_config: Any) -> FusionPla
     plan = resolve_entries(model, entries)
     if plan is None:
         return None
+    # The compile plan keeps the eager entries' places: under torch.compile the swapped layers
+    # are one op call already (nothing there matches a pattern, so nothing fuses twice) and no
+    # other place gets fused behind the config's back.
+    eager = apply_eager_layers(model, entries)
     attach_plan(model, plan)
-    log.info(
-        "inductor_fusion: KernelConfig gives %s %s; the eager model is unchanged, these fusions "
-        'apply when it is compiled with torch.compile(model, backend="inductor_fusion")',
-        type(model).__name__,
-        _describe_plan(plan),
-    )
+    if eager:
+        log.info(
+            "inductor_fusion: KernelConfig gives %s %s; eager fused layers swapped in at %s",
+            type(model).__name__,
+            _describe_plan(plan),
+            "; ".join(eager),
+        )
+    else:
+        log.info(
+            "inductor_fusion: KernelConfig gives %s %s; the eager model is unchanged, these "
+            'fusions apply when it is compiled with torch.compile(model, backend="inductor_fusion")',
+            type(model).__name__,
+            _describe_plan(plan),
+        )
     return plan
 
 

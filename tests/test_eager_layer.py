@@ -1,0 +1,241 @@
+"""The eager fused layer (`inductor_fusion.layers`) and KernelConfig's ":eager" entries.
+
+Tiny random Llama and Qwen3 checkpoints (norm weights perturbed) are saved once per module and
+loaded offline. The op's CPU body is the PyTorch reference, which rounds as LlamaRMSNorm and
+LlamaMLP do, so fused and unfused logits are compared with torch.equal in fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_ids
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+
+import inductor_fusion
+from inductor_fusion.kernel_config import KernelConfig, apply_kernel_config, model_plan
+from inductor_fusion.layers import EagerFusionError, FusedAway, RMSNormMLP
+
+pytestmark = pytest.mark.usefixtures("offline_hub_no_toggles")
+
+EAGER = "inductor_fusion:rmsnorm_mlp:eager"
+NAMES = ("RMSNorm", "MLP")
+INLINE = (("RMSNorm", "model.layers.*.post_attention_layernorm"), ("MLP", "model.layers.*.mlp"))
+LAYER0 = (("RMSNorm", "model.layers.0.post_attention_layernorm"), ("MLP", "model.layers.0.mlp"))
+OP = "inductor_fusion.rmsnorm_mlp.default"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("eager_checkpoints")
+    paths = SimpleNamespace(llama=root / "llama", qwen3=root / "qwen3")
+    tiny_model("llama").save_pretrained(paths.llama)
+    tiny_model("qwen3").save_pretrained(paths.qwen3)
+    return paths
+
+
+def load(path: Path, kernel_config: object = None) -> torch.nn.Module:
+    kwargs = {} if kernel_config is None else {"kernel_config": kernel_config}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def logits_and_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    with torch.no_grad(), CountOps() as counter:
+        logits = model(ids).logits
+    return logits, counter.ops[OP]
+
+
+def swapped_layers(model: torch.nn.Module) -> list[int]:
+    layers = model.model.layers
+    fused = [
+        i
+        for i, layer in enumerate(layers)
+        if isinstance(layer.post_attention_layernorm, RMSNormMLP)
+    ]
+    assert fused == [i for i, layer in enumerate(layers) if isinstance(layer.mlp, FusedAway)]
+    return fused
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("key", [NAMES, INLINE], ids=["registry", "inline"])
+def test_from_pretrained_swaps_and_keeps_logits_and_keys(
+    checkpoints: SimpleNamespace, family: str, key: tuple
+) -> None:
+    path = getattr(checkpoints, family)
+    plain, fused = load(path), load(path, KernelConfig({key: EAGER}))
+    assert swapped_layers(plain) == [] and swapped_layers(fused) == [0, 1]
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    ids = token_ids()
+    expected, plain_ops = logits_and_ops(plain, ids)
+    logits, ops = logits_and_ops(fused, ids)
+    assert (plain_ops, ops) == (0, 2)  # one op call per layer: the fused path ran
+    assert torch.equal(logits, expected)
+
+
+def test_apply_kernel_config_swaps_only_the_named_layer() -> None:
+    plain = tiny_model("llama")
+    model = copy.deepcopy(plain)
+    plan = apply_kernel_config(model, {LAYER0: EAGER})
+    assert plan.scopes == {"rmsnorm_mlp": (tuple(glob for _, glob in LAYER0),)}
+    assert model_plan(model) is plan
+    assert swapped_layers(model) == [0]
+    logits, ops = logits_and_ops(model, token_ids())
+    assert ops == 1
+    assert torch.equal(logits, logits_and_ops(plain, token_ids())[0])
+    # Applying again fuses nothing twice.
+    apply_kernel_config(model, {LAYER0: EAGER})
+    assert swapped_layers(model) == [0] and logits_and_ops(model, token_ids())[1] == 1
+
+
+def test_parameters_are_shared_not_copied() -> None:
+    model = tiny_model("llama")
+    norm = model.model.layers[0].post_attention_layernorm
+    gate = model.model.layers[0].mlp.gate_proj
+    apply_kernel_config(model, {NAMES: EAGER})
+    layer = model.model.layers[0]
+    assert layer.post_attention_layernorm.weight is norm.weight
+    assert layer.mlp.gate_proj is gate and layer.post_attention_layernorm.mlp.gate_proj is gate
+    # A conversion or an assigning load is seen by the fused forward and the unfused fallback.
+    plain = tiny_model("llama").double()
+    model.double()
+    new_norm = torch.nn.Parameter(torch.full_like(norm.weight, 0.75, dtype=torch.float64))
+    for m in (model, plain):
+        m.load_state_dict({"model.layers.1.post_attention_layernorm.weight": new_norm}, False, True)
+    fused = model.model.layers[1].post_attention_layernorm
+    assert fused.weight.dtype == torch.float64 and torch.equal(fused.weight, new_norm)
+    assert fused.norm.weight is fused.weight  # the fallback's module holds the assigned tensor
+    logits, ops = logits_and_ops(model, token_ids())
+    assert ops == 2 and torch.equal(logits, logits_and_ops(plain, token_ids())[0])
+
+
+def test_save_and_load_round_trip(checkpoints: SimpleNamespace, tmp_path: Path) -> None:
+    fused = load(checkpoints.llama, KernelConfig({NAMES: EAGER}))
+    expected = logits_and_ops(load(checkpoints.llama), token_ids())[0]
+    fused.save_pretrained(tmp_path)
+    plain_again = load(tmp_path)
+    fused_again = load(tmp_path, KernelConfig({INLINE: EAGER}))
+    assert swapped_layers(plain_again) == [] and swapped_layers(fused_again) == [0, 1]
+    for model in (plain_again, fused_again):
+        assert torch.equal(logits_and_ops(model, token_ids())[0], expected)
+
+
+def test_training_step_falls_back_and_gradients_match() -> None:
+    plain = tiny_model("llama").train()
+    model = copy.deepcopy(plain)
+    apply_kernel_config(model, {NAMES: EAGER})
+    ids = token_ids()
+    grads = []
+    for m in (plain, model):
+        with CountOps() as counter:
+            m(ids, labels=ids).loss.backward()
+        assert counter.ops[OP] == 0  # the op has no backward: the original modules ran
+        grads.append({name: p.grad for name, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad), name
+    # After an optimizer step the fused path (no grad) reads the updated weights.
+    for m in (plain, model):
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+    expected = logits_and_ops(plain.eval(), ids)[0]
+    logits, ops = logits_and_ops(model.eval(), ids)
+    assert ops == 2 and torch.equal(logits, expected)
+
+
+def test_torch_compile_on_top_fuses_nothing_twice(checkpoints: SimpleNamespace) -> None:
+    model = load(checkpoints.llama, KernelConfig({NAMES: EAGER}))
+    expected = logits_and_ops(model, token_ids())[0]
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(token_ids())
+    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.inductor_fusion.rmsnorm_mlp) == 2
+
+    torch._dynamo.reset()
+    inductor_fusion.reset_report()
+    with torch.no_grad():
+        logits = torch.compile(model, backend="inductor_fusion")(token_ids()).logits
+    assert inductor_fusion.get_report().count("rmsnorm_mlp") == 0
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_glob_matching_nothing_warns_and_swaps_nothing() -> None:
+    model = tiny_model("llama")
+    key = (("RMSNorm", "model.layers.*.post_attention_layernorm"), ("MLP", "model.blocks.*.mlp"))
+    with pytest.warns(UserWarning, match=r"MLP glob 'model.blocks.\*.mlp' matches no module"):
+        apply_kernel_config(model, {key: EAGER})
+    assert swapped_layers(model) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (
+            (
+                ("RMSNorm", "model.layers.*.post_attention_layernorm"),
+                ("MLP", "model.layers.*.self_attn"),
+            ),
+            r"the MLP at model.layers.0.post_attention_layernorm -> model.layers.0.self_attn "
+            r"\(LlamaAttention\) lacks nn.Linear gate_proj, up_proj, down_proj",
+        ),
+        (
+            (("RMSNorm", "model.layers.*.self_attn"), ("MLP", "model.layers.*.mlp")),
+            r"the norm at model.layers.0.self_attn -> model.layers.0.mlp is a LlamaAttention; "
+            r"expected one of",
+        ),
+        (
+            (("RMSNorm", "model.layers.*_layernorm"), ("MLP", "model.layers.*.mlp")),
+            r"the MLP model.layers.0.mlp pairs with both model.layers.0.input_layernorm and "
+            r"model.layers.0.post_attention_layernorm",
+        ),
+    ],
+    ids=["mlp_lacks_children", "norm_is_not_a_norm", "two_norms_one_mlp"],
+)
+@pytest.mark.filterwarnings("ignore:.*never pair")  # the plan's own warning, before the error
+def test_wrong_modules_fail_naming_them_and_change_nothing(key: tuple, message: str) -> None:
+    model = tiny_model("llama")
+    before = list(model.named_modules())
+    with pytest.raises(ValueError, match=message):
+        apply_kernel_config(model, {key: EAGER})
+    assert list(model.named_modules()) == before
+
+
+def test_unsupported_activation_fails_naming_it() -> None:
+    model = tiny_model("llama", hidden_act="gelu")
+    with pytest.raises(EagerFusionError, match=r"has act_fn GELUActivation; supported: SiLU"):
+        apply_kernel_config(model, {NAMES: EAGER})
+    assert swapped_layers(model) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("inductor_fusion:layernorm_mlp:eager", r"layernorm_mlp has no eager layer"),
+        ("inductor_fusion:rmsnorm_mlp:eagerly", r"'inductor_fusion:<pattern>:eager'"),
+    ],
+)
+def test_bad_eager_values_fail_at_construction(value: str, message: str) -> None:
+    key = ("LayerNorm", "MLP") if "layernorm" in value else NAMES
+    with pytest.raises(ValueError, match=message):
+        KernelConfig({key: value})

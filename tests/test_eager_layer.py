@@ -221,9 +221,14 @@ def test_wrong_modules_fail_naming_them_and_change_nothing(key: tuple, message: 
     assert list(model.named_modules()) == before
 
 
-def test_unsupported_activation_fails_naming_it() -> None:
-    model = tiny_model("llama", hidden_act="gelu")
-    with pytest.raises(EagerFusionError, match=r"has act_fn GELUActivation; supported: SiLU"):
+def test_unsupported_activation_fails_naming_it_before_any_swap() -> None:
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()  # layer 0 would fuse, layer 1 cannot
+    with pytest.raises(
+        EagerFusionError,
+        match=r"the MLP at model.layers.1.post_attention_layernorm -> model.layers.1.mlp "
+        r"\(LlamaMLP\) has act_fn GELU; supported: SiLU",
+    ):
         apply_kernel_config(model, {NAMES: EAGER})
     assert swapped_layers(model) == []
 

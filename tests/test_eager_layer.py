@@ -8,6 +8,7 @@ LlamaMLP do, so fused and unfused logits are compared with torch.equal in fp32.
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +30,7 @@ NAMES = ("RMSNorm", "MLP")
 INLINE = (("RMSNorm", "model.layers.*.post_attention_layernorm"), ("MLP", "model.layers.*.mlp"))
 LAYER0 = (("RMSNorm", "model.layers.0.post_attention_layernorm"), ("MLP", "model.layers.0.mlp"))
 OP = "inductor_fusion.rmsnorm_mlp.default"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +246,13 @@ def test_bad_eager_values_fail_at_construction(value: str, message: str) -> None
     key = ("LayerNorm", "MLP") if "layernorm" in value else NAMES
     with pytest.raises(ValueError, match=message):
         KernelConfig({key: value})
+
+
+def test_readme_snippet_runs_as_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's "Without torch.compile" snippet, executed from the README itself."""
+    section = README.read_text().split("### Without torch.compile", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, str(README), "exec"), {})
+    printed = capsys.readouterr().out.split()
+    promised = re.findall(r"print\(.*\)  # (\S+)", code)
+    assert printed == promised == ["RMSNormMLP", "FusedAway", "True", "True"]

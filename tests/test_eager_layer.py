@@ -105,6 +105,37 @@ def test_apply_kernel_config_swaps_only_the_named_layer() -> None:
     assert swapped_layers(model) == [0] and logits_and_ops(model, token_ids())[1] == 1
 
 
+# bf16 too: in fp32 the norm's cast back is exact, so fp32 alone cannot tell Gemma's rounding
+# (weight multiplied in fp32, one cast) from Llama's (cast, then multiply).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma"])
+def test_families_fuse_bit_for_bit(family: str, dtype: torch.dtype) -> None:
+    plain = tiny_model(family, dtype=dtype)
+    model = copy.deepcopy(plain)
+    apply_kernel_config(model, {NAMES: EAGER})
+    assert swapped_layers(model) == [0, 1]
+    logits, ops = logits_and_ops(model, token_ids())
+    assert ops == 2 and torch.equal(logits, logits_and_ops(plain, token_ids())[0])
+
+
+def test_inference_mode_and_deepcopy_use_the_fused_path() -> None:
+    plain = tiny_model("llama")
+    model = copy.deepcopy(plain)
+    apply_kernel_config(model, {NAMES: EAGER})
+    expected = logits_and_ops(plain, token_ids())[0]
+    with torch.inference_mode(), CountOps() as counter:
+        assert torch.equal(model(token_ids()).logits, expected)
+    assert counter.ops[OP] == 2
+    clone = copy.deepcopy(model)
+    fused = clone.model.layers[0].post_attention_layernorm
+    assert fused.norm.weight is fused.weight  # the copy shares within itself...
+    assert fused.weight is not model.model.layers[0].post_attention_layernorm.weight  # ...only
+    assert fused.mlp.gate_proj is clone.model.layers[0].mlp.gate_proj
+    assert list(clone.state_dict()) == list(plain.state_dict())
+    logits, ops = logits_and_ops(clone, token_ids())
+    assert ops == 2 and torch.equal(logits, expected)
+
+
 def test_parameters_are_shared_not_copied() -> None:
     model = tiny_model("llama")
     norm = model.model.layers[0].post_attention_layernorm

@@ -16,9 +16,12 @@ Done literally, that moves the MLP's parameters under the norm's path and change
 The decoder layer's ``h = residual + self.mlp(self.post_attention_layernorm(h))`` therefore
 computes ``residual + identity(fused(h))``: the same thing, with the same keys.
 
-The op has no autograd formula yet. When autograd would record the region (grad mode on and any
-input or weight requiring grad), `RMSNormMLP` runs the original norm and MLP modules instead, so
-training computes exactly what the unfused model computes.
+Where the op cannot stand for the modules, `RMSNormMLP` runs the original norm and MLP instead:
+- when autograd would record the region (grad mode on and the input or a weight requiring grad):
+  the op has no autograd formula yet, and this way training computes exactly what the unfused
+  model computes;
+- when a projection is no longer a plain ``nn.Linear`` (PEFT's LoRA layers or a quantized linear
+  put in its place after the swap): the op would read its base weight and drop the rest.
 """
 
 from __future__ import annotations
@@ -162,9 +165,12 @@ class RMSNormMLP(nn.Module):
         norm, mlp = self._unfused
         gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         weights = (self.weight, gate.weight, up.weight, down.weight)
-        if torch.is_grad_enabled() and (
-            hidden.requires_grad or any(w.requires_grad for w in weights)
+        if not all(type(proj) is nn.Linear for proj in (gate, up, down)) or (
+            torch.is_grad_enabled()
+            and (hidden.requires_grad or any(w.requires_grad for w in weights))
         ):
+            # A projection replaced after the swap (a PEFT LoRA layer, a quantized linear) computes
+            # more than its weight says: only its own forward is right.
             return mlp(norm(hidden))
         return torch.ops.inductor_fusion.rmsnorm_mlp(
             hidden, self.weight, gate.weight, up.weight, down.weight,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -188,6 +189,23 @@ def test_training_step_falls_back_and_gradients_match() -> None:
     expected = logits_and_ops(plain.eval(), ids)[0]
     logits, ops = logits_and_ops(model.eval(), ids)
     assert ops == 2 and torch.equal(logits, expected)
+
+
+def test_lora_adapters_added_after_the_swap_are_not_dropped() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    plain = tiny_model("llama")
+    model = copy.deepcopy(plain)
+    apply_kernel_config(model, {NAMES: EAGER})
+    adapted = []
+    for m in (plain, model):
+        torch.manual_seed(0)  # init_lora_weights=False: random, nonzero adapters, equal in both
+        lora = LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"], r=4)
+        adapted.append(get_peft_model(m, replace(lora, init_lora_weights=False)).eval())
+    assert swapped_layers(model) == [0, 1]
+    expected, _ = logits_and_ops(adapted[0], token_ids())
+    logits, ops = logits_and_ops(adapted[1], token_ids())
+    assert ops == 0 and torch.equal(logits, expected)
 
 
 def test_torch_compile_on_top_fuses_nothing_twice(checkpoints: SimpleNamespace) -> None:

@@ -69,6 +69,10 @@ def _activation(act: Any) -> str | None:
     return None
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
 def region_spec(norm: nn.Module, mlp: nn.Module, *, where: str = "") -> tuple[RegionSpec, float]:
     """The op's `RegionSpec` and eps for ``mlp(norm(h))``; `EagerFusionError` naming what is
     missing when these modules are not a supported RMSNorm and SwiGLU-style MLP."""
@@ -80,6 +84,12 @@ def region_spec(norm: nn.Module, mlp: nn.Module, *, where: str = "") -> tuple[Re
             f"eager rmsnorm_mlp: the norm{at} is a {type(norm).__name__}; expected one of "
             f"{', '.join(sorted(_NORMS))} with a 1-D weight"
         )
+    for role, module in (("norm", norm), ("MLP", mlp)):
+        if _hooked(module):
+            raise EagerFusionError(
+                f"eager rmsnorm_mlp: the {role}{at} ({type(module).__name__}) has forward hooks "
+                "(accelerate's device_map offloading adds some); swapping it would drop them"
+            )
     eps_attribute, spec = kind
     eps = getattr(norm, eps_attribute, None)
     if not isinstance(eps, float):

@@ -272,6 +272,16 @@ def test_wrong_modules_fail_naming_them_and_change_nothing(key: tuple, message: 
     assert list(model.named_modules()) == before
 
 
+def test_hooked_modules_fail_rather_than_lose_their_hooks() -> None:
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(
+        EagerFusionError, match=r"the MLP at .*model.layers.1.mlp \(LlamaMLP\) has forward hooks"
+    ):
+        apply_kernel_config(model, {NAMES: EAGER})
+    assert swapped_layers(model) == []
+
+
 def test_unsupported_activation_fails_naming_it_before_any_swap() -> None:
     model = tiny_model("llama")
     model.model.layers[1].mlp.act_fn = torch.nn.GELU()  # layer 0 would fuse, layer 1 cannot

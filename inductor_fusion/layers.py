@@ -152,8 +152,9 @@ class FusedAway(nn.Module):
 class RMSNormMLP(nn.Module):
     """``mlp(norm(h))`` through ``torch.ops.inductor_fusion.rmsnorm_mlp``, in the norm's place.
 
-    Build it with `fuse_norm_mlp`, which also puts `FusedAway` in the MLP's place. Falls back to
-    the original modules when autograd would record the region (the op has no backward yet)."""
+    Build it with `fuse_norm_mlp`, which also puts `FusedAway` in the MLP's place. Runs the
+    original modules instead when autograd would record the region (the op has no backward yet)
+    or a projection is no longer a plain ``nn.Linear``."""
 
     def __init__(self, norm: nn.Module, mlp: nn.Module, *, where: str = "") -> None:
         super().__init__()
@@ -174,13 +175,14 @@ class RMSNormMLP(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         norm, mlp = self._unfused
         gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        weights = (self.weight, gate.weight, up.weight, down.weight)
+        # A projection replaced after the swap (a PEFT LoRA layer, a quantized linear) computes
+        # more than its weight says, and the op has no backward: the modules' own forwards then.
         if not all(type(proj) is nn.Linear for proj in (gate, up, down)) or (
             torch.is_grad_enabled()
-            and (hidden.requires_grad or any(w.requires_grad for w in weights))
+            and any(
+                t.requires_grad for t in (hidden, self.weight, gate.weight, up.weight, down.weight)
+            )
         ):
-            # A projection replaced after the swap (a PEFT LoRA layer, a quantized linear) computes
-            # more than its weight says: only its own forward is right.
             return mlp(norm(hidden))
         return torch.ops.inductor_fusion.rmsnorm_mlp(
             hidden, self.weight, gate.weight, up.weight, down.weight,

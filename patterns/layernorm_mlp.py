@@ -35,3 +35,8 @@ SHAPES: tuple[Shape, ...] = (
 
 def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
     norm_mlp.register(pass_, family=NAME, shapes=SHAPES, on_match=on_match)
+
+
+def prepare_graph(graph: Any) -> None:
+    """Run by the pass before matching: see `norm_mlp.prepare_graph`."""
+    norm_mlp.prepare_graph(graph)

@@ -683,8 +683,35 @@ def _fwd_only_traces_views() -> bool:
 
 
 def prepare_graph(graph: torch.fx.Graph) -> None:
-    """Run by the pass before matching: see `specialize_eps`."""
+    """Run by the pass before matching: see `specialize_eps` and `drop_dropout_clones`."""
     specialize_eps(graph)
+    drop_dropout_clones(graph)
+
+
+def drop_dropout_clones(graph: torch.fx.Graph) -> int:
+    """Removes the copy an eval-mode dropout leaves between an MLP's output and the residual add.
+
+    Phi-3 (``resid_mlp_dropout``), Starcoder2 (its MLP's residual dropout) and GPT-NeoX apply a
+    dropout to the MLP's output; in an inference graph it is an ``aten.clone`` of the down
+    projection's result, which stands between the region and its residual add, so only the
+    no-residual variant could match. In a functional graph a clone is the same value: dropping
+    the ones that copy a matmul's result into adds changes no number (Inductor would fold the
+    copy into the add anyway) and lets the residual variants match. Returns how many it removed.
+    """
+    removed = 0
+    for clone in graph.find_nodes(op="call_function", target=torch.ops.aten.clone.default):
+        if clone.kwargs.get("memory_format") not in (None, torch.contiguous_format):
+            continue
+        source = clone.args[0]
+        inner = source.args[0] if getattr(source, "target", None) in _RESHAPES else source
+        if not (isinstance(inner, torch.fx.Node) and inner.target in _MLP_TARGETS):
+            continue
+        if not clone.users or any(u.target != torch.ops.aten.add.Tensor for u in clone.users):
+            continue
+        clone.replace_all_uses_with(source)
+        graph.erase_node(clone)
+        removed += 1
+    return removed
 
 
 # --- candidates no variant matched ----------------------------------------------------------------
@@ -692,7 +719,7 @@ def prepare_graph(graph: torch.fx.Graph) -> None:
 _STAT_SOURCES = (torch.ops.aten.pow.Tensor_Scalar, torch.ops.aten.mul.Tensor)
 
 
-def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[tuple[str, ...], str]]:
+def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[Any, ...]]:
     """Regions that look like RMSNorm -> gated MLP but that no registered variant matched (so no
     check could say why): ``(key, message)`` for one INFO line each.
 

@@ -32,12 +32,12 @@ CASES = [
     ("granite", {}, torch.float32, "rmsnorm_mlp", "granite_fp32_3d_residual_scaled", "post_attention_layernorm", "model"),
     # Phi-3, Starcoder2 and GPT-NeoX: the MLP part fuses; their residual add does not yet join
     # it (see the README's known gaps).
-    ("phi3", {}, torch.bfloat16, "rmsnorm_mlp", "phi3_lowp_3d_no_residual", "post_attention_layernorm", "model"),
-    ("phi3", {}, torch.float32, "rmsnorm_mlp", "phi3_fp32_3d_no_residual", "post_attention_layernorm", "model"),
+    ("phi3", {}, torch.bfloat16, "rmsnorm_mlp", "phi3_lowp_3d_residual_left", "post_attention_layernorm", "model"),
+    ("phi3", {}, torch.float32, "rmsnorm_mlp", "phi3_fp32_3d_residual_left", "post_attention_layernorm", "model"),
     ("nemotron", {}, torch.bfloat16, "layernorm_mlp", "nemotron_lowp_3d_residual_left", "post_attention_layernorm", "model"),
-    ("starcoder2", {}, torch.bfloat16, "layernorm_mlp", "starcoder2_lowp_3d_bias_no_residual", "post_attention_layernorm", "model"),
+    ("starcoder2", {}, torch.bfloat16, "layernorm_mlp", "starcoder2_lowp_3d_bias_residual_left", "post_attention_layernorm", "model"),
     ("gpt_neox", {"hidden_act": "gelu"}, torch.bfloat16, "layernorm_mlp", "gpt_neox_lowp_3d_bias_no_residual", "post_attention_layernorm", "gpt_neox"),
-    ("gpt_neox", {"hidden_act": "gelu", "use_parallel_residual": False}, torch.float32, "layernorm_mlp", "gpt_neox_fp32_3d_bias_no_residual", "post_attention_layernorm", "gpt_neox"),
+    ("gpt_neox", {"hidden_act": "gelu", "use_parallel_residual": False}, torch.float32, "layernorm_mlp", "gpt_neox_fp32_3d_bias_residual_right", "post_attention_layernorm", "gpt_neox"),
 ]  # fmt: skip
 
 

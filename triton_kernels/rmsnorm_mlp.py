@@ -558,19 +558,11 @@ def rmsnorm_mlp_triton(
     can reach every kernel and branch.
     """
     tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
-    _check_args(hidden, *tensors, residual, norm_bias, spec)
-    if hidden.numel() == 0:
+    plan = _region_plan(
+        hidden, tensors, residual, eps, norm_bias, residual_scale, spec, tma=True, config=_config
+    )
+    if plan is None:
         return torch.empty_like(hidden)
-    m = hidden.numel() // hidden.shape[-1]
-    interpret = hidden.device.type == "cpu"
-    config = _config or _pick_config(
-        m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, interpret,
-        _device_name(hidden.device),
-    )  # fmt: skip
-    plan = _plan(
-        hidden, *tensors, residual, eps, config, tma=True, norm_bias=norm_bias,
-        residual_scale=residual_scale, spec=spec,
-    )  # fmt: skip
     with _device_guard(hidden):
         for launch in plan.launches:
             launch.run()
@@ -606,17 +598,40 @@ def rmsnorm_mlp_lowered(
     regime recompiles once: at most one graph per regime, never one per M).
     """
     tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+    plan = _region_plan(hidden, tensors, residual, eps, norm_bias, residual_scale, spec, tma=False)
+    if plan is None:  # a static token count of 0 (a symbolic one is never 0 here)
+        return hidden.new_empty(hidden.shape)
+    return _emit(plan).view(hidden.shape)
+
+
+def _region_plan(
+    hidden: Tensor,
+    tensors: tuple[Tensor | None, ...],
+    residual: Tensor | None,
+    eps: float,
+    norm_bias: Tensor | None,
+    residual_scale: float,
+    spec: RegionSpec,
+    *,
+    tma: bool,
+    config: _Config | None = None,
+) -> _Plan | None:
+    """What both paths share: the arguments checked, the configuration picked (by `_graph_config`:
+    the exact token count when it is an int, the regime otherwise), the launches planned. None
+    for an empty input. ``tensors`` are the weights and biases in the op's order."""
     _check_args(hidden, *tensors, residual, norm_bias, spec)
     m = hidden.numel() // hidden.shape[-1]
-    config = _graph_config(
+    if isinstance(m, int) and m == 0:
+        return None
+    gate_weight = tensors[1]
+    config = config or _graph_config(
         m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, hidden.device.type == "cpu",
         _device_name(hidden.device),
     )  # fmt: skip
-    plan = _plan(
-        hidden, *tensors, residual, eps, config, tma=False, norm_bias=norm_bias,
+    return _plan(
+        hidden, *tensors, residual, eps, config, tma=tma, norm_bias=norm_bias,
         residual_scale=residual_scale, spec=spec,
     )  # fmt: skip
-    return _emit(plan).view(hidden.shape)
 
 
 # Token-count regimes of a graph whose M is symbolic: (upper bound, M the configuration is picked

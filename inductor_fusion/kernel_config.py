@@ -133,15 +133,21 @@ def find_model_plan(example_inputs: Sequence[Any]) -> FusionPlan | None:
     return _plan_from_dynamo_frame()
 
 
-def current_model_plan() -> FusionPlan | None:
-    """`find_model_plan` for a pass run without a backend call (`inductor_fusion.install`): the
-    graph inputs are those of the frame Dynamo is compiling (None outside Dynamo)."""
+def _current_tx() -> Any:
+    """Dynamo's tracer of the frame being compiled (a private API, present in torch 2.11 and 2.13),
+    or None outside Dynamo."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        tx = InstructionTranslator.current_tx()
+        return InstructionTranslator.current_tx()
     except (ImportError, AttributeError):
         return None
+
+
+def current_model_plan() -> FusionPlan | None:
+    """`find_model_plan` for a pass run without a backend call (`inductor_fusion.install`): the
+    graph inputs are those of the frame Dynamo is compiling (None outside Dynamo)."""
+    tx = _current_tx()
     if tx is None:
         return None
     examples = []
@@ -161,12 +167,7 @@ def _plan_from_dynamo_frame() -> FusionPlan | None:
     guards evaluate against the frame's locals ``L`` and globals ``G``. We evaluate the sources'
     prefixes the same way, outermost first, and return the plan of the first module carrying one.
     """
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except (ImportError, AttributeError):
-        return None
+    tx = _current_tx()
     if tx is None:
         return None
     scope = {"L": tx.f_locals, "G": tx.f_globals}

@@ -88,6 +88,7 @@ EAGER_PATTERNS = ("rmsnorm_mlp",)
 KERNEL_LAYER_NAMES: Mapping[str, tuple[str, ...]] = {
     "rmsnorm_mlp": ("RMSNorm", "MLP"),
     "layernorm_mlp": ("LayerNorm", "MLP"),
+    "gqa_decode": ("Attention",),
 }
 
 

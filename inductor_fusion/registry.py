@@ -65,6 +65,16 @@ FAMILIES: dict[str, PatternFamily] = {
                 "ReLU^2), with or without the residual add that follows"
             ),
         ),
+        PatternFamily(
+            name="gqa_decode",
+            pattern_module="inductor_fusion.patterns.gqa_attention",
+            op_modules=(),
+            roles=("attention",),
+            description=(
+                "grouped-query attention at decode (<= 16 query tokens): SDPA on the key/value "
+                "heads with the query heads packed as rows, instead of repeat_kv copies of the cache"
+            ),
+        ),
     )
 }
 

@@ -102,6 +102,7 @@ from torch import Tensor
 
 OURS_BACKEND = "inductor_fusion"
 FUSED_PATTERN = "rmsnorm_mlp"
+ATTENTION_PATTERN = "gqa_decode"  # counted apart: one region per layer's attention
 PROVIDERS = ("eager", "inductor", "ours")  # display order
 PRIORITY = ("ours", "inductor", "eager")  # run order: a short budget drops the last first
 BACKENDS = {"inductor": "inductor", "ours": OURS_BACKEND}
@@ -170,6 +171,7 @@ CSV_FIELDS = (
     "decode_graphs",
     "decode_graphs_after_warmup",
     "decode_fused",
+    "decode_fused_attention",
     "prefill_graphs",
     "prefill_fused",
     "error",
@@ -399,10 +401,10 @@ def reset_compiler(model: torch.nn.Module | None = None) -> None:
     recover()
 
 
-def fused_regions() -> int:
+def fused_regions(pattern: str = FUSED_PATTERN) -> int:
     import inductor_fusion
 
-    return inductor_fusion.get_report().count(FUSED_PATTERN)
+    return inductor_fusion.get_report().count(pattern)
 
 
 # --- settings -------------------------------------------------------------------------------------------
@@ -439,7 +441,8 @@ class Settings:
         return half if 2 <= half < self.new_tokens else None
 
     def run_order(self) -> list[str]:
-        return [p for p in PRIORITY if p in self.providers]
+        # As given: swapping the order shows what the process's history does to the host.
+        return list(self.providers)
 
 
 def transformers_default_mode() -> str | None:
@@ -954,6 +957,7 @@ def run_decode_phase(run: ModelRun, results: Results, budget: Budget, recompiles
         gen = Generator(model, provider, settings)
         summary = run.summary(provider)
         fused_before = fused_regions()
+        attention_before = fused_regions(ATTENTION_PATTERN)
         start = Snapshot.now()
         for batch in settings.batches if "decode" in settings.phases else []:
             rec = results.add(decode_record(spec, provider, batch, settings))
@@ -1022,6 +1026,7 @@ def run_decode_phase(run: ModelRun, results: Results, budget: Budget, recompiles
             decode_graph_breaks=done.graph_breaks,
             decode_cudagraph_skips=done.cudagraph_skips,
             decode_fused=fused_regions() - fused_before,
+            decode_fused_attention=fused_regions(ATTENTION_PATTERN) - attention_before,
             decode_recompile_reasons=recompiles.take()[:12],
         )
         results.save()
@@ -1323,7 +1328,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--new-tokens", type=int, help="tokens per generate (default 128)")
     parser.add_argument("--prompt", type=int, help="prompt tokens (default 128)")
     parser.add_argument(
-        "--providers", default=",".join(PROVIDERS), help="subset of eager,inductor,ours"
+        "--providers",
+        default=",".join(PRIORITY),
+        help="subset of eager,inductor,ours, in run order (default: a short budget drops the last)",
     )
     parser.add_argument(
         "--phases", default=",".join(PHASES), help="subset of decode,prefill,numerics"

@@ -8,7 +8,7 @@
 # It keeps inside GPU_CHECK_TOTAL_S seconds (default 540: the tool allows 600 a command), so give
 # the call timeout_s=600. A stage that fails or times out does not stop the later ones.
 # GPU_CHECK_STAGES picks stages (default "tests,demo,bench"; also "host": perf/bench_host.py,
-# with BENCH_HOST_ARGS).
+# with BENCH_HOST_ARGS, and "e2e": perf/bench_e2e.py with E2E_ARGS, its files straight into $OUT).
 #
 # Files under $OUT (7, flat: the tool returns at most 8, at most 2 folders deep):
 #     gpu_check.log   setup, versions, demo, stage summary
@@ -109,10 +109,12 @@ elif ((T_TEST >= 30)); then
     # carried in .whl/, 12 workers share them (2026-11-25: 171 tests in 153 s).
     XDIST=()
     python3 -c "import xdist" 2>/dev/null && XDIST=(-n 12)
+    # GPU_CHECK_PYTEST (word-split) replaces the default files and GPU_CHECK_K the -k expression.
+    # shellcheck disable=SC2086
     timeout -k 10 "$T_TEST" python3 -m pytest -q -p no:cacheprovider -rs "${XDIST[@]}" \
-        tests/test_kernel_rmsnorm_mlp.py tests/test_models.py tests/test_regions.py \
-        tests/test_kernel_config.py tests/test_tune.py tests/test_lowering.py \
-        -k "cuda or reduce_overhead or kernel_config or tune or generated_code or per_regime" \
+        ${GPU_CHECK_PYTEST:-tests/test_kernel_rmsnorm_mlp.py tests/test_models.py tests/test_regions.py \
+        tests/test_kernel_config.py tests/test_tune.py tests/test_lowering.py tests/test_gqa_attention.py} \
+        -k "${GPU_CHECK_K:-cuda or reduce_overhead or kernel_config or tune or generated_code or per_regime}" \
         2>&1 | tee "$OUT/pytest.log"
     RC_TEST=${PIPESTATUS[0]}
 else
@@ -148,6 +150,18 @@ if stage host && ((T_HOST >= 60)); then
 fi
 say "(b2) host rc=$RC_HOST"
 
+# --- (b3) end to end ----------------------------------------------------------------------------------
+RC_E2E=skipped
+T_E2E=$(($(left) - 15))
+if stage e2e && ((T_E2E >= 90)); then
+    say "(b3) bench_e2e ${E2E_ARGS:-}, limit ${T_E2E}s"
+    # shellcheck disable=SC2086  # the arguments are meant to split
+    timeout -k 10 "$T_E2E" python3 perf/bench_e2e.py --out "$OUT" --time-budget $((T_E2E - 40)) \
+        ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log"
+    RC_E2E=${PIPESTATUS[0]}
+fi
+say "(b3) e2e rc=$RC_E2E"
+
 # --- (c) benchmark ------------------------------------------------------------------------------------
 # bench.py rewrites results.json after every (shape, M), so a timeout still leaves data. Its own
 # budget stops starting work (max_autotune first) well before the hard limit.
@@ -177,4 +191,4 @@ else
 fi
 say "(c) bench rc=$RC_BENCH"
 
-say "done: pytest=$RC_TEST demo=$RC_DEMO host=$RC_HOST bench=$RC_BENCH; files: $(cd "$OUT" && ls | tr '\n' ' ')"
+say "done: pytest=$RC_TEST demo=$RC_DEMO host=$RC_HOST e2e=$RC_E2E bench=$RC_BENCH; files: $(cd "$OUT" && ls | tr '\n' ' ')"

@@ -144,6 +144,13 @@ def _current_tx() -> Any:
         return None
 
 
+def current_dynamo_graph() -> torch.fx.Graph | None:
+    """The FX graph Dynamo is handing to its backend (None outside Dynamo): the graph of the
+    GraphModule a backend receives, for a pass run without a backend call."""
+    tx = _current_tx()
+    return getattr(getattr(tx, "output", None), "graph", None)
+
+
 def current_model_plan() -> FusionPlan | None:
     """`find_model_plan` for a pass run without a backend call (`inductor_fusion.install`): the
     graph inputs are those of the frame Dynamo is compiling (None outside Dynamo)."""

@@ -88,6 +88,7 @@ EAGER_PATTERNS = ("rmsnorm_mlp",)
 KERNEL_LAYER_NAMES: Mapping[str, tuple[str, ...]] = {
     "rmsnorm_mlp": ("RMSNorm", "MLP"),
     "layernorm_mlp": ("LayerNorm", "MLP"),
+    "mlp_postnorm": ("MLP",),
 }
 
 
@@ -243,6 +244,7 @@ _DEFAULT_FUSABLE: dict[str, dict[str, str]] = (
             ("nemotron", "Nemotron"),
         )
     }
+    | {"transformers.models.olmo2.modeling_olmo2.Olmo2Model": {"MLP": "layers.*.mlp"}}
 )
 
 

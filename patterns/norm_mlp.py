@@ -119,6 +119,11 @@ class Shape:
     residuals: tuple[str, ...]  # the residual forms registered, from RESIDUALS
     biases: tuple[bool, ...] = (False,)  # MLP biases registered (mlp_bias / use_bias)
     models: str = ""  # who writes it, for messages and the README
+    # The MLP's output goes through a second norm before the residual add (OLMo-2). A row with
+    # no norm in front needs it: matched only where the MLP reads the residual stream and a norm
+    # takes its output (`_post_norm_reason`), so it never takes the MLP half of a region whose
+    # norm another family fuses with it.
+    post_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS or self.activation not in _ACTIVATIONS or self.mlp not in MLPS:
@@ -127,6 +132,10 @@ class Shape:
             raise ValueError(f"unknown residual form in {self}")
         if self.mlp == "fused" and True in self.biases:
             raise ValueError("fused gate_up projections are registered without biases")
+        if self.norm == "none" and not self.post_norm:
+            raise ValueError("a row without a norm in front must match post-norm regions only")
+        if self.post_norm and self.residuals != ("none",):
+            raise ValueError("the residual add of a post-norm region follows the norm: no variant")
 
     @property
     def spec(self) -> RegionSpec:
@@ -457,6 +466,9 @@ def _check(
         eps=_matched_eps(match) if "eps" in variant.argnames else 0.0,
         residual_scale=_matched_scale(match) if variant.residual == "scaled" else 1.0,
     )
+    if variant.row.post_norm and _post_norm_reason(match) is not None:
+        # Not this row's region (e.g. the MLP half of Llama's): no INFO line, it is no candidate.
+        return False
     # Legality first, then profitability (which may guard on a symbolic token count).
     reason = _structure_reason(match, args.hidden) or can_fuse(args) or should_fuse(args)
     if reason is not None:
@@ -474,6 +486,35 @@ def _check(
 _TENSOR_FIELDS = tuple(
     n for n in RegionArgs.__dataclass_fields__ if n not in ("eps", "residual_scale")
 )
+
+
+def _post_norm_reason(match: Any) -> str | None:
+    """None if the match is a post-norm MLP (OLMo-2): its input is used outside the region (the
+    residual stream, which a norm's output never is here) and its output is normalised (through
+    casts, ``x**2`` or ``x*x`` averaged, or LayerNorm's ``var_mean``); else what differs."""
+    hidden = match.kwargs.get("hidden")
+    inside = set(match.nodes)
+    if not isinstance(hidden, torch.fx.Node) or all(u in inside for u in hidden.users):
+        return "the MLP's input is used by the MLP only (a norm's output, fused by its family)"
+    frontier, seen = [match.output_node()], set()
+    for _ in range(3):  # the output, then up to two casts (bf16 -> fp32)
+        nxt = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.target == torch.ops.aten.var_mean.correction:
+                    return None
+                squares = user.target == torch.ops.aten.pow.Tensor_Scalar or (
+                    user.target == torch.ops.aten.mul.Tensor and user.args[0] is user.args[1]
+                )
+                if squares and any(u.target == torch.ops.aten.mean.dim for u in user.users):
+                    return None
+                if user.target == _CAST:
+                    nxt.append(user)
+        frontier = nxt
+    return "the MLP's output is not normalised"
 
 
 def _structure_reason(match: Any, hidden: Any) -> str | None:

@@ -19,6 +19,8 @@ from tiny_models import (
     token_ids,
 )
 
+import inductor_fusion
+
 pytestmark = pytest.mark.slow
 
 # family, config overrides, dtype, pattern, expected variant, norm module, model prefix
@@ -79,10 +81,57 @@ def test_family_region_fuses_once_per_layer(
         ("gpt_neox", {"LayerNorm": "gpt_neox.layers.*.post_attention_layernorm"}),
         ("starcoder2", {"LayerNorm": "model.layers.*.post_attention_layernorm"}),
         ("nemotron", {"LayerNorm": "model.layers.*.post_attention_layernorm"}),
+        ("olmo2", {}),  # no norm in front of the MLP: the region is the MLP alone
     ],
 )
 def test_kernel_config_registry_names_each_family(family, expected):
     import inductor_fusion
 
-    mlp = next(iter(expected.values())).rsplit(".", 1)[0] + ".mlp"
+    mlp = next(iter(expected.values()), "model.layers.*.x").rsplit(".", 1)[0] + ".mlp"
     assert inductor_fusion.fusable_modules(tiny_model(family)) == {**expected, "MLP": mlp}
+
+
+# --- OLMo-2: h + post_feedforward_layernorm(mlp(h)), no norm in front of the MLP ------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_olmo2_mlp_fuses_once_per_layer(dtype):
+    # The MLP alone is the region (norm "none"); the post-norm and the add stay Inductor's.
+    model = tiny_model("olmo2", dtype)
+    ids = token_ids()
+    with torch.no_grad():
+        eager = model(ids).logits
+    with fresh_compile() as report, torch.no_grad():
+        ours = torch.compile(model, backend="inductor_fusion")(ids).logits
+    kind = "lowp" if dtype == torch.bfloat16 else "fp32"
+    assert [r.variant for r in report] == [f"olmo2_{kind}_3d_no_residual"] * 2, report.summary()
+    assert sorted(report.paths("mlp_postnorm", "mlp")) == layer_paths("mlp")
+    assert all([role for role, _ in r.paths] == ["mlp"] for r in report)
+    assert_within_tolerance(ours, eager, fp64_logits(model, ids))
+
+
+@pytest.mark.parametrize("patterns", ["rmsnorm_mlp,mlp_postnorm", "mlp_postnorm"])
+def test_mlp_postnorm_never_takes_the_mlp_of_a_norm_mlp_region(patterns):
+    # A Llama MLP looks like OLMo-2's without its norm; it is rmsnorm_mlp's region, with its
+    # norm, whatever order the families run in, and mlp_postnorm alone fuses nothing there.
+    model, ids = tiny_model("llama", torch.bfloat16), token_ids()
+    with fresh_compile() as report, torch.no_grad():
+        torch.compile(model, backend=inductor_fusion.backend(patterns=patterns))(ids)
+    if patterns == "mlp_postnorm":
+        assert len(report) == 0, report.summary()
+    else:
+        assert [r.pattern for r in report] == ["rmsnorm_mlp"] * 2, report.summary()
+        assert sorted(report.paths("rmsnorm_mlp", "norm")) == layer_paths(
+            "post_attention_layernorm"
+        )
+
+
+def test_olmo2_kernel_config_selects_one_layer():
+    # The inline (name, glob) form of a one-module family.
+    model, ids = tiny_model("olmo2", torch.bfloat16), token_ids()
+    inductor_fusion.apply_kernel_config(
+        model, {(("MLP", "model.layers.1.mlp"),): "inductor_fusion:mlp_postnorm"}
+    )
+    with fresh_compile() as report, torch.no_grad():
+        torch.compile(model, backend="inductor_fusion")(ids)
+    assert report.paths("mlp_postnorm", "mlp") == ["model.layers.1.mlp"], report.summary()

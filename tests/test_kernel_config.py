@@ -226,7 +226,7 @@ def test_hub_kernels_on_our_modules_warn() -> None:
             {INLINE: "inductor_fusion:layernorm_gelu"},
             ValueError,
             "'inductor_fusion:layernorm_gelu': unknown inductor_fusion pattern 'layernorm_gelu'; "
-            "valid names: layernorm_mlp, rmsnorm_mlp",
+            "valid names: layernorm_mlp, mlp_postnorm, rmsnorm_mlp",
         ),
         (
             {INLINE: "inductor_fusion:rmsnorm_mlp:maybe"},
@@ -236,7 +236,7 @@ def test_hub_kernels_on_our_modules_warn() -> None:
         (
             {INLINE: "inductor_fusion:"},
             ValueError,
-            "with <pattern> one of: layernorm_mlp, rmsnorm_mlp",
+            "with <pattern> one of: layernorm_mlp, mlp_postnorm, rmsnorm_mlp",
         ),
         (
             {INLINE: "Inductor-Fusion:rmsnorm_mlp"},

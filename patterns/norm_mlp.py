@@ -596,41 +596,82 @@ def specialize_eps(graph: torch.fx.Graph) -> int:
     the literal. The input is found by its Dynamo source: the one float symbol whose source is an
     attribute of the module the ``mean`` was traced in. Returns how many adds were rewritten.
     """
-    from torch.fx.experimental.symbolic_shapes import guard_float
-    from torch.utils._sympy.symbol import SymT, symbol_is_type
-
-    from inductor_fusion.fusion_pass import innermost_module, normalize_module_path
-
     rewritten = 0
     for add in graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor):
         mean, eps = (*add.args, None, None)[:2]
         if not (isinstance(mean, torch.fx.Node) and mean.target == torch.ops.aten.mean.dim):
             continue
-        source = eps
-        while isinstance(source, torch.fx.Node) and source.target == _CAST:
-            source = source.args[0]
-        if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"):
-            continue
         # The add itself may be new (AOT's scalar tensorification); the mean was traced in the norm.
-        val, module = source.meta.get("val"), innermost_module(mean)
-        shape_env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
-        if shape_env is None or module is None or val.dim() != 0:
-            continue
-        symbols = [
-            sym
-            for sym, sources in shape_env.var_to_sources.items()
-            if symbol_is_type(sym, SymT.FLOAT)
-            and sym in shape_env.backed_var_to_val
-            and any(normalize_module_path(src.name).rpartition(".")[0] == module for src in sources)
-        ]
-        if len(symbols) != 1:
+        value = _module_float(eps, innermost_module_path(mean))
+        if value is None:
             continue  # Not provably this module's eps: the region is reported unfused.
-        (sym,) = symbols
-        hint = float(shape_env.backed_var_to_val[sym])
-        value = guard_float(shape_env.create_symfloatnode(sym, hint=hint))
         add.args = (mean, value, *add.args[2:])
         rewritten += 1
     return rewritten
+
+
+# Attributes our patterns take as constants besides eps: Granite's residual multiplier.
+_SCALE_ATTRIBUTES = ("residual_multiplier",)
+
+
+def specialize_residual_scales(graph: torch.fx.Graph) -> int:
+    """`specialize_eps` for Granite's ``h + mlp * residual_multiplier``: with ``dynamic=True``
+    the multiplier is a 0-d input too (cast to the activations' dtype), and the scaled variant
+    takes it as a constant. Rewrites each ``mul(y, input)`` whose input is the
+    ``residual_multiplier`` of a module enclosing ``y``'s (the decoder layer around the MLP) to
+    multiply by the value, as the graph of a static compile does. The mul itself carries no
+    module (AOT's scalar tensorification made it), so ``y`` places it. Returns how many."""
+    rewritten = 0
+    for mul in graph.find_nodes(op="call_function", target=torch.ops.aten.mul.Tensor):
+        if len(mul.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in mul.args):
+            continue
+        module = innermost_module_path(mul) or innermost_module_path(mul.args[0])
+        value = _module_float(mul.args[1], module, attributes=_SCALE_ATTRIBUTES)
+        if value is not None:
+            mul.args = (mul.args[0], value)
+            rewritten += 1
+    return rewritten
+
+
+def _module_float(
+    arg: Any, module: str | None, attributes: tuple[str, ...] | None = None
+) -> float | None:
+    """The value of ``arg`` if it is a 0-d graph input (possibly cast) backed by the one float
+    symbol that is an attribute of ``module`` (without ``attributes``) or one of ``attributes``
+    of ``module`` or a module enclosing it, specialized with a guard; else None."""
+    from torch.fx.experimental.symbolic_shapes import guard_float
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    from inductor_fusion.fusion_pass import normalize_module_path
+
+    source = arg
+    while isinstance(source, torch.fx.Node) and source.target == _CAST:
+        source = source.args[0]
+    if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"):
+        return None
+    val = source.meta.get("val")
+    shape_env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
+    if shape_env is None or module is None or val.dim() != 0:
+        return None
+
+    def owned(name: str) -> bool:
+        owner, _, attribute = normalize_module_path(name).rpartition(".")
+        if attributes is None:
+            return owner == module
+        return attribute in attributes and (owner == module or module.startswith(f"{owner}."))
+
+    symbols = [
+        sym
+        for sym, sources in shape_env.var_to_sources.items()
+        if symbol_is_type(sym, SymT.FLOAT)
+        and sym in shape_env.backed_var_to_val
+        and any(owned(src.name) for src in sources)
+    ]
+    if len(symbols) != 1:
+        return None
+    (sym,) = symbols
+    hint = float(shape_env.backed_var_to_val[sym])
+    return guard_float(shape_env.create_symfloatnode(sym, hint=hint))
 
 
 def _trace_reshapes(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.fx.GraphModule:
@@ -724,8 +765,10 @@ def _fwd_only_traces_views() -> bool:
 
 
 def prepare_graph(graph: torch.fx.Graph) -> None:
-    """Run by the pass before matching: see `specialize_eps` and `drop_dropout_clones`."""
+    """Run by the pass before matching: see `specialize_eps`, `specialize_residual_scales` and
+    `drop_dropout_clones`."""
     specialize_eps(graph)
+    specialize_residual_scales(graph)
     drop_dropout_clones(graph)
 
 

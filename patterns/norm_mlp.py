@@ -3,7 +3,8 @@
 One table describes what the Hugging Face decoder families write after attention, as a few named
 axes: the norm (Llama's RMSNorm, Gemma's ``(1 + w)`` RMSNorm, LayerNorm, Nemotron's LayerNorm1P,
 none), the MLP (activation; gated with separate or fused gate/up projections, or not gated) and
-the residual (none, ``h + mlp`` on either side, ``h + mlp * scale``). Each row (`Shape`) is a
+the residual (none, ``h + mlp`` on either side, ``h + mlp * scale``, ``mlp + other`` with a
+second tensor: GPT-NeoX's parallel attention output). Each row (`Shape`) is a
 family's form; each family module (``rmsnorm_mlp``, ``layernorm_mlp``) lists its rows and calls
 `register`. The search functions are the modules' math written as plain PyTorch, e.g. Llama's:
 
@@ -105,7 +106,8 @@ NORMS = {
     "none": Norm(None, "none"),
 }
 MLPS = ("separate", "fused", "plain")  # gate/up projections; one fused gate_up; no gate
-RESIDUALS = ("left", "right", "scaled", "none")  # h + y, y + h, h + y * scale, y
+# h + y, y + h, h + y * scale, y + other (a second tensor: GPT-NeoX's parallel attention output), y
+RESIDUALS = ("left", "right", "scaled", "parallel", "none")
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,8 @@ class Variant:
             names.append("eps")
         if self.residual == "scaled":
             names.append("residual_scale")
+        if self.residual == "parallel":
+            names.append("other")
         return tuple(names)
 
     def search(self, **a: Any) -> torch.Tensor:
@@ -225,6 +229,10 @@ class Variant:
             return out + a["hidden"]
         if self.residual == "scaled":  # GraniteDecoderLayer
             return a["hidden"] + out * a["residual_scale"]
+        if self.residual == "parallel":
+            # GPTNeoXLayer (use_parallel_residual): mlp + attn + h, i.e. (mlp + attn) + h; the
+            # first add folds into the down GEMM's epilogue, the second stays Inductor's.
+            return out + a["other"]
         return out
 
     def replace(self, **a: Any) -> torch.Tensor:
@@ -244,7 +252,7 @@ class Variant:
             a.get("gate_bias"),
             a.get("up_bias"),
             a.get("down_bias"),
-            None if self.residual == "none" else a["hidden"],
+            {"none": None, "parallel": a.get("other")}.get(self.residual, a["hidden"]),
             a.get("eps", 0.0),
             a.get("norm_bias"),
         )
@@ -275,6 +283,7 @@ class Variant:
             "gate_bias": (48,),
             "up_bias": (48,),
             "down_bias": (32,),
+            "other": hidden_shape,
         }
         return [
             _SCALARS[name] if name in _SCALARS else torch.empty(shapes[name], dtype=dtype)
@@ -343,6 +352,7 @@ class RegionArgs:
     eps: Any
     norm_bias: torch.Tensor | None = None
     residual_scale: Any = 1.0
+    other: torch.Tensor | None = None  # the second tensor of a parallel residual
 
 
 def can_fuse(args: RegionArgs) -> str | None:
@@ -369,6 +379,9 @@ def can_fuse(args: RegionArgs) -> str | None:
         return "inputs on different devices"
     if h.dim() < 2:
         return f"hidden has {h.dim()} dims"
+    if args.other is not None and not _same_shape(args.other.shape, h.shape):
+        # The epilogue adds it elementwise over [tokens, H]: a broadcast add is another region.
+        return f"parallel residual has shape {list(args.other.shape)}, hidden {list(h.shape)}"
     hidden_size, inter = args.gate_weight.shape[1], args.gate_weight.shape[0]
     if not all(isinstance(s, int) for s in (hidden_size, inter)):
         return "symbolic hidden or intermediate size"
@@ -418,6 +431,14 @@ def should_fuse(args: RegionArgs) -> str | None:
     )
 
 
+def _same_shape(a: Any, b: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(
+        statically_known_true(x == y) for x, y in zip(a, b, strict=True)
+    )
+
+
 def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if t is None else tuple(t.shape)
 
@@ -432,6 +453,7 @@ def _weights_of(args: RegionArgs) -> tuple[torch.Tensor | None, ...]:
         args.gate_bias,
         args.up_bias,
         args.down_bias,
+        args.other,
     )
 
 

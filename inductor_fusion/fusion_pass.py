@@ -274,8 +274,9 @@ class FusionPass(CustomGraphPass):
         return digest.hexdigest()
 
 
-# Module attributes that hold a norm's epsilon (LlamaRMSNorm.variance_epsilon, LayerNorm.eps...).
-_EPS_ATTRIBUTE = re.compile(r"\.(variance_epsilon|epsilon|eps)$")
+# Module attributes that hold a norm's epsilon (LlamaRMSNorm.variance_epsilon, LayerNorm.eps...),
+# and the other scalars our patterns take as constants (Granite's residual multiplier).
+_EPS_ATTRIBUTE = re.compile(r"\.(variance_epsilon|epsilon|eps|residual_multiplier)$")
 
 
 def specialize_eps_inputs() -> tuple[tuple[str, float], ...]:

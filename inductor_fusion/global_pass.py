@@ -18,8 +18,11 @@ uuid (None, disabling the cache, when it has none, as Inductor does) and the spe
 
 Reports: every region fused under an installed pass is recorded in the process-wide
 ``get_report()`` and in the installation's ``report``. A graph Inductor serves from its caches runs
-no pass and is not reported here (our backend reports those from its records, see
-`inductor_fusion.records`): count regions with caches off, or compile with our backend.
+no pass; as for our backend, its regions are reported from the records the compile that filled
+the cache left (`inductor_fusion.records`), marked "(from cache)". With no backend call around
+the compile, the records' key is taken from the Dynamo graph when the pass is first asked for its
+uuid (which Inductor does on a hit too), and the compile is closed by a Dynamo end-of-compile
+callback (registered by the compile, removed by `uninstall`).
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from inductor_fusion import config as fusion_config
-from inductor_fusion import registry
+from inductor_fusion import records, registry
 from inductor_fusion.backend import inductor_config_patches
 from inductor_fusion.config import FusionOptions, FusionPlan
 from inductor_fusion.fusion_pass import STAGES, FusionPass, specialize_eps_inputs
-from inductor_fusion.report import FusionReport
+from inductor_fusion.report import FusionReport, get_report
 
 
 @dataclass
@@ -50,6 +53,12 @@ class _CompileState:
 
     plan: FusionPlan
     rejected: set[object] = field(default_factory=set)
+    # What this compile's stages fused, for the record kept beside Inductor's cache entry.
+    compile_records: records.CompileRecords = field(default_factory=records.CompileRecords)
+    # Inductor's and AOTAutograd's cache-hit counts when the compile opened: a compile whose
+    # passes did not run is reported from the records only if one of them grew (a compile that
+    # failed before our pass also runs no pass, and served nothing).
+    hits: int = 0
 
 
 class InstalledPass(CustomGraphPass):
@@ -69,6 +78,7 @@ class InstalledPass(CustomGraphPass):
             chained=self.chained,
             stage=self.stage,
             rejected=state.rejected,
+            records=state.compile_records,
             specialized=specialize_eps_inputs() if state.plan.patterns else (),
         )
 
@@ -99,6 +109,9 @@ class Installation:
         # One state per tracing context (one Dynamo frame compile), shared by both stages and by
         # a backward graph compiled later; weak, so it goes with the compile.
         self._states: weakref.WeakKeyDictionary[Any, _CompileState] = weakref.WeakKeyDictionary()
+        # Compiles whose records are still open, closed by `finish_compiles` (Dynamo's end of
+        # compile). Strong references: the tracing context may be gone by then.
+        self._open: list[_CompileState] = []
         self._lock = threading.Lock()
 
     def state(self) -> _CompileState:
@@ -108,14 +121,57 @@ class Installation:
         context = torch._guards.TracingContext.try_get()
         with self._lock:
             state = self._states.get(context) if context is not None else None
-            if state is None:
-                plan = fusion_config.resolve_plan(
-                    options=self.options, model_plan=current_model_plan()
-                )
-                state = _CompileState(plan)
-                if context is not None:
-                    self._states[context] = state
-            return state
+            if state is not None:
+                return state
+            plan = fusion_config.resolve_plan(options=self.options, model_plan=current_model_plan())
+            state = _CompileState(plan, hits=_cache_hits())
+            if context is not None:
+                self._states[context] = state
+        if context is not None:
+            # Outside the lock: the key asks both stages' passes for their uuid (this state).
+            self._open_records(state)
+        return state
+
+    def _open_records(self, state: _CompileState) -> None:
+        """Keys the compile's records by the graph Dynamo is compiling (None outside Dynamo,
+        e.g. AOTInductor: then nothing is recorded or read)."""
+        from inductor_fusion.kernel_config import current_dynamo_graph
+
+        graph = current_dynamo_graph()
+        if graph is None:
+            return
+        placeholders = graph.find_nodes(op="placeholder")
+        state.compile_records.key = records.compile_key(
+            graph,
+            [None] * len(placeholders),  # the placeholders' example values are in their meta
+            plan_key=state.plan.key(),
+            pass_uuids=[self.passes[stage].uuid() for stage in STAGES],
+        )
+        with self._lock:
+            self._open.append(state)
+            # Registered here, per compile, rather than once at install: torch._dynamo.reset()
+            # clears Dynamo's callbacks. Dynamo reads the list when the compile ends.
+            callbacks = torch._dynamo.callback_handler
+            if self.finish_compiles not in callbacks.end_callbacks:
+                callbacks.register_end_callback(self.finish_compiles)
+
+    def finish_compiles(self, _args: Any = None) -> None:
+        """Dynamo's end-of-compile callback: reports what the caches served to the compiles
+        that just ended, and saves what their passes fused."""
+        with self._lock:
+            states, self._open = self._open, []
+        hits = _cache_hits()
+        for state in states:
+            if state.compile_records.stages_run or hits > state.hits:
+                state.compile_records.finish(STAGES, reports=(get_report(), self.report))
+
+
+def _cache_hits() -> int:
+    from torch._dynamo.utils import counters
+
+    return (
+        counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    )
 
 
 _installations: list[Installation] = []
@@ -191,6 +247,9 @@ def uninstall() -> bool:
         if not _installations:
             return False
         installation = _installations.pop()
+        callbacks = torch._dynamo.callback_handler
+        if installation.finish_compiles in callbacks.end_callbacks:
+            callbacks.remove_end_callback(installation.finish_compiles)
         for key, value in installation.saved.items():
             stage = next((s for s, k in STAGES.items() if k == key), None)
             current = getattr(inductor_config, key)

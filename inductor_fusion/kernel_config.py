@@ -88,6 +88,7 @@ EAGER_PATTERNS = ("rmsnorm_mlp",)
 KERNEL_LAYER_NAMES: Mapping[str, tuple[str, ...]] = {
     "rmsnorm_mlp": ("RMSNorm", "MLP"),
     "layernorm_mlp": ("LayerNorm", "MLP"),
+    "mlp_postnorm": ("MLP",),
     "gqa_decode": ("Attention",),
 }
 
@@ -143,6 +144,13 @@ def _current_tx() -> Any:
         return InstructionTranslator.current_tx()
     except (ImportError, AttributeError):
         return None
+
+
+def current_dynamo_graph() -> torch.fx.Graph | None:
+    """The FX graph Dynamo is handing to its backend (None outside Dynamo): the graph of the
+    GraphModule a backend receives, for a pass run without a backend call."""
+    tx = _current_tx()
+    return getattr(getattr(tx, "output", None), "graph", None)
 
 
 def current_model_plan() -> FusionPlan | None:
@@ -237,6 +245,7 @@ _DEFAULT_FUSABLE: dict[str, dict[str, str]] = (
             ("nemotron", "Nemotron"),
         )
     }
+    | {"transformers.models.olmo2.modeling_olmo2.Olmo2Model": {"MLP": "layers.*.mlp"}}
 )
 
 

@@ -68,7 +68,7 @@ def _describe(value: Any) -> Any:
 
 
 def compile_key(
-    gm: torch.fx.GraphModule,
+    gm: torch.fx.GraphModule | torch.fx.Graph,
     example_inputs: Sequence[Any],
     *,
     plan_key: str,
@@ -78,20 +78,23 @@ def compile_key(
 
     Call it with the compile's Inductor config patches applied. None when a pass has no uuid
     (Inductor then bypasses its caches, so our pass always runs) or caches are force-disabled.
+    ``gm`` may be the Dynamo graph itself (an installed pass finds that, not the GraphModule).
     """
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
     if caches_disabled() or any(uid is None for uid in pass_uuids):
         return None
-    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    graph = gm if isinstance(gm, torch.fx.Graph) else gm.graph
+    code = graph.python_code(root_module="self").src if gm is graph else gm.code
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     inputs = [
         _describe(node.meta.get("example_value", value))
         for node, value in zip(placeholders, example_inputs, strict=False)
     ]
     modules = [
         [node.name, [entry[0] for entry in node.meta["nn_module_stack"].values()]]
-        for node in gm.graph.nodes
+        for node in graph.nodes
         if node.meta.get("nn_module_stack")
     ]
     try:
@@ -104,7 +107,7 @@ def compile_key(
     parts = {
         "version": RECORDS_VERSION,
         "torch": torch.__version__,
-        "graph": gm.code,
+        "graph": code,
         "modules": modules,
         "inputs": inputs,
         "grad": torch.is_grad_enabled(),

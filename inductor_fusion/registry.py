@@ -66,6 +66,16 @@ FAMILIES: dict[str, PatternFamily] = {
             ),
         ),
         PatternFamily(
+            name="mlp_postnorm",
+            pattern_module="inductor_fusion.patterns.mlp_postnorm",
+            op_modules=("inductor_fusion.triton_kernels.rmsnorm_mlp",),
+            roles=("mlp",),
+            description=(
+                "gated SiLU MLP on the residual stream whose output a second norm takes before "
+                "the add (OLMo-2); the MLP fuses, the post-norm and the add stay Inductor's"
+            ),
+        ),
+        PatternFamily(
             name="gqa_decode",
             pattern_module="inductor_fusion.patterns.gqa_attention",
             op_modules=(),

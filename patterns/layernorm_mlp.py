@@ -1,8 +1,9 @@
 """LayerNorm -> non-gated MLP (-> residual add): GPT-NeoX, Starcoder2, Nemotron.
 
 The rows of the `norm_mlp` table this family registers. GPT-NeoX's parallel residual
-(``h + attn + mlp(ln(h))``) fuses in its no-residual form; its sequential form adds the MLP output
-on the left of the norm's input (``mlp + h``).
+(``mlp(ln(h)) + attn + h``) fuses with its first add, of the attention output (the "parallel"
+residual form); the add of ``h`` stays Inductor's. Its sequential form adds the MLP output on the
+left of the norm's input (``mlp + h``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ ROLES = ("norm", "mlp")
 
 SHAPES: tuple[Shape, ...] = (
     Shape(
-        "gpt_neox", "layer", "gelu", "plain", ("right", "none"), biases=(True,),
-        models="GPT-NeoX (sequential: mlp + h; parallel: mlp only)",
+        "gpt_neox", "layer", "gelu", "plain", ("right", "parallel", "none"), biases=(True,),
+        models="GPT-NeoX (sequential: mlp + h; parallel: mlp + attn, then + h)",
     ),
     Shape(
         "starcoder2", "layer", "gelu_tanh", "plain", ("left", "none"), biases=(True, False),

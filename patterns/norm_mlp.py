@@ -3,7 +3,8 @@
 One table describes what the Hugging Face decoder families write after attention, as a few named
 axes: the norm (Llama's RMSNorm, Gemma's ``(1 + w)`` RMSNorm, LayerNorm, Nemotron's LayerNorm1P,
 none), the MLP (activation; gated with separate or fused gate/up projections, or not gated) and
-the residual (none, ``h + mlp`` on either side, ``h + mlp * scale``). Each row (`Shape`) is a
+the residual (none, ``h + mlp`` on either side, ``h + mlp * scale``, ``mlp + other`` with a
+second tensor: GPT-NeoX's parallel attention output). Each row (`Shape`) is a
 family's form; each family module (``rmsnorm_mlp``, ``layernorm_mlp``) lists its rows and calls
 `register`. The search functions are the modules' math written as plain PyTorch, e.g. Llama's:
 
@@ -105,7 +106,8 @@ NORMS = {
     "none": Norm(None, "none"),
 }
 MLPS = ("separate", "fused", "plain")  # gate/up projections; one fused gate_up; no gate
-RESIDUALS = ("left", "right", "scaled", "none")  # h + y, y + h, h + y * scale, y
+# h + y, y + h, h + y * scale, y + other (a second tensor: GPT-NeoX's parallel attention output), y
+RESIDUALS = ("left", "right", "scaled", "parallel", "none")
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,11 @@ class Shape:
     residuals: tuple[str, ...]  # the residual forms registered, from RESIDUALS
     biases: tuple[bool, ...] = (False,)  # MLP biases registered (mlp_bias / use_bias)
     models: str = ""  # who writes it, for messages and the README
+    # The MLP's output goes through a second norm before the residual add (OLMo-2). A row with
+    # no norm in front needs it: matched only where the MLP reads the residual stream and a norm
+    # takes its output (`_post_norm_reason`), so it never takes the MLP half of a region whose
+    # norm another family fuses with it.
+    post_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS or self.activation not in _ACTIVATIONS or self.mlp not in MLPS:
@@ -127,6 +134,10 @@ class Shape:
             raise ValueError(f"unknown residual form in {self}")
         if self.mlp == "fused" and True in self.biases:
             raise ValueError("fused gate_up projections are registered without biases")
+        if self.norm == "none" and not self.post_norm:
+            raise ValueError("a row without a norm in front must match post-norm regions only")
+        if self.post_norm and self.residuals != ("none",):
+            raise ValueError("the residual add of a post-norm region follows the norm: no variant")
 
     @property
     def spec(self) -> RegionSpec:
@@ -201,6 +212,8 @@ class Variant:
             names.append("eps")
         if self.residual == "scaled":
             names.append("residual_scale")
+        if self.residual == "parallel":
+            names.append("other")
         return tuple(names)
 
     def search(self, **a: Any) -> torch.Tensor:
@@ -216,6 +229,10 @@ class Variant:
             return out + a["hidden"]
         if self.residual == "scaled":  # GraniteDecoderLayer
             return a["hidden"] + out * a["residual_scale"]
+        if self.residual == "parallel":
+            # GPTNeoXLayer (use_parallel_residual): mlp + attn + h, i.e. (mlp + attn) + h; the
+            # first add folds into the down GEMM's epilogue, the second stays Inductor's.
+            return out + a["other"]
         return out
 
     def replace(self, **a: Any) -> torch.Tensor:
@@ -235,7 +252,7 @@ class Variant:
             a.get("gate_bias"),
             a.get("up_bias"),
             a.get("down_bias"),
-            None if self.residual == "none" else a["hidden"],
+            {"none": None, "parallel": a.get("other")}.get(self.residual, a["hidden"]),
             a.get("eps", 0.0),
             a.get("norm_bias"),
         )
@@ -266,6 +283,7 @@ class Variant:
             "gate_bias": (48,),
             "up_bias": (48,),
             "down_bias": (32,),
+            "other": hidden_shape,
         }
         return [
             _SCALARS[name] if name in _SCALARS else torch.empty(shapes[name], dtype=dtype)
@@ -334,6 +352,7 @@ class RegionArgs:
     eps: Any
     norm_bias: torch.Tensor | None = None
     residual_scale: Any = 1.0
+    other: torch.Tensor | None = None  # the second tensor of a parallel residual
 
 
 def can_fuse(args: RegionArgs) -> str | None:
@@ -360,6 +379,9 @@ def can_fuse(args: RegionArgs) -> str | None:
         return "inputs on different devices"
     if h.dim() < 2:
         return f"hidden has {h.dim()} dims"
+    if args.other is not None and not _same_shape(args.other.shape, h.shape):
+        # The epilogue adds it elementwise over [tokens, H]: a broadcast add is another region.
+        return f"parallel residual has shape {list(args.other.shape)}, hidden {list(h.shape)}"
     hidden_size, inter = args.gate_weight.shape[1], args.gate_weight.shape[0]
     if not all(isinstance(s, int) for s in (hidden_size, inter)):
         return "symbolic hidden or intermediate size"
@@ -409,6 +431,14 @@ def should_fuse(args: RegionArgs) -> str | None:
     )
 
 
+def _same_shape(a: Any, b: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(
+        statically_known_true(x == y) for x, y in zip(a, b, strict=True)
+    )
+
+
 def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if t is None else tuple(t.shape)
 
@@ -423,6 +453,7 @@ def _weights_of(args: RegionArgs) -> tuple[torch.Tensor | None, ...]:
         args.gate_bias,
         args.up_bias,
         args.down_bias,
+        args.other,
     )
 
 
@@ -457,6 +488,9 @@ def _check(
         eps=_matched_eps(match) if "eps" in variant.argnames else 0.0,
         residual_scale=_matched_scale(match) if variant.residual == "scaled" else 1.0,
     )
+    if variant.row.post_norm and _post_norm_reason(match) is not None:
+        # Not this row's region (e.g. the MLP half of Llama's): no INFO line, it is no candidate.
+        return False
     # Legality first, then profitability (which may guard on a symbolic token count).
     reason = _structure_reason(match, args.hidden) or can_fuse(args) or should_fuse(args)
     if reason is not None:
@@ -474,6 +508,35 @@ def _check(
 _TENSOR_FIELDS = tuple(
     n for n in RegionArgs.__dataclass_fields__ if n not in ("eps", "residual_scale")
 )
+
+
+def _post_norm_reason(match: Any) -> str | None:
+    """None if the match is a post-norm MLP (OLMo-2): its input is used outside the region (the
+    residual stream, which a norm's output never is here) and its output is normalised (through
+    casts, ``x**2`` or ``x*x`` averaged, or LayerNorm's ``var_mean``); else what differs."""
+    hidden = match.kwargs.get("hidden")
+    inside = set(match.nodes)
+    if not isinstance(hidden, torch.fx.Node) or all(u in inside for u in hidden.users):
+        return "the MLP's input is used by the MLP only (a norm's output, fused by its family)"
+    frontier, seen = [match.output_node()], set()
+    for _ in range(3):  # the output, then up to two casts (bf16 -> fp32)
+        nxt = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.target == torch.ops.aten.var_mean.correction:
+                    return None
+                squares = user.target == torch.ops.aten.pow.Tensor_Scalar or (
+                    user.target == torch.ops.aten.mul.Tensor and user.args[0] is user.args[1]
+                )
+                if squares and any(u.target == torch.ops.aten.mean.dim for u in user.users):
+                    return None
+                if user.target == _CAST:
+                    nxt.append(user)
+        frontier = nxt
+    return "the MLP's output is not normalised"
 
 
 def _structure_reason(match: Any, hidden: Any) -> str | None:
@@ -555,41 +618,82 @@ def specialize_eps(graph: torch.fx.Graph) -> int:
     the literal. The input is found by its Dynamo source: the one float symbol whose source is an
     attribute of the module the ``mean`` was traced in. Returns how many adds were rewritten.
     """
-    from torch.fx.experimental.symbolic_shapes import guard_float
-    from torch.utils._sympy.symbol import SymT, symbol_is_type
-
-    from inductor_fusion.fusion_pass import innermost_module, normalize_module_path
-
     rewritten = 0
     for add in graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor):
         mean, eps = (*add.args, None, None)[:2]
         if not (isinstance(mean, torch.fx.Node) and mean.target == torch.ops.aten.mean.dim):
             continue
-        source = eps
-        while isinstance(source, torch.fx.Node) and source.target == _CAST:
-            source = source.args[0]
-        if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"):
-            continue
         # The add itself may be new (AOT's scalar tensorification); the mean was traced in the norm.
-        val, module = source.meta.get("val"), innermost_module(mean)
-        shape_env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
-        if shape_env is None or module is None or val.dim() != 0:
-            continue
-        symbols = [
-            sym
-            for sym, sources in shape_env.var_to_sources.items()
-            if symbol_is_type(sym, SymT.FLOAT)
-            and sym in shape_env.backed_var_to_val
-            and any(normalize_module_path(src.name).rpartition(".")[0] == module for src in sources)
-        ]
-        if len(symbols) != 1:
+        value = _module_float(eps, innermost_module_path(mean))
+        if value is None:
             continue  # Not provably this module's eps: the region is reported unfused.
-        (sym,) = symbols
-        hint = float(shape_env.backed_var_to_val[sym])
-        value = guard_float(shape_env.create_symfloatnode(sym, hint=hint))
         add.args = (mean, value, *add.args[2:])
         rewritten += 1
     return rewritten
+
+
+# Attributes our patterns take as constants besides eps: Granite's residual multiplier.
+_SCALE_ATTRIBUTES = ("residual_multiplier",)
+
+
+def specialize_residual_scales(graph: torch.fx.Graph) -> int:
+    """`specialize_eps` for Granite's ``h + mlp * residual_multiplier``: with ``dynamic=True``
+    the multiplier is a 0-d input too (cast to the activations' dtype), and the scaled variant
+    takes it as a constant. Rewrites each ``mul(y, input)`` whose input is the
+    ``residual_multiplier`` of a module enclosing ``y``'s (the decoder layer around the MLP) to
+    multiply by the value, as the graph of a static compile does. The mul itself carries no
+    module (AOT's scalar tensorification made it), so ``y`` places it. Returns how many."""
+    rewritten = 0
+    for mul in graph.find_nodes(op="call_function", target=torch.ops.aten.mul.Tensor):
+        if len(mul.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in mul.args):
+            continue
+        module = innermost_module_path(mul) or innermost_module_path(mul.args[0])
+        value = _module_float(mul.args[1], module, attributes=_SCALE_ATTRIBUTES)
+        if value is not None:
+            mul.args = (mul.args[0], value)
+            rewritten += 1
+    return rewritten
+
+
+def _module_float(
+    arg: Any, module: str | None, attributes: tuple[str, ...] | None = None
+) -> float | None:
+    """The value of ``arg`` if it is a 0-d graph input (possibly cast) backed by the one float
+    symbol that is an attribute of ``module`` (without ``attributes``) or one of ``attributes``
+    of ``module`` or a module enclosing it, specialized with a guard; else None."""
+    from torch.fx.experimental.symbolic_shapes import guard_float
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    from inductor_fusion.fusion_pass import normalize_module_path
+
+    source = arg
+    while isinstance(source, torch.fx.Node) and source.target == _CAST:
+        source = source.args[0]
+    if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"):
+        return None
+    val = source.meta.get("val")
+    shape_env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
+    if shape_env is None or module is None or val.dim() != 0:
+        return None
+
+    def owned(name: str) -> bool:
+        owner, _, attribute = normalize_module_path(name).rpartition(".")
+        if attributes is None:
+            return owner == module
+        return attribute in attributes and (owner == module or module.startswith(f"{owner}."))
+
+    symbols = [
+        sym
+        for sym, sources in shape_env.var_to_sources.items()
+        if symbol_is_type(sym, SymT.FLOAT)
+        and sym in shape_env.backed_var_to_val
+        and any(owned(src.name) for src in sources)
+    ]
+    if len(symbols) != 1:
+        return None
+    (sym,) = symbols
+    hint = float(shape_env.backed_var_to_val[sym])
+    return guard_float(shape_env.create_symfloatnode(sym, hint=hint))
 
 
 def _trace_reshapes(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.fx.GraphModule:
@@ -683,8 +787,10 @@ def _fwd_only_traces_views() -> bool:
 
 
 def prepare_graph(graph: torch.fx.Graph) -> None:
-    """Run by the pass before matching: see `specialize_eps` and `drop_dropout_clones`."""
+    """Run by the pass before matching: see `specialize_eps`, `specialize_residual_scales` and
+    `drop_dropout_clones`."""
     specialize_eps(graph)
+    specialize_residual_scales(graph)
     drop_dropout_clones(graph)
 
 

@@ -42,8 +42,8 @@ def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
 
 
 def prepare_graph(graph: Any) -> None:
-    """Run by the pass before matching: see `norm_mlp.specialize_eps`."""
-    norm_mlp.specialize_eps(graph)
+    """Run by the pass before matching: see `norm_mlp.prepare_graph`."""
+    norm_mlp.prepare_graph(graph)
 
 
 def unmatched_candidates(graph: Any) -> list[tuple[Any, ...]]:

@@ -27,8 +27,10 @@ _CHILD = textwrap.dedent(
 
     model = tiny_model("llama", torch.float32)
     ids = token_ids()
+    if {install}:
+        installation = inductor_fusion.install()
     with torch.no_grad():
-        compiled = torch.compile(model, backend="inductor_fusion")
+        compiled = torch.compile(model, backend={backend!r})
         compiled(ids)  # compile (or load from the cache)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             out = compiled(ids).logits
@@ -43,6 +45,7 @@ _CHILD = textwrap.dedent(
         "summary": report.summary(),
         "cache_hits": counters["inductor"]["fxgraph_cache_hit"],
         "matches_eager": bool(ok),
+        "installation": installation.report.count_from_cache() if {install} else None,
     }}))
     """
 )
@@ -60,10 +63,15 @@ def _environ(cache_dir: str, **env: str) -> dict[str, str]:
     }
 
 
-def _child(cache_dir: str, **env: str) -> dict:
+def _child(cache_dir: str, *, install: bool = False, **env: str) -> dict:
+    """One process compiling the tiny Llama: with our backend, or with ``backend="inductor"``
+    after ``inductor_fusion.install()``."""
     tests = os.path.dirname(__file__)
+    code = _CHILD.format(
+        tests=tests, install=install, backend="inductor" if install else "inductor_fusion"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD.format(tests=tests)],
+        [sys.executable, "-c", code],
         env=_environ(cache_dir, **env),
         capture_output=True,
         text=True,
@@ -74,7 +82,7 @@ def _child(cache_dir: str, **env: str) -> dict:
 
 
 def _counts(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k not in ("regions", "summary")}
+    return {k: v for k, v in result.items() if k not in ("regions", "summary", "installation")}
 
 
 @pytest.mark.slow
@@ -116,6 +124,21 @@ def test_second_process_reports_the_first_ones_regions_from_the_cache(tmp_path):
     assert second["from_cache"] == second["reported"] == 2
     assert "(2 served from Inductor's cache)" in second["summary"]
     assert "from cache" not in first["summary"]
+
+
+@pytest.mark.slow
+def test_install_reports_cache_hits_as_the_backend_does(tmp_path):
+    # backend="inductor" under install(): no backend call of ours around the compile, so the
+    # records are keyed and closed by the installed pass (see global_pass).
+    cache = str(tmp_path / "inductor-cache")
+    first = _child(cache, install=True)
+    second = _child(cache, install=True)
+    assert first["cache_hits"] == 0 and first["from_cache"] == 0
+    assert first["reported"] == 2 and first["op_calls"] == 2
+    assert second["cache_hits"] >= 1 and second["op_calls"] == 2 and second["matches_eager"]
+    assert second["regions"] == first["regions"]
+    assert second["from_cache"] == second["reported"] == second["installation"] == 2
+    assert "(2 served from Inductor's cache)" in second["summary"]
 
 
 @pytest.mark.slow
@@ -211,3 +234,23 @@ def test_force_disable_caches_reads_and_writes_nothing():
     assert records.compile_key(gm, inputs, plan_key="p", pass_uuids=[None]) is None
     with torch._inductor.config.patch(force_disable_caches=True):
         assert records.compile_key(gm, inputs, plan_key="p", pass_uuids=["u"]) is None
+
+
+def test_installed_compile_without_a_run_or_a_hit_reports_nothing(records_dir, monkeypatch):
+    # A compile whose passes never ran: served from a cache only if Inductor or AOTAutograd
+    # counted a hit meanwhile (else it failed before our pass, and served nothing).
+    from inductor_fusion.config import FusionOptions, resolve_plan
+    from inductor_fusion.global_pass import Installation, _CompileState
+
+    saved = records.CompileRecords("k")
+    saved.add("post_grad", [_NORM0])
+    saved.finish(_STAGES, reports=[])
+    installation = Installation(FusionOptions(), {})
+    for hit in (False, True):
+        state = _CompileState(resolve_plan(options=FusionOptions()), hits=0)
+        state.compile_records.key = "k"
+        installation._open.append(state)
+        with monkeypatch.context() as patch:
+            patch.setattr("inductor_fusion.global_pass._cache_hits", lambda hit=hit: int(hit))
+            installation.finish_compiles()
+        assert [(r, r.from_cache) for r in installation.report] == ([(_NORM0, True)] if hit else [])

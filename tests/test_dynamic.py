@@ -16,6 +16,7 @@ import torch
 from tiny_models import fresh_compile, rel_l2, tiny_model, token_ids
 from torch._dynamo.utils import counters
 
+import inductor_fusion
 from inductor_fusion.kernel_config import apply_kernel_config
 
 ON = "inductor_fusion:rmsnorm_mlp"
@@ -172,3 +173,46 @@ def test_region_outside_the_plan_gets_an_info_line(caplog):
         torch.compile(model, backend="inductor_fusion")(token_ids())
     lines = [r.getMessage() for r in caplog.records if "not fused" in r.getMessage()]
     assert len(lines) == 1 and "model.layers.1.mlp" in lines[0] and "plan" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "attribute", "values", "pattern", "variant"),
+    [
+        ("gemma", "eps", (0.25, 0.5), "rmsnorm_mlp", "gemma_fp32_3d_residual_left"),
+        ("granite", "residual_multiplier", (0.22, 0.5), "rmsnorm_mlp", "granite_fp32_3d_residual_scaled"),
+        ("starcoder2", "eps", (0.25, 0.5), "layernorm_mlp", "starcoder2_fp32_3d_bias_residual_left"),
+    ],
+)  # fmt: skip
+def test_dynamic_true_specializes_each_rows_scalars(family, attribute, values, pattern, variant):
+    # Caches on: the second value must neither reuse the first graph (Dynamo's guard) nor be
+    # served the first value's graph by the FX graph cache (the value is in our pass's uuid).
+    model = tiny_model(family, torch.float32)
+    owners = [m for m in model.modules() if isinstance(getattr(m, attribute, None), float)]
+    assert owners
+    compiled = torch.compile(model, backend="inductor_fusion", dynamic=True)
+    with fresh_compile() as report, torch.no_grad():
+        for step, value in enumerate(values, start=1):
+            for module in owners:
+                setattr(module, attribute, value)
+            ids = token_ids(seq=5 + step)
+            assert rel_l2(compiled(ids).logits, model(ids).logits) < 1e-5, value
+            assert report.count(pattern) == 2 * step, report.summary()
+    assert {r.variant for r in report} == {variant}
+
+
+@pytest.mark.slow
+def test_dynamic_true_under_install_with_caches_off_fuses_granites_scaled_residual():
+    # With caches off nothing asks the installed pass for its uuid before AOT traces, so the
+    # multiplier reaches the pass as a graph input and the pass writes it in (guarded).
+    model = tiny_model("granite", torch.float32)
+    layers = [m for m in model.modules() if hasattr(m, "residual_multiplier")]
+    compiled = torch.compile(model, dynamic=True)
+    with fresh_compile(caches=False) as report, inductor_fusion.installed(), torch.no_grad():
+        for step, value in enumerate((0.22, 0.5), start=1):
+            for layer in layers:
+                layer.residual_multiplier = value
+            ids = token_ids(seq=5 + step)
+            assert rel_l2(compiled(ids).logits, model(ids).logits) < 1e-5, value
+            assert report.count("rmsnorm_mlp") == 2 * step, report.summary()
+    assert {r.variant for r in report} == {"granite_fp32_3d_residual_scaled"}

@@ -19,6 +19,8 @@ from tiny_models import (
     token_ids,
 )
 
+import inductor_fusion
+
 pytestmark = pytest.mark.slow
 
 # family, config overrides, dtype, pattern, expected variant, norm module, model prefix
@@ -30,13 +32,13 @@ CASES = [
     ("gemma3", {}, torch.bfloat16, "rmsnorm_mlp", "gemma_lowp_3d_no_residual", "pre_feedforward_layernorm", "model"),
     ("granite", {}, torch.bfloat16, "rmsnorm_mlp", "granite_lowp_3d_residual_scaled", "post_attention_layernorm", "model"),
     ("granite", {}, torch.float32, "rmsnorm_mlp", "granite_fp32_3d_residual_scaled", "post_attention_layernorm", "model"),
-    # Phi-3, Starcoder2 and GPT-NeoX: the MLP part fuses; their residual add does not yet join
-    # it (see the README's known gaps).
     ("phi3", {}, torch.bfloat16, "rmsnorm_mlp", "phi3_lowp_3d_residual_left", "post_attention_layernorm", "model"),
     ("phi3", {}, torch.float32, "rmsnorm_mlp", "phi3_fp32_3d_residual_left", "post_attention_layernorm", "model"),
     ("nemotron", {}, torch.bfloat16, "layernorm_mlp", "nemotron_lowp_3d_residual_left", "post_attention_layernorm", "model"),
     ("starcoder2", {}, torch.bfloat16, "layernorm_mlp", "starcoder2_lowp_3d_bias_residual_left", "post_attention_layernorm", "model"),
-    ("gpt_neox", {"hidden_act": "gelu"}, torch.bfloat16, "layernorm_mlp", "gpt_neox_lowp_3d_bias_no_residual", "post_attention_layernorm", "gpt_neox"),
+    # Parallel residual, mlp + attn + h: the add of attn joins the region, the add of h does not.
+    ("gpt_neox", {"hidden_act": "gelu"}, torch.bfloat16, "layernorm_mlp", "gpt_neox_lowp_3d_bias_residual_parallel", "post_attention_layernorm", "gpt_neox"),
+    ("gpt_neox", {"hidden_act": "gelu"}, torch.float32, "layernorm_mlp", "gpt_neox_fp32_3d_bias_residual_parallel", "post_attention_layernorm", "gpt_neox"),
     ("gpt_neox", {"hidden_act": "gelu", "use_parallel_residual": False}, torch.float32, "layernorm_mlp", "gpt_neox_fp32_3d_bias_residual_right", "post_attention_layernorm", "gpt_neox"),
 ]  # fmt: skip
 
@@ -79,10 +81,89 @@ def test_family_region_fuses_once_per_layer(
         ("gpt_neox", {"LayerNorm": "gpt_neox.layers.*.post_attention_layernorm"}),
         ("starcoder2", {"LayerNorm": "model.layers.*.post_attention_layernorm"}),
         ("nemotron", {"LayerNorm": "model.layers.*.post_attention_layernorm"}),
+        ("olmo2", {}),  # no norm in front of the MLP: the region is the MLP alone
     ],
 )
 def test_kernel_config_registry_names_each_family(family, expected):
     import inductor_fusion
 
-    mlp = next(iter(expected.values())).rsplit(".", 1)[0] + ".mlp"
+    mlp = next(iter(expected.values()), "model.layers.*.x").rsplit(".", 1)[0] + ".mlp"
     assert inductor_fusion.fusable_modules(tiny_model(family)) == {**expected, "MLP": mlp}
+
+
+# --- OLMo-2: h + post_feedforward_layernorm(mlp(h)), no norm in front of the MLP ------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_olmo2_mlp_fuses_once_per_layer(dtype):
+    # The MLP alone is the region (norm "none"); the post-norm and the add stay Inductor's.
+    model = tiny_model("olmo2", dtype)
+    ids = token_ids()
+    with torch.no_grad():
+        eager = model(ids).logits
+    with fresh_compile() as report, torch.no_grad():
+        ours = torch.compile(model, backend="inductor_fusion")(ids).logits
+    kind = "lowp" if dtype == torch.bfloat16 else "fp32"
+    assert [r.variant for r in report] == [f"olmo2_{kind}_3d_no_residual"] * 2, report.summary()
+    assert sorted(report.paths("mlp_postnorm", "mlp")) == layer_paths("mlp")
+    assert all([role for role, _ in r.paths] == ["mlp"] for r in report)
+    assert_within_tolerance(ours, eager, fp64_logits(model, ids))
+
+
+@pytest.mark.parametrize("patterns", ["rmsnorm_mlp,mlp_postnorm", "mlp_postnorm"])
+def test_mlp_postnorm_never_takes_the_mlp_of_a_norm_mlp_region(patterns):
+    # A Llama MLP looks like OLMo-2's without its norm; it is rmsnorm_mlp's region, with its
+    # norm, whatever order the families run in, and mlp_postnorm alone fuses nothing there.
+    model, ids = tiny_model("llama", torch.bfloat16), token_ids()
+    with fresh_compile() as report, torch.no_grad():
+        torch.compile(model, backend=inductor_fusion.backend(patterns=patterns))(ids)
+    if patterns == "mlp_postnorm":
+        assert len(report) == 0, report.summary()
+    else:
+        assert [r.pattern for r in report] == ["rmsnorm_mlp"] * 2, report.summary()
+        assert sorted(report.paths("rmsnorm_mlp", "norm")) == layer_paths(
+            "post_attention_layernorm"
+        )
+
+
+def test_olmo2_kernel_config_selects_one_layer():
+    # The inline (name, glob) form of a one-module family.
+    model, ids = tiny_model("olmo2", torch.bfloat16), token_ids()
+    inductor_fusion.apply_kernel_config(
+        model, {(("MLP", "model.layers.1.mlp"),): "inductor_fusion:mlp_postnorm"}
+    )
+    with fresh_compile() as report, torch.no_grad():
+        torch.compile(model, backend="inductor_fusion")(ids)
+    assert report.paths("mlp_postnorm", "mlp") == ["model.layers.1.mlp"], report.summary()
+
+
+class _ParallelRegion(torch.nn.Module):
+    """GPT-NeoX's parallel form around its MLP: ``mlp(ln(h)) + other`` (other: the attention
+    output), with ``other`` of hidden's shape or broadcast over the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXMLP
+
+        config = tiny_model("gpt_neox", hidden_act="gelu").config
+        self.post_attention_layernorm = torch.nn.LayerNorm(config.hidden_size, eps=0.1)
+        self.mlp = GPTNeoXMLP(config)
+        with torch.no_grad():
+            for param in self.parameters():
+                param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+
+    def forward(self, h, other):
+        return self.mlp(self.post_attention_layernorm(h)) + other
+
+
+@pytest.mark.parametrize("broadcast", [False, True], ids=["same-shape", "broadcast"])
+def test_parallel_residual_joins_only_a_tensor_of_hiddens_shape(broadcast):
+    region = _ParallelRegion()
+    h = torch.randn(2, 5, 80)
+    other = torch.randn(80) if broadcast else torch.randn(2, 5, 80)
+    with fresh_compile() as report, torch.no_grad():
+        out = torch.compile(region, backend="inductor_fusion")(h, other)
+        expected = region(h, other)
+    residual = "no_residual" if broadcast else "residual_parallel"
+    assert [r.variant for r in report] == [f"gpt_neox_fp32_3d_bias_{residual}"], report.summary()
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)

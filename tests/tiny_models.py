@@ -25,6 +25,8 @@ from transformers import (
     MistralForCausalLM,
     NemotronConfig,
     NemotronForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
@@ -55,6 +57,7 @@ FAMILIES = {
     "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
     "starcoder2": (Starcoder2Config, Starcoder2ForCausalLM),
     "nemotron": (NemotronConfig, NemotronForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
 }
 
 # What a family's tiny config needs besides TINY: Granite's realistic residual multiplier (1.0
@@ -65,6 +68,7 @@ FAMILY_OVERRIDES = {
     "gpt_neox": dict(layer_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
     "starcoder2": dict(norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2),
     "nemotron": dict(norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 # Sizes that are not multiples of Triton block sizes; eps that differs from every default.

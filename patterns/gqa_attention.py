@@ -96,12 +96,11 @@ def packed_attention(
     packed = query.reshape(b, kvh, n_rep * q, d)
     if mask is not None:
         mb, mh, mq, s = mask.shape
-        if mh == 1:
-            # The same mask rows for every head of a group: repeat them per packed head (for
-            # one query token a broadcast, no copy).
-            mask = mask[:, :, None].expand(mb, 1, n_rep, mq, s).reshape(mb, 1, n_rep * mq, s)
-        else:
-            mask = mask.expand(mb, h, mq, s).reshape(mb, kvh, n_rep * mq, s)
+        if mh != 1 or mq != 1:
+            # Rows follow the packed query: head kvh * n_rep + j, token t -> row j * Q + t of
+            # head kvh (a copy of B x H x Q x S elements at most, small at decode). A mask with
+            # one row for every head and token broadcasts as it is.
+            mask = mask.expand(mb, h, q, s).reshape(mb, kvh, n_rep * q, s)
     out = torch.nn.functional.scaled_dot_product_attention(
         packed, key, value, attn_mask=mask, scale=scale
     )

@@ -60,6 +60,8 @@ def _inputs(b, kvh, n_rep, q, s, d, mask_kind, dtype, device, seed=0):
         mask = mask + randn(b, kvh * n_rep, q, s) * 0.1  # differs per head: must follow its head
     elif mask_kind == "batch_broadcast":
         mask = keep[:1]
+    elif mask_kind == "row_broadcast":  # one mask row for all query tokens
+        mask = keep[:, :, :1]
     else:
         mask = None
     return query, key, value, None if mask is None else mask.to(device)
@@ -77,7 +79,7 @@ def _fp64(*tensors):
     q=st.integers(1, 5),
     s=st.integers(1, 37),
     d=st.sampled_from([8, 20]),
-    mask_kind=st.sampled_from(["bool", "float", "per_head", "batch_broadcast"]),
+    mask_kind=st.sampled_from(["bool", "float", "per_head", "batch_broadcast", "row_broadcast"]),
 )
 def test_packed_attention_equals_repeat_kv(b, kvh, n_rep, q, s, d, mask_kind):
     inputs = _inputs(b, kvh, n_rep, q, s, d, mask_kind, torch.float32, "cpu")
@@ -104,6 +106,7 @@ def _compile(module, *inputs, caches=False):
         (torch.float32, "float", 3),
         (torch.float32, "per_head", 2),
         (torch.float32, "batch_broadcast", 1),
+        (torch.float32, "row_broadcast", 3),
         (torch.bfloat16, "bool", 1),
         (torch.float16, "float", 4),
     ],

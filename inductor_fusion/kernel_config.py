@@ -386,7 +386,16 @@ def _parse_key(
             f"{where}: {pattern} spans {len(layer_names(pattern))} modules, so its key is a tuple "
             f"naming them: {_forms(pattern)}"
         )
-    if all(isinstance(item, str) for item in key):
+    if (
+        len(layer_names(pattern)) == 1
+        and len(key) == 2
+        and all(isinstance(item, str) for item in key)
+        and key[0] in layer_names(pattern)
+    ):
+        # ("Attention", "model.layers.*.self_attn"): one (name, glob) pair written without the
+        # tuple around it, as a single-module family's key naturally is.
+        names, globs = [key[0]], [key[1]]
+    elif all(isinstance(item, str) for item in key):
         names, globs = list(key), None
     elif all(
         isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)

@@ -219,3 +219,35 @@ def test_multi_head_attention_has_no_candidate():
         )  # fmt: skip
     assert report.count("gqa_decode") == 0
     assert report.count("rmsnorm_mlp") > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "key",
+    [
+        ("Attention", "model.layers.1.self_attn"),  # a single pair
+        (("Attention", "model.layers.1.*"),),  # the n-to-1 form with one pair
+    ],
+)
+def test_kernel_config_selects_attention_modules(tmp_path, key):
+    """KernelConfig's inline form names the attention by its module glob; what it does not name
+    stays off (here every norm -> MLP region)."""
+    from transformers import AutoModelForCausalLM
+
+    import inductor_fusion
+
+    path = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(path)
+    config = inductor_fusion.KernelConfig({key: "inductor_fusion:gqa_decode"})
+    model = AutoModelForCausalLM.from_pretrained(path, kernel_config=config, dtype=torch.float32)
+    ids = token_ids(batch=1, seq=4)
+    compile_config = CompileConfig(backend="inductor_fusion", fullgraph=False)
+    compile_config._compile_all_devices = True
+    with fresh_compile() as report, torch.no_grad():
+        model.eval().generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+            cache_implementation="static", compile_config=compile_config,
+        )  # fmt: skip
+    assert report.count("rmsnorm_mlp") == 0
+    paths = {r.path("attention") for r in report if r.pattern == "gqa_decode"}
+    assert paths == {"model.layers.1.self_attn"}, report.summary()

@@ -16,6 +16,7 @@ from tiny_models import TINY, fresh_compile, layer_paths, tiny_model, token_ids
 from transformers import CompileConfig, LlamaConfig
 
 import inductor_fusion
+from inductor_fusion import explainer
 from inductor_fusion.config import ENV_DISABLE
 from inductor_fusion.patterns.gqa_attention import MAX_QUERY_TOKENS
 from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
@@ -206,7 +207,7 @@ def test_norm_mlp_reasons_for_toggles_kernel_config_activation_and_dtype(
     )
 
 
-def test_config_only_8b_in_seconds() -> None:
+def test_config_only_8b_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     config = LlamaConfig(
         hidden_size=4096,
         intermediate_size=14336,
@@ -215,9 +216,13 @@ def test_config_only_8b_in_seconds() -> None:
         num_key_value_heads=8,
     )
     inductor_fusion.explain(tiny_model("llama"))  # patterns registered: measure explain itself
+    traces = []
+    trace = explainer._trace_layer
+    monkeypatch.setattr(explainer, "_trace_layer", lambda *a: traces.append(a) or trace(*a))
     start = time.perf_counter()
     explanation = inductor_fusion.explain(config, dtype=torch.bfloat16)
     elapsed = time.perf_counter() - start
+    assert len(traces) == 1  # 32 identical layers
     assert (explanation.hidden_size, explanation.intermediate_size) == (4096, 14336)
     assert len(explanation.of("rmsnorm_mlp")) == len(explanation.of("gqa_decode")) == 32
     assert len(explanation.fused) == 64

@@ -319,3 +319,26 @@ def test_lora_adapters_fuse_nothing_and_say_why() -> None:
     assert len(merged.of("rmsnorm_mlp")) == LAYERS and all(
         c.fuses for c in merged.of("rmsnorm_mlp")
     )
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "expected"),
+    [
+        ("llama", {}, ("rmsnorm_mlp", ("norm", "mlp"), "fp32_3d_residual_left")),
+        ("gpt_neox", {"hidden_act": "gelu"}, ("layernorm_mlp", ("norm", "mlp"), "gpt_neox_fp32_3d_bias_residual_parallel")),
+        ("olmo2", {}, ("mlp_postnorm", ("mlp",), "olmo2_fp32_3d_no_residual")),
+    ],
+)  # fmt: skip
+def test_layers_of_an_unregistered_model_are_found_by_their_children(
+    family: str, overrides: dict, expected: tuple
+) -> None:
+    """No registered module paths (a bare ModuleList of decoder layers): the layer's children
+    decide the family (a LayerNorm has a bias; OLMo-2's MLP has a post-norm and none in front)."""
+    layers = torch.nn.ModuleList(tiny_model(family, **overrides).base_model.layers)
+    explanation = inductor_fusion.explain(layers)
+    name, roles, variant = expected
+    regions = [c for c in explanation.candidates if c.family != "gqa_decode"]
+    assert [(c.layer, c.family, tuple(r for r, _ in c.modules)) for c in regions] == [
+        (str(i), name, roles) for i in range(LAYERS)
+    ]
+    assert {c.variant for c in regions if c.fuses} == {variant}

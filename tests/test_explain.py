@@ -280,7 +280,7 @@ def test_cli_json_on_a_checkpoint_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox", "olmo2"])
 def test_agrees_with_the_compile(family: str) -> None:
     model = tiny_model(family)
     assert explained_regions(inductor_fusion.explain(model)) == compiled_regions(model)

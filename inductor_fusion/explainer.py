@@ -125,7 +125,7 @@ class Candidate:
         where = " -> ".join(_relative(path, self.layer) for _, path in self.modules)
         if self.fuses:
             return f"{self.layer}: {where}: fuses as {self.family}[{self.variant}]"
-        if self.reason and self.reason.startswith(NOT_A_CANDIDATE):
+        if not self.is_candidate:
             return f"{self.layer}: {where}: {self.family} {self.reason}"
         return f"{self.layer}: {where}: {self.family} not fused: {self.reason}"
 

@@ -11,66 +11,170 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_families import CASES
 from tiny_models import TINY, fresh_compile, layer_paths, tiny_model, token_ids
-from transformers import LlamaConfig
+from transformers import CompileConfig, LlamaConfig
 
 import inductor_fusion
+from inductor_fusion import explainer
 from inductor_fusion.config import ENV_DISABLE
+from inductor_fusion.patterns.gqa_attention import MAX_QUERY_TOKENS
 from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
 
 pytestmark = pytest.mark.usefixtures("offline_hub_no_toggles")
 
 LAYERS = TINY["num_hidden_layers"]
+README = Path(__file__).resolve().parents[1] / "README.md"
 LORA = LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"])
+NORM_MLP = ("rmsnorm_mlp", "layernorm_mlp", "mlp_postnorm")
 
 
-def compiled_regions(model: torch.nn.Module) -> set[tuple[str | None, str | None, str]]:
-    """(norm, mlp, variant) of every region our backend fuses in an inference compile."""
+def compiled_regions(model: torch.nn.Module) -> set[tuple[str, tuple[tuple[str, str], ...], str]]:
+    """(family, modules, variant) of every region our backend fuses in an inference compile of
+    a whole sequence (norm -> MLP regions; attention packs at decode only)."""
     with fresh_compile() as report, torch.no_grad():
         torch.compile(model, backend="inductor_fusion")(token_ids())
-        return {(r.path("norm"), r.path("mlp"), r.variant) for r in report}
+        return {(r.pattern, r.paths, r.variant) for r in report}
 
 
-def explained_regions(explanation: inductor_fusion.Explanation) -> set[tuple[str, str, str]]:
-    return {(c.norm, c.mlp, c.variant) for c in explanation.fused}
+def explained_regions(
+    explanation: inductor_fusion.Explanation, families: tuple[str, ...] = NORM_MLP
+) -> set[tuple[str, tuple[tuple[str, str], ...], str]]:
+    return {(c.family, c.modules, c.variant) for c in explanation.fused if c.family in families}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_every_layer_fuses_and_lines_name_it(family: str) -> None:
+def test_llama_layers_list_rmsnorm_mlp_and_gqa_decode(family: str) -> None:
     explanation = inductor_fusion.explain(tiny_model(family))
-    assert [c.layer for c in explanation.candidates] == [f"model.layers.{i}" for i in range(LAYERS)]
-    assert [c.mlp for c in explanation.fused] == layer_paths("mlp")
-    lines = str(explanation).splitlines()
-    assert "model.layers.1: post_attention_layernorm -> mlp: fuses as " in "\n".join(lines)
-    assert f"cuda, 1-{MAX_PROFITABLE_TOKENS} tokens: our fused GEMV kernels" in str(explanation)
-    assert f"cuda, {MAX_PROFITABLE_TOKENS + 1}+ tokens: left to Inductor" in str(explanation)
-    assert lines[-1] == f"{LAYERS} of {LAYERS} candidate region(s) fuse"
+    # Per layer, in model order: its attention, then its norm -> MLP region.
+    assert [(c.layer, c.family) for c in explanation.candidates] == [
+        (f"model.layers.{i}", f) for i in range(LAYERS) for f in ("gqa_decode", "rmsnorm_mlp")
+    ]
+    assert [c.mlp for c in explanation.of("rmsnorm_mlp") if c.fuses] == layer_paths("mlp")
+    assert [c.attention for c in explanation.of("gqa_decode") if c.fuses] == layer_paths(
+        "self_attn"
+    )
+    text = str(explanation)
+    assert (
+        "model.layers.1: post_attention_layernorm -> mlp: fuses as "
+        "rmsnorm_mlp[fp32_3d_residual_left]"
+    ) in text
+    assert "model.layers.1: self_attn: fuses as gqa_decode[mask]" in text
+    assert f"rmsnorm_mlp: cuda, 1-{MAX_PROFITABLE_TOKENS} tokens: our fused GEMV kernels" in text
+    assert f"rmsnorm_mlp: cuda, {MAX_PROFITABLE_TOKENS + 1}+ tokens: left to Inductor" in text
+    assert (
+        f"gqa_decode: any device, 1-{MAX_QUERY_TOKENS} query tokens: SDPA on the key/value" in text
+    )
+    assert text.splitlines()[-1] == (
+        f"{2 * LAYERS} of {2 * LAYERS} candidate region(s) fuse: gqa_decode {LAYERS} of "
+        f"{LAYERS}, rmsnorm_mlp {LAYERS} of {LAYERS}"
+    )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_agrees_with_the_compile(family: str) -> None:
-    model = tiny_model(family)
-    assert explained_regions(inductor_fusion.explain(model)) == compiled_regions(model)
+@pytest.mark.parametrize(
+    ("family", "overrides", "dtype", "pattern", "variant", "norm", "prefix"),
+    CASES,
+    ids=[f"{c[0]}-{c[4]}" for c in CASES],
+)
+def test_every_norm_mlp_family_names_the_variant_its_compile_fuses(
+    family, overrides, dtype, pattern, variant, norm, prefix
+) -> None:
+    """The family, modules and variant the compile fuses in test_families.CASES: the decoder
+    layer's own form (Gemma2/3's post-norm, Granite's scale, GPT-NeoX's parallel residual)."""
+    explanation = inductor_fusion.explain(tiny_model(family, dtype, **overrides))
+    regions = explanation.of(pattern)
+    assert [c.variant for c in regions if c.fuses] == [variant] * LAYERS, str(explanation)
+    layers = [f"{prefix}.layers.{i}" for i in range(LAYERS)]
+    assert [c.modules for c in regions] == [
+        (("norm", f"{layer}.{norm}"), ("mlp", f"{layer}.mlp")) for layer in layers
+    ]
 
 
-@pytest.mark.slow
-def test_lora_adapters_fuse_nothing_and_say_why() -> None:
-    model = get_peft_model(tiny_model("llama"), LORA).eval()
-    explanation = inductor_fusion.explain(model)
-    assert len(explanation.candidates) == LAYERS and not explanation.fused
-    for candidate in explanation.candidates:
-        assert candidate.mlp.startswith("base_model.model.model.layers.")
-        assert candidate.reason.startswith(
-            "an adapter inside the region: gate_proj (peft lora.Linear), up_proj (peft "
-            "lora.Linear), down_proj (peft lora.Linear) add their own matmuls"
-        ), candidate.reason
-    assert compiled_regions(model) == set()  # as the compile finds
-    merged = inductor_fusion.explain(model.merge_and_unload())
-    assert len(merged.fused) == LAYERS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_olmo2_fuses_its_mlp_as_mlp_postnorm(dtype: torch.dtype) -> None:
+    explanation = inductor_fusion.explain(tiny_model("olmo2", dtype))
+    lowp = "lowp" if dtype == torch.bfloat16 else "fp32"
+    regions = explanation.of("mlp_postnorm")
+    assert [c.modules for c in regions] == [(("mlp", path),) for path in layer_paths("mlp")]
+    assert {c.variant for c in regions if c.fuses} == {f"olmo2_{lowp}_3d_no_residual"}
+    assert len([c for c in regions if c.fuses]) == LAYERS
+    # Its post_attention_layernorm normalises the attention output: not the MLP's norm.
+    assert not explanation.of("rmsnorm_mlp")
+    assert f"model.layers.0: mlp: fuses as mlp_postnorm[olmo2_{lowp}_3d_no_residual]" in str(
+        explanation
+    )
 
 
-def test_reasons_for_toggles_kernel_config_activation_and_dtype(
+def test_gpt_neox_layernorm_mlp_and_multi_head_attention() -> None:
+    explanation = inductor_fusion.explain(tiny_model("gpt_neox", hidden_act="gelu"))
+    assert "gpt_neox.layers.0: post_attention_layernorm -> mlp: fuses as layernorm_mlp[" in str(
+        explanation
+    )
+    attention = explanation.of("gqa_decode")
+    assert [c.attention for c in attention] == [
+        f"gpt_neox.layers.{i}.attention" for i in range(LAYERS)
+    ]
+    assert not any(c.fuses or c.is_candidate for c in attention)
+    assert str(attention[0]) == (
+        "gpt_neox.layers.0: attention: gqa_decode not a candidate: multi-head attention "
+        "(GPTNeoXAttention has one key/value head per query head): transformers makes no "
+        "repeat_kv copies to remove"
+    )
+    assert str(explanation).splitlines()[-1] == (
+        f"{LAYERS} of {LAYERS} candidate region(s) fuse: layernorm_mlp {LAYERS} of {LAYERS}; "
+        f"{LAYERS} module(s) not a candidate"
+    )
+    # Regimes only for what fuses somewhere.
+    assert {r.family for r in explanation.regimes} == {"layernorm_mlp"}
+
+
+def test_multi_head_llama_attention_is_not_a_candidate() -> None:
+    explanation = inductor_fusion.explain(tiny_model("llama", num_key_value_heads=4))
+    attention = explanation.of("gqa_decode")
+    assert len(attention) == LAYERS and not any(c.is_candidate for c in attention)
+    assert attention[0].reason.startswith("not a candidate: multi-head attention (LlamaAttention")
+    assert len(explanation.fused) == LAYERS  # the norm -> MLP regions still fuse
+
+
+def test_gqa_decode_reasons_for_toggles_kernel_config_and_attention_implementation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny_model("llama")
+    off = inductor_fusion.explain(model, disable="gqa_decode")
+    assert [c.reason for c in off.of("gqa_decode")] == [
+        "gqa_decode is switched off (default + the disable option)"
+    ] * LAYERS
+    assert all(c.fuses for c in off.of("rmsnorm_mlp"))
+    assert "gqa_decode:" not in str(off).split("\nmodel.layers.0")[0]  # no regime for it
+    monkeypatch.setenv(ENV_DISABLE, "gqa_decode")
+    assert inductor_fusion.explain(model).of("gqa_decode")[0].reason == (
+        f"gqa_decode is switched off (default + {ENV_DISABLE})"
+    )
+    monkeypatch.delenv(ENV_DISABLE)
+    only_layer_0 = {(("Attention", "*.0.self_attn"),): "inductor_fusion:gqa_decode"}
+    scoped = inductor_fusion.explain(model, kernel_config=only_layer_0)
+    assert [c.fuses for c in scoped.of("gqa_decode")] == [True, False]
+    assert scoped.of("gqa_decode")[1].reason == (
+        "outside the places the plan allows (the model's KernelConfig)"
+    )
+    model.set_attn_implementation("eager")
+    assert (
+        inductor_fusion.explain(model)
+        .of("gqa_decode")[0]
+        .reason.startswith(
+            "eager attention (attn_implementation='eager'): matmul + softmax, no SDPA op to pack"
+        )
+    )
+    model.set_attn_implementation("sdpa")
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    assert (
+        inductor_fusion.explain(model)
+        .of("gqa_decode")[0]
+        .reason.startswith("already grouped: TRANSFORMERS_SDPA_FORCE_GQA=1")
+    )
+
+
+def test_norm_mlp_reasons_for_toggles_kernel_config_activation_and_dtype(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = tiny_model("llama")
@@ -80,29 +184,30 @@ def test_reasons_for_toggles_kernel_config_activation_and_dtype(
         )
     }
     scoped = inductor_fusion.explain(model, kernel_config=only_layer_0)
-    assert [c.fuses for c in scoped.candidates] == [True, False]
-    assert scoped.candidates[1].reason == (
+    assert [c.fuses for c in scoped.of("rmsnorm_mlp")] == [True, False]
+    assert scoped.of("rmsnorm_mlp")[1].reason == (
         "outside the places the plan allows (the model's KernelConfig)"
     )
-    assert inductor_fusion.explain(model, disable="rmsnorm_mlp").candidates[0].reason == (
+    assert inductor_fusion.explain(model, disable="rmsnorm_mlp").of("rmsnorm_mlp")[0].reason == (
         "rmsnorm_mlp is switched off (default + the disable option)"
     )
     monkeypatch.setenv(ENV_DISABLE, "all")
-    assert inductor_fusion.explain(model).candidates[0].reason == (
-        f"rmsnorm_mlp is switched off (default + {ENV_DISABLE})"
-    )
+    assert {c.reason for c in inductor_fusion.explain(model).candidates} == {
+        f"rmsnorm_mlp is switched off (default + {ENV_DISABLE})",
+        f"gqa_decode is switched off (default + {ENV_DISABLE})",
+    }
     monkeypatch.delenv(ENV_DISABLE)
     gelu = inductor_fusion.explain(tiny_model("llama", hidden_act="gelu"))
-    assert gelu.candidates[0].reason == (
-        "unsupported activation GELUActivation: rmsnorm_mlp fuses SiLU (SwiGLU) only"
+    assert gelu.of("rmsnorm_mlp")[0].reason == (
+        "unsupported activation GELUActivation: rmsnorm_mlp fuses gelu_tanh, silu"
     )
     fp64 = inductor_fusion.explain(tiny_model("llama", dtype=torch.float64))
-    assert fp64.candidates[0].reason == (
+    assert fp64.of("rmsnorm_mlp")[0].reason == (
         "unsupported dtype torch.float64: rmsnorm_mlp fuses float16, bfloat16 and float32"
     )
 
 
-def test_config_only_8b_in_seconds() -> None:
+def test_config_only_8b_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     config = LlamaConfig(
         hidden_size=4096,
         intermediate_size=14336,
@@ -111,12 +216,21 @@ def test_config_only_8b_in_seconds() -> None:
         num_key_value_heads=8,
     )
     inductor_fusion.explain(tiny_model("llama"))  # patterns registered: measure explain itself
+    traces = []
+    trace = explainer._trace_layer
+    monkeypatch.setattr(explainer, "_trace_layer", lambda *a: traces.append(a) or trace(*a))
     start = time.perf_counter()
     explanation = inductor_fusion.explain(config, dtype=torch.bfloat16)
     elapsed = time.perf_counter() - start
+    assert len(traces) == 1  # 32 identical layers
     assert (explanation.hidden_size, explanation.intermediate_size) == (4096, 14336)
-    assert len(explanation.fused) == 32
-    assert {c.variant for c in explanation.fused} == {"lowp_3d_residual_left"}
+    assert len(explanation.of("rmsnorm_mlp")) == len(explanation.of("gqa_decode")) == 32
+    assert len(explanation.fused) == 64
+    assert {c.variant for c in explanation.of("rmsnorm_mlp")} == {"lowp_3d_residual_left"}
+    # The README's example output is this explanation's (its "# ..." elides layers 1-31).
+    section = README.read_text().split("### What will fuse: `explain`", 1)[1].split("\n###")[0]
+    shown = [line[2:] for line in section.splitlines() if line.startswith("# ") and line != "# ..."]
+    assert shown and [line for line in str(explanation).splitlines() if line in shown] == shown
     # Observed ~3 s on a loaded 2-core CI machine, nearly all of it transformers building the
     # meta model; 32 identical layers are traced once.
     assert elapsed < 30, f"{elapsed:.1f} s"
@@ -133,12 +247,29 @@ def test_cli_json_on_a_checkpoint_folder(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)
     assert data["model"] == "Qwen3ForCausalLM"
-    assert [c["mlp"] for c in data["candidates"] if c["fuses"]] == layer_paths("mlp")
-    assert data["regimes"][0] == {
+    # One shape for every family's candidate; its modules keyed by the family's roles.
+    keys = {"layer", "family", "modules", "fuses", "variant", "reason"}
+    assert all(set(c) == keys for c in data["candidates"])
+    assert [(c["family"], c["modules"]) for c in data["candidates"] if c["fuses"]] == [
+        pair
+        for i in range(LAYERS)
+        for pair in (
+            ("gqa_decode", {"attention": f"model.layers.{i}.self_attn"}),
+            (
+                "rmsnorm_mlp",
+                {
+                    "norm": f"model.layers.{i}.post_attention_layernorm",
+                    "mlp": f"model.layers.{i}.mlp",
+                },
+            ),
+        )
+    ]
+    assert {
+        "family": "rmsnorm_mlp",
         "device": "cuda",
         "tokens": f"1-{MAX_PROFITABLE_TOKENS}",
-        "runs": "our fused GEMV kernels (rmsnorm_mlp)",
-    }
+        "runs": "our fused GEMV kernels",
+    } in data["regimes"]
     unknown = subprocess.run(
         [sys.executable, "-m", "inductor_fusion", "explain", "no-such-model"],
         capture_output=True,
@@ -146,3 +277,68 @@ def test_cli_json_on_a_checkpoint_folder(tmp_path: Path) -> None:
         timeout=300,
     )
     assert unknown.returncode != 0 and "no-such-model: not a folder" in unknown.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox", "olmo2"])
+def test_agrees_with_the_compile(family: str) -> None:
+    model = tiny_model(family)
+    assert explained_regions(inductor_fusion.explain(model)) == compiled_regions(model)
+
+
+@pytest.mark.slow
+def test_gqa_decode_agrees_with_a_static_cache_generate() -> None:
+    model = tiny_model("llama")
+    ids = token_ids(batch=1, seq=4)
+    config = CompileConfig(backend="inductor_fusion", fullgraph=False)
+    config._compile_all_devices = True  # without it generate() does not compile on the CPU
+    with fresh_compile() as report, torch.no_grad():
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+            cache_implementation="static", compile_config=config,
+        )  # fmt: skip
+        compiled = {r.path("attention") for r in report if r.pattern == "gqa_decode"}
+    explained = inductor_fusion.explain(model).of("gqa_decode")
+    assert {c.attention for c in explained if c.fuses} == compiled == set(layer_paths("self_attn"))
+
+
+@pytest.mark.slow
+def test_lora_adapters_fuse_nothing_and_say_why() -> None:
+    model = get_peft_model(tiny_model("llama"), LORA).eval()
+    explanation = inductor_fusion.explain(model)
+    regions = explanation.of("rmsnorm_mlp")
+    assert len(regions) == LAYERS and not any(c.fuses for c in regions)
+    for candidate in regions:
+        assert candidate.mlp.startswith("base_model.model.model.layers.")
+        assert candidate.reason.startswith(
+            "an adapter inside the region: gate_proj (peft lora.Linear), up_proj (peft "
+            "lora.Linear), down_proj (peft lora.Linear) add their own matmuls"
+        ), candidate.reason
+    assert compiled_regions(model) == set()  # as the compile finds
+    merged = inductor_fusion.explain(model.merge_and_unload())
+    assert len(merged.of("rmsnorm_mlp")) == LAYERS and all(
+        c.fuses for c in merged.of("rmsnorm_mlp")
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "expected"),
+    [
+        ("llama", {}, ("rmsnorm_mlp", ("norm", "mlp"), "fp32_3d_residual_left")),
+        ("gpt_neox", {"hidden_act": "gelu"}, ("layernorm_mlp", ("norm", "mlp"), "gpt_neox_fp32_3d_bias_residual_parallel")),
+        ("olmo2", {}, ("mlp_postnorm", ("mlp",), "olmo2_fp32_3d_no_residual")),
+    ],
+)  # fmt: skip
+def test_layers_of_an_unregistered_model_are_found_by_their_children(
+    family: str, overrides: dict, expected: tuple
+) -> None:
+    """No registered module paths (a bare ModuleList of decoder layers): the layer's children
+    decide the family (a LayerNorm has a bias; OLMo-2's MLP has a post-norm and none in front)."""
+    layers = torch.nn.ModuleList(tiny_model(family, **overrides).base_model.layers)
+    explanation = inductor_fusion.explain(layers)
+    name, roles, variant = expected
+    regions = [c for c in explanation.candidates if c.family != "gqa_decode"]
+    assert [(c.layer, c.family, tuple(r for r, _ in c.modules)) for c in regions] == [
+        (str(i), name, roles) for i in range(LAYERS)
+    ]
+    assert {c.variant for c in regions if c.fuses} == {variant}

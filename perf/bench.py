@@ -399,7 +399,7 @@ class NotFused(Exception):
 def _liger_modules(region: Region) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Liger-Kernel's modules for the kind (constructors checked against liger-kernel 0.8.5's, the
     same since 0.6.5), on the HF tensors. GPT-NeoX: Liger has a LayerNorm but no non-gated GELU
-    MLP, so its MLP is HF's. On the CPU they are built (checking the constructors), not run."""
+    MLP, so its MLP is HF's."""
     kind = region.kind
     if kind.name == "nemotron":
         raise Skipped("Liger-Kernel has no LayerNorm1P (Nemotron's norm)")
@@ -428,8 +428,6 @@ def _liger_modules(region: Region) -> tuple[torch.nn.Module, torch.nn.Module]:
         for name in kind.linears:
             if name is not None:
                 getattr(mlp, name).weight = getattr(region.mlp, name).weight
-    if region.norm.weight.device.type != "cuda":
-        raise Skipped("Liger-Kernel's kernels need CUDA (its modules were built)")
     return norm.eval(), mlp.eval()
 
 
@@ -474,7 +472,10 @@ def build_provider(name: str, region: Region) -> Callable[[Tensor], Tensor]:
     if name == "eager":
         return eager
     if name == "liger":
-        return region_function(*_liger_modules(region), residual)
+        norm, mlp = _liger_modules(region)  # on the CPU too: checks the constructors
+        if region.norm.weight.device.type != "cuda":
+            raise Skipped("Liger-Kernel's kernels need CUDA (its modules were built)")
+        return region_function(norm, mlp, residual)
     if name == "compile":
         return torch.compile(eager, dynamic=False)
     if name == "max_autotune":
@@ -998,6 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             {k: previous.get(k) for k in ("date", "commit", "gpu", "copy_bw", "mm_rate", "shapes")},
         ]
         meta["shapes"] = sorted({r["shape"] for r in records} | set(meta["shapes"]))
+        meta["kinds"] = {**previous.get("kinds", {}), **meta["kinds"]}
         log(f"kept {len(records)} records of {args.merge}")
     write_data(out_dir, meta, records)
 

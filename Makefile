@@ -33,7 +33,8 @@ format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-# GPU benchmark (needs CUDA): writes perf/results/{results.json,csv,md,png}.
+# GPU region benchmark, Llama shapes and one real size per other family kind (needs CUDA; `--cpu-smoke`
+# checks the script on a CPU): writes perf/results/{results.json,csv,md,png}.
 bench: $(STAMP)
 	$(PYTHON) perf/bench.py --out perf/results
 

@@ -9,6 +9,7 @@
 # the call timeout_s=600. A stage that fails or times out does not stop the later ones.
 # GPU_CHECK_STAGES picks stages (default "tests,demo,bench"; also "host": perf/bench_host.py,
 # with BENCH_HOST_ARGS, and "e2e": perf/bench_e2e.py with E2E_ARGS, its files straight into $OUT).
+# BENCH_EXTRA_ARGS go last on bench.py's command line (e.g. --shapes/--tokens/--providers: they win).
 #
 # Files under $OUT (7, flat: the tool returns at most 8, at most 2 folders deep):
 #     gpu_check.log   setup, versions, demo, stage summary
@@ -177,6 +178,8 @@ elif ((T_BENCH >= 60)); then
     elif ((T_BENCH < 330)); then
         BENCH_ARGS+=(--tokens 1,16,256,4096)
     fi
+    # shellcheck disable=SC2206  # split into words on purpose
+    BENCH_ARGS+=(${BENCH_EXTRA_ARGS:-})
     say "(c) bench ${BENCH_ARGS[*]}, limit ${T_BENCH}s"
     timeout -k 10 "$T_BENCH" python3 perf/bench.py "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
     RC_BENCH=${PIPESTATUS[0]}

@@ -2,9 +2,11 @@
 
     python perf/report.py perf/results/results.json [--out-dir DIR]
 
-Reads only the JSON, so it can be rerun on old data. Columns: the floor, every provider's median
-µs, ours' time as a percentage of the floor (100% = at the roof), and ours' speed-up over the best
-peer (best of eager / liger / compile / max_autotune: > 1 means ours is faster).
+Reads only the JSON, so it can be rerun on old data (records without a kind are Llama's). Tables
+are grouped by family kind (Llama, Gemma, Phi-3, GPT-NeoX, Nemotron), one per shape. Columns: the
+floor, every provider's median µs, ours' time as a percentage of the floor (100% = at the roof),
+and ours' speed-up over the best peer (best of eager / liger / compile / max_autotune: > 1 means
+ours is faster).
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ MODELS = {
     "2048x8192": "Llama-3.2-1B",
     "3072x8192": "Llama-3.2-3B",
     "4096x14336": "Llama-3.1-8B",
+    "gemma:2304x9216": "Gemma-2-2B",
+    "phi3:3072x8192": "Phi-3-mini",
+    "neox:2560x10240": "Pythia-2.8B",
+    "nemotron:3072x9216": "Nemotron-Mini-4B",
 }
+NOT_FUSED = "*"  # marks ours where it left the region to Inductor (above the profitability limit)
 STATUS_MARK = {"failed": "fail", "skipped": "skip", "pending": "?"}
 
 
@@ -47,17 +54,33 @@ def _cell(rec: dict | None) -> str:
         return "-"
     t = _time(rec)
     if t is not None:
-        return fmt_us(t)
+        return fmt_us(t) + (NOT_FUSED if rec.get("fused") == 0 else "")
     return STATUS_MARK.get(rec.get("status", ""), "?")
 
 
 def index(data: dict) -> dict[str, dict[int, dict[str, dict]]]:
-    """records by shape, then M, then provider (shapes in the run's order)."""
+    """records by shape, then M, then provider (shapes grouped by kind, in the run's order)."""
     order = data.get("meta", {}).get("shapes") or []
     out: dict[str, dict[int, dict[str, dict]]] = {key: {} for key in order}
     for rec in data.get("records", []):
         out.setdefault(rec["shape"], {}).setdefault(int(rec["m"]), {})[rec["provider"]] = rec
-    return {k: v for k, v in out.items() if v}
+    shapes = [k for k, v in out.items() if v]
+    kinds = list(dict.fromkeys(kind_of(out[k]) for k in shapes))
+    return {k: out[k] for k in sorted(shapes, key=lambda k: kinds.index(kind_of(out[k])))}
+
+
+def kind_of(rows: dict[int, dict[str, dict]]) -> str:
+    """The family kind of one shape's records (old records have none: Llama's)."""
+    rec = next(iter(next(iter(rows.values())).values()))
+    return rec.get("kind") or "llama"
+
+
+def _kind_heading(kind: str, rows: dict[int, dict[str, dict]], meta: dict) -> str:
+    info = (meta.get("kinds") or {}).get(kind) or {}
+    rec = next(iter(next(iter(rows.values())).values()))
+    family = rec.get("family") or info.get("family") or "rmsnorm_mlp"
+    region = info.get("region") or ("h + LlamaMLP(LlamaRMSNorm(h))" if kind == "llama" else "?")
+    return f"{kind} ({family}): {region}"
 
 
 def providers_present(data: dict) -> list[str]:
@@ -96,8 +119,10 @@ def _speedup(summary: dict) -> str:
 
 
 def _title(shape: str) -> str:
+    """'H x I = 2048x8192 (Llama-3.2-1B)', 'gemma H x I = 2304x9216 (Gemma-2-2B)'."""
+    kind, _, size = shape.rpartition(":")
     model = MODELS.get(shape)
-    return f"H x I = {shape}" + (f" ({model})" if model else "")
+    return f"{kind + ' ' if kind else ''}H x I = {size}" + (f" ({model})" if model else "")
 
 
 # --- markdown ------------------------------------------------------------------------------------
@@ -106,10 +131,14 @@ def _title(shape: str) -> str:
 def markdown(data: dict) -> str:
     meta = data.get("meta", {})
     providers = providers_present(data)
-    lines = ["# RMSNorm → SwiGLU MLP → residual: benchmark", ""]
+    lines = ["# norm → MLP → residual: benchmark", ""]
     lines += _meta_lines(meta)
+    kind = None
     for shape, rows in index(data).items():
-        lines += ["", f"## {_title(shape)}", ""]
+        if kind_of(rows) != kind:
+            kind = kind_of(rows)
+            lines += ["", f"## {_kind_heading(kind, rows, meta)}"]
+        lines += ["", f"### {_title(shape)}", ""]
         header = ["M", "floor µs", *providers, "ours / floor", "ours vs best peer"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---:|" * len(header))
@@ -121,6 +150,7 @@ def markdown(data: dict) -> str:
             cells += [_pct(summary["ours_pct"]), _speedup(summary)]
             lines.append("| " + " | ".join(cells) + " |")
         lines += _spread_lines(rows, providers)
+        lines += _variant_lines(rows)
         lines += _problem_lines(rows, providers)
     lines += _numerics_lines(data, providers)
     lines += _distribution_lines(data, providers)
@@ -159,14 +189,21 @@ def _meta_lines(meta: dict) -> list[str]:
         "- times: median µs per call, CUDA-graph replay of "
         f"{timing.get('calls_per_graph', '?')} calls, {timing.get('rounds', '?')} interleaved "
         f"rounds x {timing.get('replays_per_round', '?')} replays; "
-        "floor = max(bytes / copy BW, flops / matmul rate) with bytes = 3·H·I·2 + 2·M·H·2 "
-        "(weights once, h in, out), flops = 6·M·H·I",
+        "floor = max(bytes / copy BW, flops / matmul rate) with bytes = (W·H·I + MLP biases + "
+        "2·M·H)·2 (weights once, h in, out), flops = 2·W·M·H·I, W = 3 weight matrices for a "
+        "gated MLP, 2 for a non-gated one",
         "- ours / floor: ours' time over the floor (100% = at the roof); "
         "ours vs best peer: best peer's time / ours' (> 1: ours faster); "
         "fail / skip: see the notes under the table",
+        f"- {NOT_FUSED}: ours did not fuse there on purpose (above its profitability limit the "
+        "region is Inductor's own code)",
     ]
     if meta.get("quick"):
         lines.append("- **quick run** (smoke test): fewer shapes, M and repeats")
+    if meta.get("cpu_smoke"):
+        lines.append(
+            "- **CPU smoke run**: tiny sizes, fp32, wall-clock times; checks the script only"
+        )
     return lines
 
 
@@ -183,6 +220,19 @@ def _spread_lines(rows: dict[int, dict[str, dict]], providers: Sequence[str]) ->
     if not spreads:
         return []
     return ["", "Largest spread of round medians (same version timed again): " + ", ".join(spreads)]
+
+
+def _variant_lines(rows: dict[int, dict[str, dict]]) -> list[str]:
+    """Which registered variant of our pass fused the region, with the M it did so at."""
+    variants: dict[str, list[int]] = {}
+    for m in sorted(rows):
+        rec = rows[m].get(OURS)
+        if rec and rec.get("variant"):
+            variants.setdefault(rec["variant"], []).append(m)
+    if not variants:
+        return []
+    text = "; ".join(f"{v} at M={','.join(str(m) for m in ms)}" for v, ms in variants.items())
+    return ["", f"Fused by ours: {text}"]
 
 
 def _problem_lines(rows: dict[int, dict[str, dict]], providers: Sequence[str]) -> list[str]:
@@ -211,8 +261,8 @@ def _numerics_lines(data: dict, providers: Sequence[str]) -> list[str]:
         "",
         "## Numerics",
         "",
-        "Relative L2 error vs an fp32 reference (same weights upcast, TF32 off), on a fresh "
-        "input. Our rule: ours ≤ 2 x eager's error.",
+        "Relative L2 error vs an fp32 reference (fp64 in a CPU smoke run: the HF modules "
+        "upcast, TF32 off), on a fresh input. Our rule: ours ≤ 2 x eager's error.",
         "",
         "| shape | M | " + " | ".join(providers) + " | ours within 2x eager |",
         "|---|---:|" + "---:|" * len(providers) + "---|",
@@ -335,13 +385,16 @@ def plot(data: dict, path: str | Path) -> None:
 
     shapes = index(data)
     providers = providers_present(data)
-    fig, axes = plt.subplots(
-        1, max(len(shapes), 1), figsize=(5.5 * max(len(shapes), 1), 4.5), squeeze=False
-    )
-    for ax, (shape, rows) in zip(axes[0], shapes.items(), strict=False):
+    cols = min(max(len(shapes), 1), 4)
+    rows_ = -(-max(len(shapes), 1) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 4.5 * rows_), squeeze=False)
+    for ax in axes.flat[len(shapes) :]:
+        ax.set_visible(False)
+    for ax, (shape, rows) in zip(axes.flat, shapes.items(), strict=False):
         ms = sorted(rows)
         floors = [row_summary(rows[m])["floor"] for m in ms]
-        ax.plot(ms, floors, "k--", linewidth=1.5, label="floor")
+        if None not in floors:  # none in a CPU smoke run
+            ax.plot(ms, floors, "k--", linewidth=1.5, label="floor")
         for p in providers:
             points = [(m, t) for m in ms if (t := _time(rows[m].get(p))) is not None]
             if points:
@@ -360,7 +413,8 @@ def plot(data: dict, path: str | Path) -> None:
     axes[0][0].legend(fontsize=8)
     meta = data.get("meta", {})
     fig.suptitle(
-        f"h + mlp(rmsnorm(h)), bf16, {meta.get('gpu', '?')}, torch {meta.get('torch', '?')}",
+        f"h + mlp(norm(h)), {meta.get('dtype', 'bfloat16')}, {meta.get('gpu', '?')}, "
+        f"torch {meta.get('torch', '?')}",
         fontsize=11,
     )
     fig.tight_layout()

@@ -1,0 +1,206 @@
+"""Training: the region's op with a backward, and its fusion in the joint graph of training compiles.
+
+Gradients are held to the project's tolerance rule: against the HF formula in float64 (autograd
+on `hf_formula_fp64`), our error may be at most twice that of same-dtype eager autograd through
+the HF modules' math, plus a small floor. Neither side is our own reference backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hf_region import hf_formula_fp64
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from tiny_models import rel_l2
+
+from inductor_fusion.triton_kernels import rmsnorm_mlp_train as train_module
+from inductor_fusion.triton_kernels.rmsnorm_mlp_train import (
+    train_backward_reference,
+    train_forward_reference,
+)
+
+OP = torch.ops.inductor_fusion.rmsnorm_mlp_train.default
+BACKWARD_OP = torch.ops.inductor_fusion.rmsnorm_mlp_train_backward.default
+# One rounding of a result to the dtype (see tests/test_kernel_rmsnorm_mlp.py's ATOL).
+ATOL = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.float64: 1e-12}
+NAMES = ("hidden", "norm_weight", "gate_weight", "up_weight", "down_weight")
+
+
+def region_tensors(
+    lead: tuple[int, ...], hidden: int, inter: int, dtype: torch.dtype, seed: int = 0
+) -> list[torch.Tensor]:
+    """hidden, norm weight, gate/up/down weights, scaled so that every term matters (an eps of
+    0.1 against a mean square of ~1e-2, weights of ~1/sqrt(fan-in))."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    return [
+        randn(*lead, hidden, scale=0.1),
+        (torch.rand(hidden, generator=g, dtype=torch.float64) + 0.5).to(dtype),
+        randn(inter, hidden, scale=hidden**-0.5),
+        randn(inter, hidden, scale=hidden**-0.5),
+        randn(hidden, inter, scale=inter**-0.5),
+    ]
+
+
+def hf_eager(h, w, wg, wu, wd, *, eps: float, residual: bool) -> torch.Tensor:
+    """LlamaRMSNorm -> LlamaMLP (-> residual add) as the modules compute it, in h's dtype."""
+    x = h.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    n = w * x.to(h.dtype)
+    y = F.linear(F.silu(F.linear(n, wg)) * F.linear(n, wu), wd)
+    return h + y if residual else y
+
+
+def grads_of(fn, tensors: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    return list(torch.autograd.grad(out, leaves, grad_out.to(out.dtype)))
+
+
+def op_fn(eps: float, residual: bool, recompute: bool):
+    return lambda *t: OP(*t, eps, residual, recompute)[0]
+
+
+# --- the op ---------------------------------------------------------------------------------------
+
+
+def test_reference_gradcheck_fp64():
+    """Finite differences in float64 on the op (whose backward is the reference backward): every
+    input's gradient, both memory modes, with and without the residual, 3-D and one-token."""
+    for lead, residual, recompute in [
+        ((2, 3), True, False),
+        ((2, 3), False, True),
+        ((1,), True, True),
+        ((5,), False, False),
+    ]:
+        tensors = [
+            t.requires_grad_() for t in region_tensors(lead, 6, 10, torch.float64, seed=len(lead))
+        ]
+        assert torch.autograd.gradcheck(op_fn(0.1, residual, recompute), tensors)
+
+
+def _cases():
+    return st.fixed_dictionaries(
+        {
+            "m": st.sampled_from([1, 3, 7, 13, 33]),
+            "batch": st.sampled_from([1, 2]),
+            "hidden": st.sampled_from([5, 16, 23, 40]),
+            "inter": st.sampled_from([7, 24, 37]),
+            "dtype": st.sampled_from([torch.float32, torch.float16]),
+            "residual": st.booleans(),
+            "recompute": st.booleans(),
+            "seed": st.integers(0, 2**16),
+        }
+    )
+
+
+@settings(derandomize=True, database=None, max_examples=30, deadline=None)
+@given(case=_cases())
+@example(
+    case=dict(m=1, batch=1, hidden=23, inter=37, dtype=torch.float16, residual=True,
+              recompute=True, seed=0)
+)  # fmt: skip
+def test_op_backward_within_tolerance(case):
+    """The op's gradients (forward and backward ops, both memory modes) against autograd on the
+    HF formula in float64, within twice same-dtype eager autograd's error."""
+    eps = 0.1
+    dtype = case["dtype"]
+    tensors = region_tensors(
+        (case["batch"], case["m"]), case["hidden"], case["inter"], dtype, case["seed"]
+    )
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    grad_out = torch.randn(case["batch"], case["m"], case["hidden"], generator=g).to(dtype)
+    residual = case["residual"]
+
+    def fp64(h, w, wg, wu, wd):
+        return hf_formula_fp64(h, w, wg, wu, wd, residual=h if residual else None, eps=eps)
+
+    truth = grads_of(fp64, [t.double() for t in tensors], grad_out.double())
+    eager = grads_of(
+        lambda *t: hf_eager(*t, eps=eps, residual=residual), tensors, grad_out
+    )  # fmt: skip
+    ours = grads_of(op_fn(eps, residual, case["recompute"]), tensors, grad_out)
+    for name, o, e, t in zip(NAMES, ours, eager, truth, strict=True):
+        assert o.dtype == dtype and o.shape == t.shape, name
+        ours_err, eager_err = rel_l2(o, t), rel_l2(e, t)
+        assert ours_err <= 2 * eager_err + ATOL[dtype], (
+            f"{name}: ours {ours_err:.3g} vs eager {eager_err:.3g} ({case})"
+        )
+
+
+def test_backward_reference_equals_autograd_of_forward_reference():
+    """The hand-written backward is the derivative of the forward reference, in fp32, up to
+    rounding (both memory modes give the same numbers: recompute recomputes the same GEMMs)."""
+    tensors = region_tensors((2, 7), 24, 40, torch.float32, seed=3)
+    grad_out = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(4))
+    for residual in (True, False):
+        auto = grads_of(
+            lambda *t, r=residual: train_forward_reference(*t, 0.1, r, False)[0], tensors, grad_out
+        )
+        _out, rstd, gate, up = train_forward_reference(*tensors, 0.1, residual, False)
+        empty = gate.new_empty((0, gate.shape[1]))
+        default = train_backward_reference(grad_out, *tensors, rstd, gate, up, residual, False)
+        recompute = train_backward_reference(grad_out, *tensors, rstd, empty, empty, residual, True)
+        for name, a, d, r in zip(NAMES, auto, default, recompute, strict=True):
+            torch.testing.assert_close(d, a, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(r, d, rtol=0, atol=0, msg=name)
+
+
+def test_opcheck():
+    """torch.library's contract for both ops: fake implementations, schemas, autograd
+    registration (the backward op is checked through the forward's gradient)."""
+    for recompute in (False, True):
+        tensors = [t.requires_grad_() for t in region_tensors((2, 5), 16, 24, torch.float32)]
+        torch.library.opcheck(OP, (*tensors, 0.1, True, recompute))
+    tensors = region_tensors((2, 5), 16, 24, torch.float32)
+    _, rstd, gate, up = train_forward_reference(*tensors, 0.1, True, False)
+    torch.library.opcheck(
+        BACKWARD_OP, (torch.randn(2, 5, 16), *tensors, rstd, gate, up, True, False)
+    )
+
+
+def _saved_bytes(fn, tensors: list[torch.Tensor]) -> int:
+    """Bytes autograd keeps for the backward of ``fn`` (each saved storage counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*leaves)
+    return sum(seen.values())
+
+
+def test_memory_modes_save_what_they_promise():
+    """Default: the input, the weights, rstd and gate/up, never the normalised activations;
+    recompute: the input, the weights and rstd only."""
+    m, hidden, inter = 64, 16, 48
+    tensors = region_tensors((m,), hidden, inter, torch.float32)
+    weights = sum(t.numel() * 4 for t in tensors)  # hidden included
+    rstd = m * 4
+    assert _saved_bytes(op_fn(0.1, True, False), tensors) == weights + rstd + 2 * m * inter * 4
+    assert _saved_bytes(op_fn(0.1, True, True), tensors) == weights + rstd
+    # Eager saves more than our default mode: the normalised activations and the products.
+    eager = _saved_bytes(lambda *t: hf_eager(*t, eps=0.1, residual=True), tensors)
+    assert eager > weights + rstd + 2 * m * inter * 4
+
+
+def test_backward_op_is_what_autograd_calls(monkeypatch):
+    """The autograd formula routes through the backward op (so that a joint graph shows it)."""
+    calls = []
+    original = train_module.rmsnorm_mlp_train_backward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(train_module, "rmsnorm_mlp_train_backward", spy)
+    tensors = region_tensors((3,), 8, 12, torch.float32)
+    grads_of(op_fn(0.1, True, True), tensors, torch.ones(3, 8))
+    assert calls == [True]

@@ -1,0 +1,240 @@
+"""``inductor_fusion::rmsnorm_mlp_train``: the Llama region with a backward, for training graphs.
+
+The region is the one of ``rmsnorm_mlp`` in its Llama form (LlamaRMSNorm -> SwiGLU with separate
+gate/up projections -> down, optionally ``hidden +`` the result):
+
+    rstd = rsqrt(mean(h.float()**2, -1) + eps)           (per row, fp32)
+    n    = (h.float() * rstd).to(h.dtype) * norm_weight
+    g, u = n @ Wg.T, n @ Wu.T
+    out  = [h +] (silu(g) * u) @ Wd.T
+
+Why an op of its own beside ``rmsnorm_mlp``: ``torch.library.register_autograd`` can only save
+inputs and outputs of the op for the backward, so the forward must *return* what the backward
+needs besides its inputs: the per-row ``rstd`` and, in the default memory mode, the gate/up
+pre-activations. The inference op keeps its one-output contract (and its lowered CUDA form).
+
+Memory modes (``recompute``):
+
+- default (False): saved for the backward are ``h`` (an input), ``rstd`` ([M] fp32) and ``g``,
+  ``u`` ([M, I] each). The normalised activations ``n`` are never saved: the backward recomputes
+  them from ``h`` and ``rstd`` (one pointwise pass over [M, H]).
+- recompute (True): only ``h`` and ``rstd`` are saved (``g``/``u`` come back empty, [0, I]); the
+  backward recomputes ``n`` and then ``g``/``u`` with two GEMMs, i.e. selective activation
+  checkpointing of the region.
+
+The backward is an op too (``rmsnorm_mlp_train_backward``), so that the joint graph shows one
+node Inductor cannot trace into, with a fake implementation for the compiler. Both ops' bodies
+are the plain-PyTorch references below: they define what any kernel must compute.
+
+Importing this module registers the two ops and their autograd formula, and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "rmsnorm_mlp_train",
+    "rmsnorm_mlp_train_backward",
+    "train_backward_reference",
+    "train_forward_reference",
+]
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _stat(t: Tensor) -> Tensor:
+    """``t`` in the statistic's dtype: fp32 as LlamaRMSNorm's ``.to(float32)``, but never below
+    the input's (so fp64 stays fp64, which finite-difference gradient checks need)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def train_forward_reference(
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    eps: float,
+    residual: bool,
+    recompute: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, rstd, gate, up), rounding as the Hugging Face modules round (see the module
+    docstring); ``gate``/``up`` are [0, I] in recompute mode."""
+    x32 = _stat(_rows(hidden))
+    rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
+    n = (x32 * rstd[:, None]).to(hidden.dtype) * norm_weight
+    gate = F.linear(n, gate_weight)
+    up = F.linear(n, up_weight)
+    y = F.linear(F.silu(gate) * up, down_weight).view(hidden.shape)
+    out = hidden + y if residual else y
+    if recompute:
+        gate, up = gate.new_empty((0, gate.shape[1])), up.new_empty((0, up.shape[1]))
+    return out, rstd, gate, up
+
+
+def train_backward_reference(
+    grad_out: Tensor,
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    rstd: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    residual: bool,
+    recompute: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d_hidden, d_norm_weight, d_gate_weight, d_up_weight, d_down_weight).
+
+    Each step rounds to the input dtype where eager autograd's does (the products and GEMMs),
+    and the norm's backward runs in fp32 as the forward's statistic does.
+    """
+    x32 = _stat(_rows(hidden))
+    xhat = x32 * rstd[:, None]  # fp32 normalised rows, recomputed rather than saved
+    nhat = xhat.to(hidden.dtype)
+    n = nhat * norm_weight
+    if recompute:
+        gate, up = F.linear(n, gate_weight), F.linear(n, up_weight)
+    dy = _rows(grad_out)
+    act = F.silu(gate)
+    d_down = dy.t() @ (act * up)
+    d_inter = dy @ down_weight
+    d_up = d_inter * act
+    # silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g), in fp32 as eager's silu_backward.
+    g32 = _stat(gate)
+    s = torch.sigmoid(g32)
+    d_gate = (_stat(d_inter) * _stat(up) * (s * (1 + g32 * (1 - s)))).to(gate.dtype)
+    d_gate_weight = d_gate.t() @ n
+    d_up_weight = d_up.t() @ n
+    d_n = d_gate @ gate_weight + d_up @ up_weight
+    d_norm_weight = (d_n * nhat).sum(0)
+    # The RMSNorm backward: dx = rstd * (dxhat - xhat * mean(dxhat * xhat)).
+    d_xhat = _stat(d_n * norm_weight)
+    d_x = rstd[:, None] * (d_xhat - xhat * (d_xhat * xhat).mean(-1, keepdim=True))
+    d_hidden = d_x.to(hidden.dtype)
+    if residual:  # The residual's gradient is the output's, added to the norm path's.
+        d_hidden = d_hidden + dy
+    return d_hidden.view(hidden.shape), d_norm_weight, d_gate_weight, d_up_weight, d_down
+
+
+# Every argument positional (no keyword-only ones): the form register_autograd's setup_context
+# receives the same way on torch 2.11 and 2.13, and the form a pattern replacement calls.
+@torch.library.custom_op("inductor_fusion::rmsnorm_mlp_train", mutates_args=())
+def rmsnorm_mlp_train(
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    eps: float,
+    residual: bool,
+    recompute: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``[hidden +] down(silu(gate(n)) * up(n))``, ``n = rmsnorm(hidden) * norm_weight``; also
+    returns what the backward needs: (out, rstd, gate, up) (see the module docstring)."""
+    out, rstd, gate, up = train_forward_reference(
+        hidden, norm_weight, gate_weight, up_weight, down_weight, eps, residual, recompute
+    )
+    return out.contiguous(), rstd, gate.contiguous(), up.contiguous()
+
+
+@rmsnorm_mlp_train.register_fake
+def _rmsnorm_mlp_train_fake(
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    eps: float,
+    residual: bool,
+    recompute: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    m = hidden.numel() // hidden.shape[-1]
+    inter = gate_weight.shape[0]
+    saved = (0 if recompute else m, inter)
+    return (
+        hidden.new_empty(hidden.shape),
+        hidden.new_empty((m,), dtype=torch.promote_types(hidden.dtype, torch.float32)),
+        hidden.new_empty(saved),
+        hidden.new_empty(saved),
+    )
+
+
+@torch.library.custom_op("inductor_fusion::rmsnorm_mlp_train_backward", mutates_args=())
+def rmsnorm_mlp_train_backward(
+    grad_out: Tensor,
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    rstd: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    residual: bool,
+    recompute: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of `rmsnorm_mlp_train`'s ``out`` w.r.t. (hidden, norm_weight, gate_weight,
+    up_weight, down_weight)."""
+    grads = train_backward_reference(
+        grad_out, hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up,
+        residual, recompute,
+    )  # fmt: skip
+    return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
+
+
+@rmsnorm_mlp_train_backward.register_fake
+def _rmsnorm_mlp_train_backward_fake(
+    grad_out: Tensor,
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    rstd: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    residual: bool,
+    recompute: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return (
+        hidden.new_empty(hidden.shape),
+        norm_weight.new_empty(norm_weight.shape),
+        gate_weight.new_empty(gate_weight.shape),
+        up_weight.new_empty(up_weight.shape),
+        down_weight.new_empty(down_weight.shape),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    hidden, norm_weight, gate_weight, up_weight, down_weight, _eps, residual, recompute = inputs
+    _out, rstd, gate, up = output
+    ctx.save_for_backward(hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up)
+    ctx.residual, ctx.recompute = residual, recompute
+    # The saved activations are outputs only so that they can be saved: no gradient flows
+    # into them, and none is materialised as zeros for them.
+    ctx.mark_non_differentiable(rstd, gate, up)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx: Any, grad_out: Tensor | None, *_unused: Tensor | None) -> tuple[Any, ...]:
+    # The gradients of rstd, gate and up are never used: those outputs are non-differentiable.
+    hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up = ctx.saved_tensors
+    if grad_out is None:  # `out` did not reach the loss
+        return (None,) * 8
+    grads = rmsnorm_mlp_train_backward(
+        grad_out, hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up,
+        ctx.residual, ctx.recompute,
+    )  # fmt: skip
+    return (*grads, None, None, None)
+
+
+rmsnorm_mlp_train.register_autograd(_backward, setup_context=_setup_context)

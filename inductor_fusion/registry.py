@@ -48,7 +48,10 @@ FAMILIES: dict[str, PatternFamily] = {
         PatternFamily(
             name="rmsnorm_mlp",
             pattern_module="inductor_fusion.patterns.rmsnorm_mlp",
-            op_modules=("inductor_fusion.triton_kernels.rmsnorm_mlp",),
+            op_modules=(
+                "inductor_fusion.triton_kernels.rmsnorm_mlp",
+                "inductor_fusion.triton_kernels.rmsnorm_mlp_train",  # training regions
+            ),
             roles=("norm", "mlp"),
             description=(
                 "RMSNorm (Llama's, Gemma's 1 + w) -> gated MLP (SiLU or GELU-tanh; separate or "

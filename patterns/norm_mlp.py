@@ -119,6 +119,9 @@ class Shape:
     residuals: tuple[str, ...]  # the residual forms registered, from RESIDUALS
     biases: tuple[bool, ...] = (False,)  # MLP biases registered (mlp_bias / use_bias)
     models: str = ""  # who writes it, for messages and the README
+    # Whether training (joint forward+backward) variants are registered too; the training op
+    # (`rmsnorm_mlp_train`) computes Llama's form only: RMSNorm, SiLU, separate gate/up, no bias.
+    training: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS or self.activation not in _ACTIVATIONS or self.mlp not in MLPS:
@@ -127,6 +130,9 @@ class Shape:
             raise ValueError(f"unknown residual form in {self}")
         if self.mlp == "fused" and True in self.biases:
             raise ValueError("fused gate_up projections are registered without biases")
+        llama_form = (self.norm, self.activation, self.mlp) == ("llama_rms", "silu", "separate")
+        if self.training and not llama_form:
+            raise ValueError(f"training variants exist for Llama's form only, not {self}")
 
     @property
     def spec(self) -> RegionSpec:
@@ -168,6 +174,9 @@ class Variant:
     # `reshape` nodes (compile_fx converts views before the post-grad passes).
     views: bool = False
     shape: Shape | None = None  # None: Llama's row (the default of `LLAMA`)
+    # Traced forward + backward (`joint_fwd_bwd`): matched in the joint graph of a training
+    # compile, where the region's saved activations and gradient computation are replaced too.
+    training: bool = False
 
     @property
     def row(self) -> Shape:
@@ -176,6 +185,8 @@ class Variant:
     @property
     def name(self) -> str:
         parts = [self.row.name] if self.row.name else []
+        if self.training:
+            parts.append("train")
         parts += ["lowp" if self.lowp else "fp32", f"{self.ndim}d"]
         if self.bias:
             parts.append("bias")
@@ -218,9 +229,11 @@ class Variant:
             return a["hidden"] + out * a["residual_scale"]
         return out
 
-    def replace(self, **a: Any) -> torch.Tensor:
+    def replace(self, family: str = "", **a: Any) -> torch.Tensor:
         from inductor_fusion.triton_kernels.rmsnorm_mlp import rmsnorm_mlp_lowered
 
+        if self.training:
+            return self._replace_training(family, a)
         gate, up = a["gate_weight"], a.get("up_weight")
         if self.row.mlp == "fused":
             # The halves of Phi-3's [2I, H] gate_up_proj, as views: the kernels read through
@@ -250,6 +263,19 @@ class Variant:
             *args, residual_scale=scale, **self.row.spec.op_kwargs()
         )
 
+    def _replace_training(self, family: str, a: dict[str, Any]) -> torch.Tensor:
+        """The training op, whose autograd formula (traced by `joint_fwd_bwd` with it) puts our
+        backward op where the region's gradient computation was. Its memory mode is the plan's
+        for this family, read while the replacement is traced (the plan is in the pass's uuid)."""
+        from inductor_fusion.fusion_pass import memory_mode
+        from inductor_fusion.triton_kernels import rmsnorm_mlp_train  # noqa: F401  (the op)
+
+        out, *_saved = torch.ops.inductor_fusion.rmsnorm_mlp_train.default(
+            a["hidden"], a["norm_weight"], a["gate_weight"], a["up_weight"], a["down_weight"],
+            a["eps"], self.residual != "none", memory_mode(family) == "recompute",
+        )  # fmt: skip
+        return out
+
     def example_inputs(self) -> list[Any]:
         # Distinct sizes (M=6, H=32, I=48) so no two dims are confused while tracing; values and
         # device do not matter to the trace.
@@ -267,8 +293,12 @@ class Variant:
             "up_bias": (48,),
             "down_bias": (32,),
         }
+        # Training variants trace the backward of every tensor input (joint_fwd_bwd), and the
+        # matcher re-creates them with the same requires_grad for the replacement's trace.
         return [
-            _SCALARS[name] if name in _SCALARS else torch.empty(shapes[name], dtype=dtype)
+            _SCALARS[name]
+            if name in _SCALARS
+            else torch.empty(shapes[name], dtype=dtype, requires_grad=self.training)
             for name in self.argnames
         ]
 
@@ -276,7 +306,7 @@ class Variant:
 LLAMA = Shape(
     "", "llama_rms", "silu", "separate", ("left", "right", "none"), biases=(False, True),
     models="Llama, Mistral, Qwen2, Qwen3, Granite (without its scale); Gemma2/3-style post-norm "
-    "regions of these up to the MLP output",
+    "regions of these up to the MLP output", training=True,
 )  # fmt: skip
 
 
@@ -297,6 +327,22 @@ def variants(shapes: tuple[Shape, ...] = (LLAMA,)) -> list[Variant]:
             (True, False), (3, 2), shape.biases, shape.residuals
         )
         for views in ((False, True) if ndim == 3 else (False,))
+    ] + [
+        # Training: the joint graph (which still has views), no MLP bias (the training op has
+        # none). Inference variants come first: a forward-only graph is matched by them, and in
+        # a joint graph they never match (the backward uses the region's interior nodes).
+        Variant(
+            lowp=lowp,
+            ndim=ndim,
+            bias=False,
+            residual=residual,
+            views=ndim == 3,
+            shape=None if shape is LLAMA else shape,
+            training=True,
+        )
+        for shape in shapes
+        if shape.training
+        for lowp, ndim, residual in itertools.product((True, False), (3, 2), shape.residuals)
     ]
 
 
@@ -334,6 +380,7 @@ class RegionArgs:
     eps: Any
     norm_bias: torch.Tensor | None = None
     residual_scale: Any = 1.0
+    training: bool = False  # a training variant's match: the region's backward is replaced too
 
 
 def can_fuse(args: RegionArgs) -> str | None:
@@ -398,6 +445,12 @@ def should_fuse(args: RegionArgs) -> str | None:
     h = args.hidden
     if h.device.type != "cuda":
         return None
+    if args.training:
+        # The training op's forward and backward run the PyTorch reference (the Triton backward
+        # kernels are not written yet): a fused training step slower than Inductor's own would
+        # be a defect, so on CUDA training regions stay Inductor's until a GPU benchmark of the
+        # fused forward + backward shows a win (perf/bench_train.py).
+        return "training regions are not fused on CUDA until the GPU benchmark shows a win"
     tokens = h.numel() // h.shape[-1]
     # bool() of a symbolic comparison guards on it: a graph with a dynamic token count is then
     # compiled for one side of the threshold, and the other side recompiles once.
@@ -441,7 +494,7 @@ _MLP_TARGETS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 def _check(
     match: Any, *, variant: Variant, family: str, on_match: Callable[[FusedRegion], bool]
 ) -> bool:
-    from inductor_fusion.fusion_pass import on_reject, region_paths
+    from inductor_fusion.fusion_pass import memory_mode, on_reject, region_paths
 
     values = {name: _value(match.kwargs.get(name)) for name in variant.argnames}
     if variant.row.mlp == "fused":
@@ -456,6 +509,7 @@ def _check(
         **{name: values.get(name) for name in _TENSOR_FIELDS},
         eps=_matched_eps(match) if "eps" in variant.argnames else 0.0,
         residual_scale=_matched_scale(match) if variant.residual == "scaled" else 1.0,
+        training=variant.training,
     )
     # Legality first, then profitability (which may guard on a symbolic token count).
     reason = _structure_reason(match, args.hidden) or can_fuse(args) or should_fuse(args)
@@ -465,21 +519,29 @@ def _check(
         key = next((n.name for n in match.nodes if n.target in _MLP_TARGETS), variant)
         on_reject(key, f"{family} not fused ({variant.name}): {reason}")
         return False
-    roles = {"mlp": [n for n in match.nodes if n.target in _MLP_TARGETS]}
+    # A training match also spans the region's backward, whose nodes carry no module stack:
+    # the roles' paths come from the forward nodes.
+    traced = [n for n in match.nodes if not variant.training or n.meta.get("nn_module_stack")]
+    roles = {"mlp": [n for n in traced if n.target in _MLP_TARGETS]}
     if variant.row.norm != "none":
-        roles = {"norm": [n for n in match.nodes if n.target in _NORM_TARGETS], **roles}
-    return on_match(FusedRegion(pattern=family, variant=variant.name, paths=region_paths(roles)))
+        roles = {"norm": [n for n in traced if n.target in _NORM_TARGETS], **roles}
+    name = variant.name
+    if variant.training and memory_mode(family) != "default":
+        name += f"_{memory_mode(family)}"  # the report says which memory mode a region got
+    return on_match(FusedRegion(pattern=family, variant=name, paths=region_paths(roles)))
 
 
 _TENSOR_FIELDS = tuple(
-    n for n in RegionArgs.__dataclass_fields__ if n not in ("eps", "residual_scale")
+    n for n in RegionArgs.__dataclass_fields__ if n not in ("eps", "residual_scale", "training")
 )
 
 
 def _structure_reason(match: Any, hidden: Any) -> str | None:
     """What `search_pattern` left as wildcards, checked on the match: None if every reshape
     flattens ``hidden``'s leading dims into one (``[..., K] -> [M, K]``) or restores them
-    (``[M, N] -> [..., N]``), and every cast goes to fp32 or back to ``hidden``'s dtype."""
+    (``[M, N] -> [..., N]``), and every cast goes to fp32 or back to ``hidden``'s dtype. In a
+    training match also: the norm weight's gradient is squeezed from ``[1, .., 1, H]`` to
+    ``[H]``, the statistic's gradient is expanded to ``hidden``'s shape and divided by H."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     if not isinstance(hidden, torch.Tensor):
@@ -502,6 +564,12 @@ def _structure_reason(match: Any, hidden: Any) -> str | None:
             ):
                 return f"{node.name} splits the gate_up projection other than in halves"
             continue
+        if node.target == _DIV_SCALAR and node.args[1] != hidden.shape[-1]:
+            return f"{node.name} divides by {node.args[1]}, not by the hidden size"
+        if node.target == _EXPAND:
+            val = _value(node)
+            if not (isinstance(val, torch.Tensor) and same(tuple(val.shape), tuple(hidden.shape))):
+                return f"{node.name} expands to other than hidden's shape"
         if node.target not in _RESHAPES:
             continue
         src, out = _value(node.args[0]), _value(node)
@@ -510,6 +578,8 @@ def _structure_reason(match: Any, hidden: Any) -> str | None:
         a, b = tuple(src.shape), tuple(out.shape)
         if not a or not b or not statically_known_true(a[-1] == b[-1]):
             return f"{node.name} reshapes {list(a)} to {list(b)}, not over the token dims"
+        if len(b) == 1 and all(statically_known_true(d == 1) for d in a[:-1]):
+            continue  # [1, .., 1, H] -> [H]: a weight gradient's keepdim sum, squeezed
         flattens = same(a[:-1], lead) and same(b[:-1], (tokens,))
         restores = same(a[:-1], (tokens,)) and same(b[:-1], lead)
         if not (flattens or restores):
@@ -606,6 +676,8 @@ def _trace_reshapes(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.f
 _RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 _CAST = torch.ops.prims.convert_element_type.default
 _SPLIT = torch.ops.aten.split.Tensor
+_EXPAND = torch.ops.aten.expand.default
+_DIV_SCALAR = torch.ops.aten.div.Scalar
 
 
 def search_pattern(variant: Variant) -> Any:
@@ -620,13 +692,17 @@ def search_pattern(variant: Variant) -> Any:
     Here we trace once and keep every literal (``pow`` 2, ``mean`` over -1, the cast to fp32,
     ``add`` 1 in SiLU) except two that depend on the graph: each reshape's size list and the dtype
     a cast returns to (bf16 or fp16). `_check` verifies both on the matched nodes' metadata.
-    """
-    from torch._inductor.pattern_matcher import Ignored, fwd_only, fx_to_pattern
 
-    trace = fwd_only if variant.views else _trace_reshapes
+    Training variants are traced forward + backward (`joint_fwd_bwd`); their backward adds two
+    more graph-dependent literals, in the RMSNorm statistic's gradient: the ``expand`` of the
+    mean's gradient back to ``hidden``'s shape and the division by H (`_structure_reason`).
+    """
+    from torch._inductor.pattern_matcher import Ignored, fx_to_pattern
+
+    trace = _trace_fn(variant)
     gm = trace(_positional(variant.search, variant.argnames), variant.example_inputs())
     for node in gm.graph.nodes:
-        wildcard = node.target in _RESHAPES or (
+        wildcard = node.target in (*_RESHAPES, _EXPAND, _DIV_SCALAR) or (
             node.target == _CAST and node.args[1] != torch.float32
         )
         if wildcard:
@@ -634,6 +710,14 @@ def search_pattern(variant: Variant) -> Any:
         elif node.target == _SPLIT:  # Phi-3's chunk(2): the split size is I
             node.args = (node.args[0], Ignored(), *node.args[2:])
     return fx_to_pattern(gm, argnames=variant.argnames, scalar_workaround=_scalars(variant))
+
+
+def _trace_fn(variant: Variant) -> Callable[..., torch.fx.GraphModule]:
+    from torch._inductor.pattern_matcher import fwd_only, joint_fwd_bwd
+
+    if variant.training:
+        return joint_fwd_bwd
+    return fwd_only if variant.views else _trace_reshapes
 
 
 def _scalars(variant: Variant) -> dict[str, float]:
@@ -649,7 +733,7 @@ def register(
 ) -> None:
     """Registers every variant of ``shapes`` into ``pass_`` (a PatternMatcherPass) as ``family``.
     Traces; call once."""
-    from torch._inductor.pattern_matcher import fwd_only, register_replacement
+    from torch._inductor.pattern_matcher import register_replacement
 
     import inductor_fusion.triton_kernels.rmsnorm_mlp  # noqa: F401  (the op the replacement calls)
 
@@ -657,13 +741,13 @@ def register(
     # torch refuses duplicate patterns, and there is nothing more to match.
     views_differ = _fwd_only_traces_views()
     for variant in variants(shapes):
-        if variant.views and not views_differ:
+        if variant.views and not views_differ and not variant.training:
             continue
         register_replacement(
             _positional(variant.search, variant.argnames),
-            _positional(variant.replace, variant.argnames),
+            _positional(functools.partial(variant.replace, family=family), variant.argnames),
             variant.example_inputs(),
-            fwd_only if variant.views else _trace_reshapes,
+            _trace_fn(variant),
             pass_,
             extra_check=functools.partial(
                 _check, variant=variant, family=family, on_match=on_match

@@ -7,12 +7,22 @@ the HF modules' math, plus a small floor. Neither side is our own reference back
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 import torch.nn.functional as F
 from hf_region import hf_formula_fp64
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from tiny_models import rel_l2
+from tiny_models import (
+    assert_within_tolerance,
+    fresh_compile,
+    layer_paths,
+    rel_l2,
+    tiny_model,
+    token_ids,
+)
 
 from inductor_fusion.triton_kernels import rmsnorm_mlp_train as train_module
 from inductor_fusion.triton_kernels.rmsnorm_mlp_train import (
@@ -204,3 +214,94 @@ def test_backward_op_is_what_autograd_calls(monkeypatch):
     tensors = region_tensors((3,), 8, 12, torch.float32)
     grads_of(op_fn(0.1, True, True), tensors, torch.ones(3, 8))
     assert calls == [True]
+
+
+# --- training compiles of whole models ------------------------------------------------------------
+
+LAYERS = 2  # tiny_model's decoder layers
+
+
+def _loss_and_grads(model, ids, **compile_kwargs):
+    """Loss and every parameter's gradient: eager (no kwargs) or compiled with ``compile_kwargs``."""
+    model.zero_grad(set_to_none=True)
+    run = torch.compile(model, **compile_kwargs) if compile_kwargs else model
+    loss = run(ids, labels=ids).loss
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _assert_training_within_tolerance(model, ids, ours_loss, ours_grads):
+    """Our loss and gradients vs an fp64 copy of the model, within twice eager fp32's error."""
+    eager_loss, eager_grads = _loss_and_grads(model, ids)
+    reference = copy.deepcopy(model).double()
+    ref_loss, ref_grads = _loss_and_grads(reference, ids)
+    assert_within_tolerance(ours_loss, eager_loss, ref_loss)
+    assert ours_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        ours_err = rel_l2(ours_grads[name], ref_grads[name])
+        eager_err = rel_l2(eager_grads[name], ref_grads[name])
+        assert ours_err <= 2 * eager_err + 1e-6, (
+            f"{name}: ours {ours_err:.3g}, eager {eager_err:.3g}"
+        )
+
+
+def _training_ops(report_regions):
+    return sorted(region.variant for region in report_regions)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("memory", ["default", "recompute"])
+def test_training_compile_fuses_every_layer_with_eager_gradients(family, memory):
+    """model.train(), fp32: every decoder layer's region fuses in the joint graph (the pass's
+    own count), in the memory mode asked for; loss and every gradient within the rule."""
+    model = tiny_model(family, torch.float32).train()
+    ids = token_ids()
+    # caches=False: the count must come from the pass running (see fresh_compile).
+    with fresh_compile(caches=False) as report:
+        loss, grads = _loss_and_grads(
+            model, ids, backend="inductor_fusion", options={"inductor_fusion": {"memory": memory}}
+        )
+    suffix = "" if memory == "default" else f"_{memory}"
+    assert _training_ops(report) == [f"train_fp32_3d_residual_left{suffix}"] * LAYERS
+    assert sorted(report.paths("rmsnorm_mlp", "norm")) == layer_paths("post_attention_layernorm")
+    assert sorted(report.paths("rmsnorm_mlp", "mlp")) == layer_paths("mlp")
+    _assert_training_within_tolerance(model, ids, loss, grads)
+
+
+def _saved_activation_bytes(model, ids, **compile_kwargs) -> int:
+    """Bytes the compiled forward keeps for the backward beyond the parameters."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    compiled = torch.compile(model, **compile_kwargs)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = compiled(ids, labels=ids).loss
+    loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.slow
+def test_memory_modes_change_what_the_compiled_forward_saves():
+    """Recompute saves gate/up of no layer: exactly 2 x tokens x intermediate x 4 bytes per
+    layer less than the default mode."""
+    model = tiny_model("llama", torch.float32).train()
+    ids = token_ids()
+    saved = {}
+    for memory in ("default", "recompute"):
+        with fresh_compile(caches=False) as report:
+            saved[memory] = _saved_activation_bytes(
+                model, ids, backend="inductor_fusion",
+                options={"inductor_fusion": {"memory": memory}},
+            )  # fmt: skip
+            assert report.count("rmsnorm_mlp") == LAYERS
+    tokens, inter = ids.numel(), model.config.intermediate_size
+    assert saved["default"] - saved["recompute"] == LAYERS * 2 * tokens * inter * 4

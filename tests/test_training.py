@@ -16,14 +16,17 @@ from hf_region import hf_formula_fp64
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tiny_models import (
+    Region,
     assert_within_tolerance,
     fresh_compile,
     layer_paths,
+    region_hidden,
     rel_l2,
     tiny_model,
     token_ids,
 )
 
+import inductor_fusion
 from inductor_fusion.triton_kernels import rmsnorm_mlp_train as train_module
 from inductor_fusion.triton_kernels.rmsnorm_mlp_train import (
     train_backward_reference,
@@ -305,3 +308,185 @@ def test_memory_modes_change_what_the_compiled_forward_saves():
             assert report.count("rmsnorm_mlp") == LAYERS
     tokens, inter = ids.numel(), model.config.intermediate_size
     assert saved["default"] - saved["recompute"] == LAYERS * 2 * tokens * inter * 4
+
+
+@pytest.mark.slow
+def test_adamw_loop_matches_inductor():
+    """20 AdamW steps: our loss curve equals backend="inductor"'s from the same start."""
+
+    def losses(backend: str) -> list[float]:
+        model = tiny_model("llama", torch.float32).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        compiled = torch.compile(model, backend=backend)
+        curve = []
+        ids = token_ids()  # one batch, so that the loss must fall
+        for _ in range(20):
+            loss = compiled(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.append(loss.item())
+        return curve
+
+    with fresh_compile(caches=False) as report:
+        ours = losses("inductor_fusion")
+        assert report.count("rmsnorm_mlp") == LAYERS
+    with fresh_compile():
+        theirs = losses("inductor")
+    assert ours[-1] < ours[0]  # it trains
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
+
+
+class _DropoutBefore(torch.nn.Module):
+    """A projection whose input goes through a dropout first (``down(dropout(act * up))``)."""
+
+    def __init__(self, proj: torch.nn.Module, p: float) -> None:
+        super().__init__()
+        self.dropout, self.proj = torch.nn.Dropout(p), proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.dropout(x))
+
+
+@pytest.mark.slow
+def test_active_dropout_inside_the_region_is_not_fused_across():
+    """A training dropout between the gated product and the down projection: no region fuses
+    across it (the dropout's mask and scale stay), and gradients equal eager's on the same mask
+    (fallback_random: the compiled dropout draws from eager's generator)."""
+    model = tiny_model("llama", torch.float32).train()
+    for layer in model.model.layers:
+        layer.mlp.down_proj = _DropoutBefore(layer.mlp.down_proj, p=0.3)
+    ids = token_ids()
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(7)
+        eager_loss, eager_grads = _loss_and_grads(model, ids)
+        with fresh_compile(caches=False) as report:
+            torch.manual_seed(7)
+            loss, grads = _loss_and_grads(model, ids, backend="inductor_fusion")
+    assert report.count("rmsnorm_mlp") == 0, report.summary()
+    assert abs(loss.item() - eager_loss.item()) < 1e-5
+    for name, grad in grads.items():
+        assert rel_l2(grad, eager_grads[name]) < 2e-6, name
+
+
+@pytest.mark.slow
+def test_dropout_after_the_mlp_is_not_fused_across():
+    """A training dropout on the MLP output (before the residual add, as Phi-3's
+    resid_mlp_dropout): the residual variants cannot reach across it, and the no-residual one
+    does not match either, because the region's input also feeds the residual add, whose
+    gradient the joint graph accumulates into the norm's backward (a known gap: no-residual
+    training regions fuse only where nothing else reads the input). Gradients equal eager's on
+    the same mask."""
+    model = tiny_model("llama", torch.float32).train()
+    for layer in model.model.layers:
+        layer.mlp = torch.nn.Sequential(layer.mlp, torch.nn.Dropout(0.3))
+    ids = token_ids()
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(7)
+        eager_loss, eager_grads = _loss_and_grads(model, ids)
+        with fresh_compile(caches=False) as report:
+            torch.manual_seed(7)
+            loss, grads = _loss_and_grads(model, ids, backend="inductor_fusion")
+    assert report.count("rmsnorm_mlp") == 0, report.summary()
+    assert abs(loss.item() - eager_loss.item()) < 1e-5
+    for name, grad in grads.items():
+        assert rel_l2(grad, eager_grads[name]) < 2e-6, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("residual", ["right", "none"])
+def test_region_without_left_residual_fuses_in_training(residual):
+    """The other residual forms of the row: ``mlp + h`` and no residual (where the region's
+    input has no other reader), 2-D input; gradients of the input and every parameter."""
+    region = Region(bias=False, residual=residual).train()
+    h = region_hidden(2, torch.float32).requires_grad_()
+
+    def run(module, x):
+        out = module(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
+        return [out.detach(), *grads]
+
+    eager = run(region, h)
+    with fresh_compile(caches=False) as report:
+        ours = run(torch.compile(region, backend="inductor_fusion"), h)
+    reference = copy.deepcopy(region).double()
+    truth = run(reference, h.detach().double().requires_grad_())
+    suffix = "residual_right" if residual == "right" else "no_residual"
+    assert _training_ops(report) == [f"train_fp32_2d_{suffix}"]
+    for o, e, t in zip(ours, eager, truth, strict=True):
+        assert_within_tolerance(o, e, t)
+
+
+@pytest.mark.slow
+def test_dynamic_true_training_fuses_and_serves_other_lengths():
+    """dynamic=True: the regions fuse with a symbolic token count (eps specialised), and a
+    second sequence length runs the same graph with eager-tolerance gradients."""
+    model = tiny_model("llama", torch.float32).train()
+    with fresh_compile(caches=False) as report:
+        compiled_kwargs = dict(backend="inductor_fusion", dynamic=True)
+        for seq in (7, 11):
+            ids = token_ids(seq=seq)
+            loss, grads = _loss_and_grads(model, ids, **compiled_kwargs)
+            _assert_training_within_tolerance(model, ids, loss, grads)
+    # One compile served both lengths: each layer's region fused once.
+    assert _training_ops(report) == ["train_fp32_3d_residual_left"] * LAYERS
+
+
+@pytest.mark.slow
+def test_bf16_training_compile_fuses_every_layer():
+    """bf16 parameters and activations: the low-precision training variant matches."""
+    model = tiny_model("llama", torch.bfloat16).train()
+    ids = token_ids()
+    eager_loss, _ = _loss_and_grads(model, ids)
+    with fresh_compile(caches=False) as report:
+        loss, grads = _loss_and_grads(model, ids, backend="inductor_fusion")
+    assert _training_ops(report) == ["train_lowp_3d_residual_left"] * LAYERS
+    assert abs(loss.item() - eager_loss.item()) < 2e-2 * abs(eager_loss.item())
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.slow
+def test_toggles_apply_to_training_regions(monkeypatch):
+    """The kill switch and the backend's pattern list reach training regions as inference
+    ones; a KernelConfig ':recompute' entry picks the memory mode for that model."""
+    from inductor_fusion.kernel_config import apply_kernel_config
+
+    model = tiny_model("llama", torch.float32).train()
+    ids = token_ids()
+    monkeypatch.setenv("INDUCTOR_FUSION_DISABLE", "rmsnorm_mlp")
+    with fresh_compile(caches=False) as report:
+        _loss_and_grads(model, ids, backend="inductor_fusion")
+    assert report.count("rmsnorm_mlp") == 0
+    monkeypatch.delenv("INDUCTOR_FUSION_DISABLE")
+    with fresh_compile(caches=False) as report:
+        _loss_and_grads(model, ids, backend=inductor_fusion.backend(patterns=["layernorm_mlp"]))
+    assert report.count("rmsnorm_mlp") == 0
+    apply_kernel_config(
+        model, {("RMSNorm", "MLP"): "inductor_fusion:rmsnorm_mlp:recompute"}
+    )  # fmt: skip
+    with fresh_compile(caches=False) as report:
+        loss, grads = _loss_and_grads(model, ids, backend="inductor_fusion")
+    assert _training_ops(report) == ["train_fp32_3d_residual_left_recompute"] * LAYERS
+    _assert_training_within_tolerance(model, ids, loss, grads)
+
+
+def test_training_regions_are_refused_on_cuda_and_fused_elsewhere():
+    """should_fuse: a training region on CUDA stays Inductor's (until the GPU benchmark of
+    the fused backward shows a win); on the CPU it fuses. Inference regions are unaffected."""
+    import dataclasses
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
+
+    def args(device: str, training: bool) -> RegionArgs:
+        with FakeTensorMode():
+            t = [
+                torch.empty(s, device=device) for s in [(1, 3, 8), (8,), (12, 8), (12, 8), (8, 12)]
+            ]
+        return RegionArgs(*t, None, None, None, eps=1e-5, training=training)
+
+    assert "training regions are not fused on CUDA" in should_fuse(args("cuda", True))
+    assert should_fuse(args("cuda", False)) is None
+    assert should_fuse(args("cpu", True)) is None
+    assert dataclasses.replace(args("cpu", True), training=False).training is False

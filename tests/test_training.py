@@ -490,3 +490,71 @@ def test_training_regions_are_refused_on_cuda_and_fused_elsewhere():
     assert should_fuse(args("cuda", False)) is None
     assert should_fuse(args("cpu", True)) is None
     assert dataclasses.replace(args("cpu", True), training=False).training is False
+
+
+_TRAIN_CHILD = """
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from tiny_models import tiny_model, token_ids
+import inductor_fusion
+
+model = tiny_model("llama", torch.float32).train()
+ids = token_ids()
+compiled = torch.compile(model, backend="inductor_fusion", options={options!r})
+loss = compiled(ids, labels=ids).loss
+loss.backward()
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    compiled(ids, labels=ids).loss.backward()
+report = inductor_fusion.get_report()
+print(json.dumps({{
+    "forward_ops": sum(e.count for e in prof.key_averages()
+                       if e.key == "inductor_fusion::rmsnorm_mlp_train"),
+    "backward_ops": sum(e.count for e in prof.key_averages()
+                        if e.key == "inductor_fusion::rmsnorm_mlp_train_backward"),
+    "reported": report.count("rmsnorm_mlp"),
+    "from_cache": report.count_from_cache(),
+    "variants": sorted(r.variant for r in report),
+}}))
+"""
+
+
+def _train_child(cache_dir: str, options: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTOR_FUSION_")}
+    env.update(
+        TORCHINDUCTOR_CACHE_DIR=cache_dir,
+        TORCHINDUCTOR_FX_GRAPH_CACHE="1",
+        TORCHINDUCTOR_AUTOGRAD_CACHE="1",
+    )
+    code = _TRAIN_CHILD.format(tests=os.path.dirname(__file__), options=options)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_training_cache_hit_runs_and_reports_the_fused_regions(tmp_path):
+    """A second process served from Inductor's caches still calls our forward and backward ops
+    and reports the training regions (from our records); another memory mode is not served the
+    first one's graph."""
+    cache = str(tmp_path / "inductor-cache")
+    first = _train_child(cache, {})
+    assert first == {
+        "forward_ops": LAYERS,
+        "backward_ops": LAYERS,
+        "reported": LAYERS,
+        "from_cache": 0,
+        "variants": ["train_fp32_3d_residual_left"] * LAYERS,
+    }
+    second = _train_child(cache, {})
+    assert second == {**first, "from_cache": LAYERS}
+    recompute = _train_child(cache, {"inductor_fusion": {"memory": "recompute"}})
+    assert recompute["from_cache"] == 0
+    assert recompute["variants"] == ["train_fp32_3d_residual_left_recompute"] * LAYERS

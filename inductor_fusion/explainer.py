@@ -9,7 +9,8 @@ KernelConfig) as a compile. Nothing is allocated or computed; a model given as a
 on the meta device. Regions with the same structure (module classes, shapes, dtypes) are traced
 once, so an 8B config takes a few seconds, most of it transformers building the meta model.
 
-What it explains is an inference (no_grad) compile: training graphs do not match yet (#11).
+What it explains is an inference (no_grad) compile; training compiles fuse in the joint graph
+(README: Training), which this does not trace.
 Regions it cannot see: a residual add that the model writes elsewhere (e.g. after a tensor-
 parallel all-reduce, where the compile fuses the region without its residual).
 """
@@ -93,7 +94,7 @@ class Explanation:
         sizes = f"hidden {self.hidden_size}, intermediate {self.intermediate_size}"
         lines = [
             f"inductor_fusion explain: {self.model} ({self.dtype}, {sizes})",
-            f"plan: {self.plan}; inference graphs (training graphs do not fuse yet)",
+            f"plan: {self.plan}; inference graphs (training: see the README's Training section)",
         ]
         lines += [f"  {r.device}, {r.tokens} tokens: {r.runs}" for r in self.regimes]
         lines += [str(c) for c in self.candidates]

@@ -41,6 +41,7 @@ __all__ = [
     "rmsnorm_mlp_train",
     "rmsnorm_mlp_train_backward",
     "train_backward_reference",
+    "train_backward_triton",
     "train_forward_reference",
 ]
 
@@ -125,6 +126,77 @@ def train_backward_reference(
     return d_hidden.view(hidden.shape), d_norm_weight, d_gate_weight, d_up_weight, d_down
 
 
+# The CPU interpreter runs every program in Python: few, small programs keep tests fast (16 is
+# the smallest block tl.dot takes). On CUDA, tiles for the SwiGLU backward GEMM as Inductor's
+# mm templates pick them for 16-bit inputs; fp32 halves BLOCK_K for shared memory.
+_INTERPRET_BLOCKS = (16, 32, 32)
+_CUDA_BLOCKS = (64, 128, 64)
+_NORM_ROWS_PER_PROGRAM = 16
+
+
+def train_backward_triton(
+    grad_out: Tensor,
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    rstd: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    residual: bool,
+    recompute: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward with our two Triton kernels (``_rmsnorm_mlp_train_jit``) and torch.mm for
+    the GEMMs that are plain GEMMs (the weight gradients and ``dn``); same contract as
+    `train_backward_reference`. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    import triton
+
+    from inductor_fusion.triton_kernels import _rmsnorm_mlp_train_jit as _jit
+
+    hidden_size, inter_size = hidden.shape[-1], gate_weight.shape[0]
+    dtype = hidden.dtype
+    x = _rows(hidden).contiguous()
+    dy = _rows(grad_out).contiguous()
+    m = x.shape[0]
+    # n = (x * rstd).to(dtype) * w: the GEMMs' input, recomputed (never saved).
+    n = (_stat(x) * rstd[:, None]).to(dtype) * norm_weight
+    if recompute:
+        gate, up = n @ gate_weight.t(), n @ up_weight.t()
+    d_gate = torch.empty((m, inter_size), dtype=dtype, device=x.device)
+    d_up = torch.empty_like(d_gate)
+    inter = torch.empty_like(d_gate)
+    interpret = x.device.type == "cpu"
+    block_m, block_n, block_k = _INTERPRET_BLOCKS if interpret else _CUDA_BLOCKS
+    if dtype == torch.float32 and not interpret:
+        block_k //= 2
+    grid = (triton.cdiv(m, block_m), triton.cdiv(inter_size, block_n))
+    _jit.silu_mul_backward_kernel[grid](
+        dy, down_weight, gate, up, d_gate, d_up, inter, m, inter_size, hidden_size,
+        dy.stride(0), dy.stride(1), down_weight.stride(0), down_weight.stride(1),
+        gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
+        d_gate.stride(0), d_gate.stride(1),
+        # fp32 must not silently become TF32: the tolerance rule compares with eager fp32.
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    # Weight gradients and dn stay GEMMs of cuBLAS's (the issue allows it where that is faster).
+    d_down = dy.t() @ inter
+    d_gate_weight = d_gate.t() @ n
+    d_up_weight = d_up.t() @ n
+    d_n = torch.addmm(d_gate @ gate_weight, d_up, up_weight)
+    programs = triton.cdiv(m, _NORM_ROWS_PER_PROGRAM)
+    d_x = torch.empty_like(x)
+    dw_partial = torch.empty((programs, hidden_size), dtype=torch.float32, device=x.device)
+    _jit.rmsnorm_backward_kernel[(programs,)](
+        x, d_n, dy, norm_weight, rstd, d_x, dw_partial, m, hidden_size, 1.0 / hidden_size,
+        _NORM_ROWS_PER_PROGRAM, x.stride(0), d_n.stride(0), dy.stride(0), d_x.stride(0),
+        HAS_RESIDUAL=residual, BLOCK_H=triton.next_power_of_2(hidden_size),
+    )  # fmt: skip
+    d_norm_weight = dw_partial.sum(0).to(dtype)
+    return d_x.view(hidden.shape), d_norm_weight, d_gate_weight, d_up_weight, d_down
+
+
 # Every argument positional (no keyword-only ones): the form register_autograd's setup_context
 # receives the same way on torch 2.11 and 2.13, and the form a pattern replacement calls.
 @torch.library.custom_op("inductor_fusion::rmsnorm_mlp_train", mutates_args=())
@@ -185,6 +257,31 @@ def rmsnorm_mlp_train_backward(
     """Gradients of `rmsnorm_mlp_train`'s ``out`` w.r.t. (hidden, norm_weight, gate_weight,
     up_weight, down_weight)."""
     grads = train_backward_reference(
+        grad_out, hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up,
+        residual, recompute,
+    )  # fmt: skip
+    return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
+
+
+@rmsnorm_mlp_train_backward.register_kernel("cuda")
+def _rmsnorm_mlp_train_backward_cuda(
+    grad_out: Tensor,
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    rstd: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    residual: bool,
+    recompute: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # Direct calls may bring dtypes the kernels do not take (float64): those get the reference.
+    impl = train_backward_triton
+    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32) or hidden.numel() == 0:
+        impl = train_backward_reference
+    grads = impl(
         grad_out, hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up,
         residual, recompute,
     )  # fmt: skip

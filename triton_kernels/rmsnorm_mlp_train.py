@@ -24,7 +24,10 @@ Memory modes (``recompute``):
 
 The backward is an op too (``rmsnorm_mlp_train_backward``), so that the joint graph shows one
 node Inductor cannot trace into, with a fake implementation for the compiler. Both ops' bodies
-are the plain-PyTorch references below: they define what any kernel must compute.
+are the plain-PyTorch references below, which define what any kernel must compute; on CUDA the
+backward runs `train_backward_triton` (the SwiGLU backward in a GEMM epilogue and the fused
+RMSNorm backward, ``_rmsnorm_mlp_train_jit``). The forward stays the reference everywhere: our
+fused forward kernels do not write the gate/up pre-activations the backward needs.
 
 Importing this module registers the two ops and their autograd formula, and nothing else.
 """

@@ -25,6 +25,7 @@ whose programs each see only part of a row.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import itertools
@@ -265,14 +266,13 @@ class Variant:
 
     def _replace_training(self, family: str, a: dict[str, Any]) -> torch.Tensor:
         """The training op, whose autograd formula (traced by `joint_fwd_bwd` with it) puts our
-        backward op where the region's gradient computation was. Its memory mode is the plan's
-        for this family, read while the replacement is traced (the plan is in the pass's uuid)."""
-        from inductor_fusion.fusion_pass import memory_mode
+        backward op where the region's gradient computation was. Its memory mode is the one
+        `_check` chose for this match (`_training_mode`), just before the matcher traces this."""
         from inductor_fusion.triton_kernels import rmsnorm_mlp_train  # noqa: F401  (the op)
 
         out, *_saved = torch.ops.inductor_fusion.rmsnorm_mlp_train.default(
             a["hidden"], a["norm_weight"], a["gate_weight"], a["up_weight"], a["down_weight"],
-            a["eps"], self.residual != "none", memory_mode(family) == "recompute",
+            a["eps"], self.residual != "none", _training_mode.get() == "recompute",
         )  # fmt: skip
         return out
 
@@ -494,7 +494,7 @@ _MLP_TARGETS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 def _check(
     match: Any, *, variant: Variant, family: str, on_match: Callable[[FusedRegion], bool]
 ) -> bool:
-    from inductor_fusion.fusion_pass import memory_mode, on_reject, region_paths
+    from inductor_fusion.fusion_pass import on_reject, region_paths
 
     values = {name: _value(match.kwargs.get(name)) for name in variant.argnames}
     if variant.row.mlp == "fused":
@@ -526,14 +526,37 @@ def _check(
     if variant.row.norm != "none":
         roles = {"norm": [n for n in traced if n.target in _NORM_TARGETS], **roles}
     name = variant.name
-    if variant.training and memory_mode(family) != "default":
-        name += f"_{memory_mode(family)}"  # the report says which memory mode a region got
+    if variant.training:
+        mode = _region_memory_mode(match, family)
+        # Read by the replacement, which the matcher traces right after this check approves.
+        _training_mode.set(mode)
+        if mode != "default":
+            name += f"_{mode}"  # the report says which memory mode a region got
     return on_match(FusedRegion(pattern=family, variant=name, paths=region_paths(roles)))
 
 
 _TENSOR_FIELDS = tuple(
     n for n in RegionArgs.__dataclass_fields__ if n not in ("eps", "residual_scale", "training")
 )
+
+
+_training_mode: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "inductor_fusion_training_mode", default="default"
+)
+
+
+def _region_memory_mode(match: Any, family: str) -> str:
+    """The plan's memory mode for ``family``, or "recompute" inside an activation-checkpointed
+    region (HF ``gradient_checkpointing_enable()``, ``torch.utils.checkpoint``): there the user
+    asked to keep nothing but the layer's input, and the default mode would save gate/up."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from inductor_fusion.fusion_pass import memory_mode
+
+    recompute = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+    if any(node.meta.get("recompute") in recompute for node in match.nodes):
+        return "recompute"
+    return memory_mode(family)
 
 
 def _structure_reason(match: Any, hidden: Any) -> str | None:

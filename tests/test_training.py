@@ -482,6 +482,20 @@ def test_dynamic_true_training_fuses_and_serves_other_lengths():
 
 
 @pytest.mark.slow
+def test_gradient_checkpointing_fuses_in_recompute_mode():
+    """HF gradient_checkpointing_enable() under compile: the checkpointed layers' regions fuse,
+    in recompute mode whatever the plan says (the user asked to keep only the layer inputs),
+    with eager-tolerance gradients."""
+    model = tiny_model("llama", torch.float32).train()
+    model.gradient_checkpointing_enable()
+    ids = token_ids()
+    with fresh_compile(caches=False) as report:
+        loss, grads = _loss_and_grads(model, ids, backend="inductor_fusion")
+    assert _training_ops(report) == ["train_fp32_3d_residual_left_recompute"] * LAYERS
+    _assert_training_within_tolerance(model, ids, loss, grads)
+
+
+@pytest.mark.slow
 def test_bf16_training_compile_fuses_every_layer():
     """bf16 parameters and activations: the low-precision training variant matches."""
     model = tiny_model("llama", torch.bfloat16).train()

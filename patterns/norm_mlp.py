@@ -724,6 +724,12 @@ def search_pattern(variant: Variant) -> Any:
 
     trace = _trace_fn(variant)
     gm = trace(_positional(variant.search, variant.argnames), variant.example_inputs())
+    if variant.training:
+        from inductor_fusion.fusion_pass import normalize_joint_graph
+
+        # The same normalisation our pass gives joint graphs before matching, whatever this
+        # torch's joint_fwd_bwd applies itself (versions differ: early_patterns, pointless_view).
+        normalize_joint_graph(gm.graph)
     for node in gm.graph.nodes:
         wildcard = node.target in (*_RESHAPES, _EXPAND, _DIV_SCALAR) or (
             node.target == _CAST and node.args[1] != torch.float32

@@ -38,7 +38,13 @@ from inductor_fusion.triton_kernels.rmsnorm_mlp_train import (
 OP = torch.ops.inductor_fusion.rmsnorm_mlp_train.default
 BACKWARD_OP = torch.ops.inductor_fusion.rmsnorm_mlp_train_backward.default
 # One rounding of a result to the dtype (see tests/test_kernel_rmsnorm_mlp.py's ATOL).
-ATOL = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.float64: 1e-12}
+ATOL = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 1e-12}
+# The interpreter gets bf16 products wrong (NOTES.md): bf16 kernels are checked on CUDA only.
+KERNEL_DTYPES = [
+    torch.float32,
+    torch.float16,
+    *([torch.bfloat16] if torch.cuda.is_available() else []),
+]
 NAMES = ("hidden", "norm_weight", "gate_weight", "up_weight", "down_weight")
 
 
@@ -98,14 +104,14 @@ def test_reference_gradcheck_fp64():
         assert torch.autograd.gradcheck(op_fn(0.1, residual, recompute), tensors)
 
 
-def _cases():
+def _cases(dtypes=(torch.float32, torch.float16)):
     return st.fixed_dictionaries(
         {
             "m": st.sampled_from([1, 3, 7, 13, 33]),
             "batch": st.sampled_from([1, 2]),
             "hidden": st.sampled_from([5, 16, 23, 40]),
             "inter": st.sampled_from([7, 24, 37]),
-            "dtype": st.sampled_from([torch.float32, torch.float16]),
+            "dtype": st.sampled_from(list(dtypes)),
             "residual": st.booleans(),
             "recompute": st.booleans(),
             "seed": st.integers(0, 2**16),
@@ -155,7 +161,7 @@ _needs_interpreter = pytest.mark.skipif(
 
 @_needs_interpreter
 @settings(derandomize=True, database=None, max_examples=16, deadline=None)
-@given(case=_cases())
+@given(case=_cases(KERNEL_DTYPES))
 @example(
     case=dict(m=1, batch=1, hidden=40, inter=37, dtype=torch.float16, residual=True,
               recompute=False, seed=0)

@@ -772,19 +772,23 @@ def register(
     for variant in variants(shapes):
         if variant.views and not views_differ and not variant.training:
             continue
-        register_replacement(
-            _positional(variant.search, variant.argnames),
-            _positional(functools.partial(variant.replace, family=family), variant.argnames),
-            variant.example_inputs(),
-            _trace_fn(variant),
-            pass_,
-            extra_check=functools.partial(
-                _check, variant=variant, family=family, on_match=on_match
-            ),
-            scalar_workaround=_scalars(variant),
-            # Matched as is, not re-traced per graph: see `search_pattern`.
-            search_fn_pattern=search_pattern(variant),
-        )
+        # The pass is built once per process, by whichever compile comes first: if that one runs
+        # under torch.inference_mode(), register_replacement would skip every training variant
+        # (and later training compiles would never fuse), so tracing leaves inference mode.
+        with torch.inference_mode(False):
+            register_replacement(
+                _positional(variant.search, variant.argnames),
+                _positional(functools.partial(variant.replace, family=family), variant.argnames),
+                variant.example_inputs(),
+                _trace_fn(variant),
+                pass_,
+                extra_check=functools.partial(
+                    _check, variant=variant, family=family, on_match=on_match
+                ),
+                scalar_workaround=_scalars(variant),
+                # Matched as is, not re-traced per graph: see `search_pattern`.
+                search_fn_pattern=search_pattern(variant),
+            )
 
 
 def _fwd_only_traces_views() -> bool:

@@ -627,3 +627,24 @@ def test_training_cache_hit_runs_and_reports_the_fused_regions(tmp_path):
     recompute = _train_child(cache, {"inductor_fusion": {"memory": "recompute"}})
     assert recompute["from_cache"] == 0
     assert recompute["variants"] == ["train_fp32_3d_residual_left_recompute"] * LAYERS
+
+
+def test_training_variants_register_when_the_first_compile_is_under_inference_mode():
+    """The family's pass is built once per process, by the first compile: one under
+    torch.inference_mode() (e.g. a generate() before training) must not leave the training
+    variants out (register_replacement skips joint patterns in inference mode)."""
+    from torch._inductor.pattern_matcher import PatternMatcherPass
+
+    from inductor_fusion.patterns import norm_mlp
+
+    def registered(inference: bool) -> int:
+        pass_ = PatternMatcherPass()
+        with torch.inference_mode(inference):
+            norm_mlp.register(
+                pass_, family="rmsnorm_mlp", shapes=(norm_mlp.LLAMA,), on_match=lambda r: False
+            )
+        return sum(len(entries) for entries in pass_.patterns.values())
+
+    trained = len([v for v in norm_mlp.variants((norm_mlp.LLAMA,)) if v.training])
+    assert trained == 12  # fp32/low precision x 2-D/3-D x three residual forms
+    assert registered(inference=True) == registered(inference=False)

@@ -53,6 +53,11 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _caster(compute_dtype: torch.dtype | None) -> Any:
+    """Casts a GEMM operand to ``compute_dtype`` (no-op without one)."""
+    return (lambda t: t) if compute_dtype is None else (lambda t: t.to(compute_dtype))
+
+
 def _stat(t: Tensor) -> Tensor:
     """``t`` in the statistic's dtype: fp32 as LlamaRMSNorm's ``.to(float32)``, but never below
     the input's (so fp64 stays fp64, which finite-difference gradient checks need)."""
@@ -68,15 +73,18 @@ def train_forward_reference(
     eps: float,
     residual: bool,
     recompute: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, rstd, gate, up), rounding as the Hugging Face modules round (see the module
-    docstring); ``gate``/``up`` are [0, I] in recompute mode."""
+    docstring); ``gate``/``up`` are [0, I] in recompute mode. ``compute_dtype`` (autocast): the
+    GEMMs' operands are cast to it, as ``torch.autocast`` casts them (None: hidden's dtype)."""
+    cast = _caster(compute_dtype)
     x32 = _stat(_rows(hidden))
     rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
     n = (x32 * rstd[:, None]).to(hidden.dtype) * norm_weight
-    gate = F.linear(n, gate_weight)
-    up = F.linear(n, up_weight)
-    y = F.linear(F.silu(gate) * up, down_weight).view(hidden.shape)
+    gate = F.linear(cast(n), cast(gate_weight))
+    up = F.linear(cast(n), cast(up_weight))
+    y = F.linear(F.silu(gate) * up, cast(down_weight)).view(hidden.shape)
     out = hidden + y if residual else y
     if recompute:
         gate, up = gate.new_empty((0, gate.shape[1])), up.new_empty((0, up.shape[1]))
@@ -95,37 +103,40 @@ def train_backward_reference(
     up: Tensor,
     residual: bool,
     recompute: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_hidden, d_norm_weight, d_gate_weight, d_up_weight, d_down_weight).
 
     Each step rounds to the input dtype where eager autograd's does (the products and GEMMs),
-    and the norm's backward runs in fp32 as the forward's statistic does.
+    and the norm's backward runs in fp32 as the forward's statistic does. With a
+    ``compute_dtype`` the GEMMs run in it and their gradients are cast back, as autocast's are.
     """
+    cast = _caster(compute_dtype)
     x32 = _stat(_rows(hidden))
     xhat = x32 * rstd[:, None]  # fp32 normalised rows, recomputed rather than saved
     nhat = xhat.to(hidden.dtype)
-    n = nhat * norm_weight
+    n = cast(nhat * norm_weight)
     if recompute:
-        gate, up = F.linear(n, gate_weight), F.linear(n, up_weight)
+        gate, up = F.linear(n, cast(gate_weight)), F.linear(n, cast(up_weight))
     dy = _rows(grad_out)
     act = F.silu(gate)
-    d_down = dy.t() @ (act * up)
-    d_inter = dy @ down_weight
+    d_down = (cast(dy).t() @ (act * up)).to(down_weight.dtype)
+    d_inter = cast(dy) @ cast(down_weight)
     d_up = d_inter * act
     # silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g), in fp32 as eager's silu_backward.
     g32 = _stat(gate)
     s = torch.sigmoid(g32)
     d_gate = (_stat(d_inter) * _stat(up) * (s * (1 + g32 * (1 - s)))).to(gate.dtype)
-    d_gate_weight = d_gate.t() @ n
-    d_up_weight = d_up.t() @ n
-    d_n = d_gate @ gate_weight + d_up @ up_weight
+    d_gate_weight = (d_gate.t() @ n).to(gate_weight.dtype)
+    d_up_weight = (d_up.t() @ n).to(up_weight.dtype)
+    d_n = (d_gate @ cast(gate_weight) + d_up @ cast(up_weight)).to(hidden.dtype)
     d_norm_weight = (d_n * nhat).sum(0)
     # The RMSNorm backward: dx = rstd * (dxhat - xhat * mean(dxhat * xhat)).
     d_xhat = _stat(d_n * norm_weight)
     d_x = rstd[:, None] * (d_xhat - xhat * (d_xhat * xhat).mean(-1, keepdim=True))
     d_hidden = d_x.to(hidden.dtype)
     if residual:  # The residual's gradient is the output's, added to the norm path's.
-        d_hidden = d_hidden + dy
+        d_hidden = d_hidden + dy.to(hidden.dtype)
     return d_hidden.view(hidden.shape), d_norm_weight, d_gate_weight, d_up_weight, d_down
 
 
@@ -149,6 +160,7 @@ def train_backward_triton(
     up: Tensor,
     residual: bool,
     recompute: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward with our two Triton kernels (``_rmsnorm_mlp_train_jit``) and torch.mm for
     the GEMMs that are plain GEMMs (the weight gradients and ``dn``); same contract as
@@ -158,14 +170,17 @@ def train_backward_triton(
     from inductor_fusion.triton_kernels import _rmsnorm_mlp_train_jit as _jit
 
     hidden_size, inter_size = hidden.shape[-1], gate_weight.shape[0]
-    dtype = hidden.dtype
+    cast = _caster(compute_dtype)
+    dtype = compute_dtype or hidden.dtype  # the GEMMs' (autocast: not the parameters')
     x = _rows(hidden).contiguous()
     dy = _rows(grad_out).contiguous()
+    dy_c = cast(dy)
+    down_c = cast(down_weight)
     m = x.shape[0]
     # n = (x * rstd).to(dtype) * w: the GEMMs' input, recomputed (never saved).
-    n = (_stat(x) * rstd[:, None]).to(dtype) * norm_weight
+    n = cast((_stat(x) * rstd[:, None]).to(hidden.dtype) * norm_weight)
     if recompute:
-        gate, up = n @ gate_weight.t(), n @ up_weight.t()
+        gate, up = n @ cast(gate_weight).t(), n @ cast(up_weight).t()
     d_gate = torch.empty((m, inter_size), dtype=dtype, device=x.device)
     d_up = torch.empty_like(d_gate)
     inter = torch.empty_like(d_gate)
@@ -175,8 +190,8 @@ def train_backward_triton(
         block_k //= 2
     grid = (triton.cdiv(m, block_m), triton.cdiv(inter_size, block_n))
     _jit.silu_mul_backward_kernel[grid](
-        dy, down_weight, gate, up, d_gate, d_up, inter, m, inter_size, hidden_size,
-        dy.stride(0), dy.stride(1), down_weight.stride(0), down_weight.stride(1),
+        dy_c, down_c, gate, up, d_gate, d_up, inter, m, inter_size, hidden_size,
+        dy_c.stride(0), dy_c.stride(1), down_c.stride(0), down_c.stride(1),
         gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
         d_gate.stride(0), d_gate.stride(1),
         # fp32 must not silently become TF32: the tolerance rule compares with eager fp32.
@@ -184,10 +199,10 @@ def train_backward_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     # Weight gradients and dn stay GEMMs of cuBLAS's (the issue allows it where that is faster).
-    d_down = dy.t() @ inter
-    d_gate_weight = d_gate.t() @ n
-    d_up_weight = d_up.t() @ n
-    d_n = torch.addmm(d_gate @ gate_weight, d_up, up_weight)
+    d_down = (dy_c.t() @ inter).to(down_weight.dtype)
+    d_gate_weight = (d_gate.t() @ n).to(gate_weight.dtype)
+    d_up_weight = (d_up.t() @ n).to(up_weight.dtype)
+    d_n = torch.addmm(d_gate @ cast(gate_weight), d_up, cast(up_weight)).to(hidden.dtype)
     programs = triton.cdiv(m, _NORM_ROWS_PER_PROGRAM)
     d_x = torch.empty_like(x)
     dw_partial = torch.empty((programs, hidden_size), dtype=torch.float32, device=x.device)
@@ -196,7 +211,7 @@ def train_backward_triton(
         _NORM_ROWS_PER_PROGRAM, x.stride(0), d_n.stride(0), dy.stride(0), d_x.stride(0),
         HAS_RESIDUAL=residual, BLOCK_H=triton.next_power_of_2(hidden_size),
     )  # fmt: skip
-    d_norm_weight = dw_partial.sum(0).to(dtype)
+    d_norm_weight = dw_partial.sum(0).to(norm_weight.dtype)
     return d_x.view(hidden.shape), d_norm_weight, d_gate_weight, d_up_weight, d_down
 
 
@@ -212,12 +227,14 @@ def rmsnorm_mlp_train(
     eps: float,
     residual: bool,
     recompute: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``[hidden +] down(silu(gate(n)) * up(n))``, ``n = rmsnorm(hidden) * norm_weight``; also
     returns what the backward needs: (out, rstd, gate, up) (see the module docstring)."""
     out, rstd, gate, up = train_forward_reference(
-        hidden, norm_weight, gate_weight, up_weight, down_weight, eps, residual, recompute
-    )
+        hidden, norm_weight, gate_weight, up_weight, down_weight, eps, residual, recompute,
+        compute_dtype,
+    )  # fmt: skip
     return out.contiguous(), rstd, gate.contiguous(), up.contiguous()
 
 
@@ -231,15 +248,19 @@ def _rmsnorm_mlp_train_fake(
     eps: float,
     residual: bool,
     recompute: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     m = hidden.numel() // hidden.shape[-1]
     inter = gate_weight.shape[0]
     saved = (0 if recompute else m, inter)
+    dtype = compute_dtype or hidden.dtype
+    # hidden + y promotes (autocast: fp32 hidden + 16-bit y); y alone stays in the GEMMs' dtype.
+    out_dtype = torch.promote_types(hidden.dtype, dtype) if residual else dtype
     return (
-        hidden.new_empty(hidden.shape),
+        hidden.new_empty(hidden.shape, dtype=out_dtype),
         hidden.new_empty((m,), dtype=torch.promote_types(hidden.dtype, torch.float32)),
-        hidden.new_empty(saved),
-        hidden.new_empty(saved),
+        hidden.new_empty(saved, dtype=dtype),
+        hidden.new_empty(saved, dtype=dtype),
     )
 
 
@@ -256,12 +277,13 @@ def rmsnorm_mlp_train_backward(
     up: Tensor,
     residual: bool,
     recompute: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `rmsnorm_mlp_train`'s ``out`` w.r.t. (hidden, norm_weight, gate_weight,
     up_weight, down_weight)."""
     grads = train_backward_reference(
         grad_out, hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up,
-        residual, recompute,
+        residual, recompute, compute_dtype,
     )  # fmt: skip
     return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
 
@@ -279,6 +301,7 @@ def _rmsnorm_mlp_train_backward_cuda(
     up: Tensor,
     residual: bool,
     recompute: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # Direct calls may bring dtypes the kernels do not take (float64): those get the reference.
     impl = train_backward_triton
@@ -286,7 +309,7 @@ def _rmsnorm_mlp_train_backward_cuda(
         impl = train_backward_reference
     grads = impl(
         grad_out, hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up,
-        residual, recompute,
+        residual, recompute, compute_dtype,
     )  # fmt: skip
     return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
 
@@ -304,6 +327,7 @@ def _rmsnorm_mlp_train_backward_fake(
     up: Tensor,
     residual: bool,
     recompute: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return (
         hidden.new_empty(hidden.shape),
@@ -315,10 +339,11 @@ def _rmsnorm_mlp_train_backward_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    hidden, norm_weight, gate_weight, up_weight, down_weight, _eps, residual, recompute = inputs
+    hidden, norm_weight, gate_weight, up_weight, down_weight, _eps, residual, recompute = inputs[:8]
+    compute_dtype = inputs[8] if len(inputs) > 8 else None
     _out, rstd, gate, up = output
     ctx.save_for_backward(hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up)
-    ctx.residual, ctx.recompute = residual, recompute
+    ctx.residual, ctx.recompute, ctx.compute_dtype = residual, recompute, compute_dtype
     # The saved activations are outputs only so that they can be saved: no gradient flows
     # into them, and none is materialised as zeros for them.
     ctx.mark_non_differentiable(rstd, gate, up)
@@ -329,12 +354,12 @@ def _backward(ctx: Any, grad_out: Tensor | None, *_unused: Tensor | None) -> tup
     # The gradients of rstd, gate and up are never used: those outputs are non-differentiable.
     hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up = ctx.saved_tensors
     if grad_out is None:  # `out` did not reach the loss
-        return (None,) * 8
+        return (None,) * 9
     grads = rmsnorm_mlp_train_backward(
         grad_out, hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up,
-        ctx.residual, ctx.recompute,
+        ctx.residual, ctx.recompute, ctx.compute_dtype,
     )  # fmt: skip
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 rmsnorm_mlp_train.register_autograd(_backward, setup_context=_setup_context)

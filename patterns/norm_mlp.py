@@ -147,6 +147,15 @@ class Shape:
         )
 
 
+def _autocast_mlp(x: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
+    """LlamaMLP under torch.autocast: each linear casts its own operands to the autocast dtype
+    (the norm's output is cast twice, once per projection); SiLU and the product stay in it."""
+    lowp = torch.bfloat16  # the cast's dtype is a wildcard of the pattern (`search_pattern`)
+    gate = F.linear(x.to(lowp), a["gate_weight"].to(lowp))
+    up = F.linear(x.to(lowp), a["up_weight"].to(lowp))
+    return F.linear(F.silu(gate) * up, a["down_weight"].to(lowp))
+
+
 def mlp(shape: Shape, x: torch.Tensor, a: dict[str, Any], bias: bool) -> torch.Tensor:
     act = _ACTIVATIONS[shape.activation]
     gate_bias = a["gate_bias"] if bias else None
@@ -178,6 +187,10 @@ class Variant:
     # Traced forward + backward (`joint_fwd_bwd`): matched in the joint graph of a training
     # compile, where the region's saved activations and gradient computation are replaced too.
     training: bool = False
+    # torch.autocast's form of a training region: fp32 parameters and norm, the MLP's GEMM
+    # operands cast to a 16-bit dtype (bf16 or fp16: the pattern leaves it open, `_check`
+    # reads it off the match).
+    autocast: bool = False
 
     @property
     def row(self) -> Shape:
@@ -188,7 +201,8 @@ class Variant:
         parts = [self.row.name] if self.row.name else []
         if self.training:
             parts.append("train")
-        parts += ["lowp" if self.lowp else "fp32", f"{self.ndim}d"]
+        precision = "autocast" if self.autocast else "lowp" if self.lowp else "fp32"
+        parts += [precision, f"{self.ndim}d"]
         if self.bias:
             parts.append("bias")
         parts.append(f"residual_{self.residual}" if self.residual != "none" else "no_residual")
@@ -221,7 +235,7 @@ class Variant:
         if norm.fn is not None:
             extra = (a["norm_bias"],) if norm.bias else ()
             x = norm.fn(x, a["norm_weight"], *extra, a["eps"])
-        out = mlp(self.row, x, a, self.bias)
+        out = _autocast_mlp(x, a) if self.autocast else mlp(self.row, x, a, self.bias)
         if self.residual == "left":
             return a["hidden"] + out
         if self.residual == "right":
@@ -273,6 +287,7 @@ class Variant:
         out, *_saved = torch.ops.inductor_fusion.rmsnorm_mlp_train.default(
             a["hidden"], a["norm_weight"], a["gate_weight"], a["up_weight"], a["down_weight"],
             a["eps"], self.residual != "none", _training_mode.get() == "recompute",
+            _autocast_dtype.get() if self.autocast else None,
         )  # fmt: skip
         return out
 
@@ -339,10 +354,13 @@ def variants(shapes: tuple[Shape, ...] = (LLAMA,)) -> list[Variant]:
             views=ndim == 3,
             shape=None if shape is LLAMA else shape,
             training=True,
+            autocast=autocast,
         )
         for shape in shapes
         if shape.training
-        for lowp, ndim, residual in itertools.product((True, False), (3, 2), shape.residuals)
+        for (lowp, autocast), ndim, residual in itertools.product(
+            ((True, False), (False, False), (False, True)), (3, 2), shape.residuals
+        )
     ]
 
 
@@ -511,8 +529,14 @@ def _check(
         residual_scale=_matched_scale(match) if variant.residual == "scaled" else 1.0,
         training=variant.training,
     )
+    autocast = _autocast_dtype_of(match) if variant.autocast else None
     # Legality first, then profitability (which may guard on a symbolic token count).
-    reason = _structure_reason(match, args.hidden) or can_fuse(args) or should_fuse(args)
+    reason = (
+        ("casts to other than one 16-bit dtype" if variant.autocast and autocast is None else None)
+        or _structure_reason(match, args.hidden, also=autocast)
+        or can_fuse(args)
+        or should_fuse(args)
+    )
     if reason is not None:
         # The graph keeps Inductor's unfused code there; say why, once per region (keyed by
         # its first projection, which every variant of the region shares).
@@ -530,6 +554,7 @@ def _check(
         mode = _region_memory_mode(match, family)
         # Read by the replacement, which the matcher traces right after this check approves.
         _training_mode.set(mode)
+        _autocast_dtype.set(autocast)
         if mode != "default":
             name += f"_{mode}"  # the report says which memory mode a region got
     return on_match(FusedRegion(pattern=family, variant=name, paths=region_paths(roles)))
@@ -543,6 +568,17 @@ _TENSOR_FIELDS = tuple(
 _training_mode: contextvars.ContextVar[str] = contextvars.ContextVar(
     "inductor_fusion_training_mode", default="default"
 )
+_autocast_dtype: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
+    "inductor_fusion_autocast_dtype", default=None
+)
+
+
+def _autocast_dtype_of(match: Any) -> torch.dtype | None:
+    """The one 16-bit dtype an autocast region's casts go to, None if there is not exactly one."""
+    targets = {n.args[1] for n in match.nodes if n.target == _CAST and n.args[1] != torch.float32}
+    if len(targets) == 1 and next(iter(targets)) in (torch.bfloat16, torch.float16):
+        return next(iter(targets))
+    return None
 
 
 def _region_memory_mode(match: Any, family: str) -> str:
@@ -559,12 +595,13 @@ def _region_memory_mode(match: Any, family: str) -> str:
     return memory_mode(family)
 
 
-def _structure_reason(match: Any, hidden: Any) -> str | None:
+def _structure_reason(match: Any, hidden: Any, also: torch.dtype | None = None) -> str | None:
     """What `search_pattern` left as wildcards, checked on the match: None if every reshape
     flattens ``hidden``'s leading dims into one (``[..., K] -> [M, K]``) or restores them
     (``[M, N] -> [..., N]``), and every cast goes to fp32 or back to ``hidden``'s dtype. In a
     training match also: the norm weight's gradient is squeezed from ``[1, .., 1, H]`` to
-    ``[H]``, the statistic's gradient is expanded to ``hidden``'s shape and divided by H."""
+    ``[H]``, the statistic's gradient is expanded to ``hidden``'s shape and divided by H. An
+    autocast region's casts may also go to its autocast dtype (``also``)."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     if not isinstance(hidden, torch.Tensor):
@@ -578,7 +615,7 @@ def _structure_reason(match: Any, hidden: Any) -> str | None:
         )
 
     for node in match.nodes:
-        if node.target == _CAST and node.args[1] not in (torch.float32, hidden.dtype):
+        if node.target == _CAST and node.args[1] not in (torch.float32, hidden.dtype, also):
             return f"a cast to {node.args[1]} inside the region"
         if node.target == _SPLIT:
             src = _value(node.args[0])

@@ -538,6 +538,31 @@ def test_gradient_checkpointing_fuses_in_recompute_mode():
 
 
 @pytest.mark.slow
+def test_autocast_training_compile_fuses_every_layer():
+    """fp32 parameters under torch.autocast(bf16): the autocast training variant matches every
+    layer; loss and every gradient within twice eager autocast's error vs an fp64 model."""
+    model = tiny_model("llama", torch.float32).train()
+    ids = token_ids()
+
+    def run(module, autocast: bool, **compile_kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _loss_and_grads(module, ids, **compile_kwargs)
+
+    eager_loss, eager_grads = run(model, True)
+    with fresh_compile(caches=False) as report:
+        loss, grads = run(model, True, backend="inductor_fusion")
+    ref_loss, ref_grads = run(copy.deepcopy(model).double(), False)
+    assert _training_ops(report) == ["train_autocast_3d_residual_left"] * LAYERS
+    assert_within_tolerance(loss, eager_loss, ref_loss)
+    for name, ref in ref_grads.items():
+        assert grads[name].dtype == torch.float32, name
+        ours_err, eager_err = rel_l2(grads[name], ref), rel_l2(eager_grads[name], ref)
+        assert ours_err <= 2 * eager_err + 1e-6, (
+            f"{name}: ours {ours_err:.3g}, eager {eager_err:.3g}"
+        )
+
+
+@pytest.mark.slow
 def test_bf16_training_compile_fuses_every_layer():
     """bf16 parameters and activations: the low-precision training variant matches."""
     model = tiny_model("llama", torch.bfloat16).train()
@@ -682,5 +707,5 @@ def test_training_variants_register_when_the_first_compile_is_under_inference_mo
         return sum(len(entries) for entries in pass_.patterns.values())
 
     trained = len([v for v in norm_mlp.variants((norm_mlp.LLAMA,)) if v.training])
-    assert trained == 12  # fp32/low precision x 2-D/3-D x three residual forms
+    assert trained == 18  # fp32/low precision/autocast x 2-D/3-D x three residual forms
     assert registered(inference=True) == registered(inference=False)

@@ -298,14 +298,18 @@ def normalize_joint_graph(graph: torch.fx.Graph) -> bool:
     run right after our pass anyway, so running them first changes no number. Graphs without
     tangents (inference) are left as they are. Returns whether the graph was a joint one.
     """
-    from torch._inductor.fx_passes.joint_graph import early_patterns
+    from torch._inductor.fx_passes import joint_graph
     from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
     placeholders = graph.find_nodes(op="placeholder")
     if not any(str(node.target).startswith("tangents") for node in placeholders):
         return False
     remove_noop_ops(graph)
-    early_patterns.apply(graph)
+    # Present in torch 2.13 (2.11 not checked on a machine); tolerated if a version lacks it,
+    # since the patterns get this same normalisation (`norm_mlp.search_pattern`).
+    early_patterns = getattr(joint_graph, "early_patterns", None)
+    if early_patterns is not None:
+        early_patterns.apply(graph)
     return True
 
 

@@ -21,6 +21,10 @@ Regions with a second norm on the MLP output (Gemma2/3's and OLMo-2's
 ``post_feedforward_layernorm``) fuse up to the MLP output (the no-residual variant); the post-norm
 and the add stay Inductor's, because a row norm over H cannot sit in the down GEMM's epilogue,
 whose programs each see only part of a row.
+
+Rows marked ``training`` (Llama's) also get training variants: traced forward + backward
+(``joint_fwd_bwd``) and matched in a training compile's joint graph, where the replacement is the
+training op (``rmsnorm_mlp_train``) whose autograd formula brings our backward op along.
 """
 
 from __future__ import annotations
@@ -464,10 +468,10 @@ def should_fuse(args: RegionArgs) -> str | None:
     if h.device.type != "cuda":
         return None
     if args.training:
-        # The training op's forward and backward run the PyTorch reference (the Triton backward
-        # kernels are not written yet): a fused training step slower than Inductor's own would
-        # be a defect, so on CUDA training regions stay Inductor's until a GPU benchmark of the
-        # fused forward + backward shows a win (perf/bench_train.py).
+        # The training op's forward is the PyTorch reference (only its backward has Triton
+        # kernels yet), and nothing has been measured on a GPU: a fused training step slower than
+        # Inductor's own would be a defect, so on CUDA training regions stay Inductor's until a
+        # GPU benchmark of the fused forward + backward shows a win (perf/bench_train.py).
         return "training regions are not fused on CUDA until the GPU benchmark shows a win"
     tokens = h.numel() // h.shape[-1]
     # bool() of a symbolic comparison guards on it: a graph with a dynamic token count is then

@@ -709,3 +709,44 @@ def test_training_variants_register_when_the_first_compile_is_under_inference_mo
     trained = len([v for v in norm_mlp.variants((norm_mlp.LLAMA,)) if v.training])
     assert trained == 18  # fp32/low precision/autocast x 2-D/3-D x three residual forms
     assert registered(inference=True) == registered(inference=False)
+
+
+@pytest.mark.slow
+def test_user_joint_pass_runs_first_and_globs_scope_training_regions():
+    """A joint_custom_pre_pass of the user's (in options) runs first, on the unfused joint
+    graph, and ours then fuses; a KernelConfig glob naming layer 0 fuses layer 0 only."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from inductor_fusion.kernel_config import apply_kernel_config
+
+    class Seen(CustomGraphPass):
+        def __init__(self) -> None:
+            self.counts: list[tuple[int, int]] = []
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            mm = len(graph.find_nodes(op="call_function", target=torch.ops.aten.mm.default))
+            ours = len(graph.find_nodes(op="call_function", target=OP))
+            self.counts.append((mm, ours))
+
+        def uuid(self) -> str:
+            return "test-training-seen"
+
+    model = tiny_model("llama", torch.float32).train()
+    ids = token_ids()
+    user = Seen()
+    with fresh_compile(caches=False) as report:
+        _loss_and_grads(
+            model, ids, backend="inductor_fusion", options={"joint_custom_pre_pass": user}
+        )
+    assert report.count("rmsnorm_mlp") == LAYERS
+    (mm, ours), *_ = user.counts
+    assert ours == 0 and mm > 8 * LAYERS  # each region: 3 forward and 5 backward GEMMs, unfused
+    layer0 = (
+        ("RMSNorm", "model.layers.0.post_attention_layernorm"),
+        ("MLP", "model.layers.0.mlp"),
+    )
+    apply_kernel_config(model, {layer0: "inductor_fusion:rmsnorm_mlp"})
+    with fresh_compile(caches=False) as report:
+        loss, grads = _loss_and_grads(model, ids, backend="inductor_fusion")
+    assert report.paths("rmsnorm_mlp", "norm") == ["model.layers.0.post_attention_layernorm"]
+    _assert_training_within_tolerance(model, ids, loss, grads)

@@ -24,7 +24,8 @@ whose programs each see only part of a row.
 
 Rows marked ``training`` (Llama's) also get training variants: traced forward + backward
 (``joint_fwd_bwd``) and matched in a training compile's joint graph, where the replacement is the
-training op (``rmsnorm_mlp_train``) whose autograd formula brings our backward op along.
+training region (``rmsnorm_mlp_train_compiled``): its forward as plain aten ops for Inductor,
+its backward our backward op, which reads only what the memory mode saves.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ class Shape:
     residuals: tuple[str, ...]  # the residual forms registered, from RESIDUALS
     biases: tuple[bool, ...] = (False,)  # MLP biases registered (mlp_bias / use_bias)
     models: str = ""  # who writes it, for messages and the README
-    # Whether training (joint forward+backward) variants are registered too; the training op
-    # (`rmsnorm_mlp_train`) computes Llama's form only: RMSNorm, SiLU, separate gate/up, no bias.
+    # Whether training (joint forward+backward) variants are registered too; the training ops
+    # (`rmsnorm_mlp_train*`) compute Llama's form only: RMSNorm, SiLU, separate gate/up, no bias.
     training: bool = False
 
     def __post_init__(self) -> None:
@@ -283,17 +284,17 @@ class Variant:
         )
 
     def _replace_training(self, family: str, a: dict[str, Any]) -> torch.Tensor:
-        """The training op, whose autograd formula (traced by `joint_fwd_bwd` with it) puts our
-        backward op where the region's gradient computation was. Its memory mode is the one
-        `_check` chose for this match (`_training_mode`), just before the matcher traces this."""
-        from inductor_fusion.triton_kernels import rmsnorm_mlp_train  # noqa: F401  (the op)
+        """The training region (`rmsnorm_mlp_train_compiled`): traced by `joint_fwd_bwd`, its
+        forward becomes plain aten ops for Inductor and its backward our backward op, reading
+        only what the memory mode saves. The mode is the one `_check` chose for this match
+        (`_training_mode`), just before the matcher traces this."""
+        from inductor_fusion.triton_kernels.rmsnorm_mlp_train import rmsnorm_mlp_train_compiled
 
-        out, *_saved = torch.ops.inductor_fusion.rmsnorm_mlp_train.default(
+        return rmsnorm_mlp_train_compiled(
             a["hidden"], a["norm_weight"], a["gate_weight"], a["up_weight"], a["down_weight"],
             a["eps"], self.residual != "none", _training_mode.get() == "recompute",
             _autocast_dtype.get() if self.autocast else None,
         )  # fmt: skip
-        return out
 
     def example_inputs(self) -> list[Any]:
         # Distinct sizes (M=6, H=32, I=48) so no two dims are confused while tracing; values and
@@ -468,8 +469,8 @@ def should_fuse(args: RegionArgs) -> str | None:
     if h.device.type != "cuda":
         return None
     if args.training:
-        # The training op's forward is the PyTorch reference (only its backward has Triton
-        # kernels yet), and nothing has been measured on a GPU: a fused training step slower than
+        # A fused training region is Inductor's forward code plus our backward op (Triton kernels
+        # on CUDA), and none of it has been measured on a GPU: a fused training step slower than
         # Inductor's own would be a defect, so on CUDA training regions stay Inductor's until a
         # GPU benchmark of the fused forward + backward shows a win (perf/bench_train.py).
         return "training regions are not fused on CUDA until the GPU benchmark shows a win"

@@ -26,8 +26,11 @@ The backward is an op too (``rmsnorm_mlp_train_backward``), so that the joint gr
 node Inductor cannot trace into, with a fake implementation for the compiler. Both ops' bodies
 are the plain-PyTorch references below, which define what any kernel must compute; on CUDA the
 backward runs `train_backward_triton` (the SwiGLU backward in a GEMM epilogue and the fused
-RMSNorm backward, ``_rmsnorm_mlp_train_jit``). The forward stays the reference everywhere: our
-fused forward kernels do not write the gate/up pre-activations the backward needs.
+RMSNorm backward, ``_rmsnorm_mlp_train_jit``). The forward op runs the reference everywhere (our
+fused forward kernels do not write the gate/up pre-activations the backward needs).
+
+In a compiled graph the training patterns use `rmsnorm_mlp_train_compiled` instead: the same
+forward as plain aten ops, which Inductor fuses like its own code, and the same backward op.
 
 Importing this module registers the two ops and their autograd formula, and nothing else.
 """
@@ -43,6 +46,7 @@ from torch import Tensor
 __all__ = [
     "rmsnorm_mlp_train",
     "rmsnorm_mlp_train_backward",
+    "rmsnorm_mlp_train_compiled",
     "train_backward_reference",
     "train_backward_triton",
     "train_forward_reference",
@@ -363,3 +367,61 @@ def _backward(ctx: Any, grad_out: Tensor | None, *_unused: Tensor | None) -> tup
 
 
 rmsnorm_mlp_train.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _CompiledRegion(torch.autograd.Function):
+    """The region as a training pattern's replacement writes it into a joint graph.
+
+    The forward is the reference's plain aten ops, not the forward op: traced into the joint
+    graph, they are Inductor's to fuse and plan like its own code (its norm kernel, its GEMMs,
+    its SiLU-mul), where an opaque op call would run them unfused, one launch each. The backward
+    is the backward op, and what it reads (`_setup_context`'s choice: ``h``, ``rstd`` and, in the
+    default mode, gate/up) is all the partitioner has to save; the normalised activations stay
+    unsaved, since nothing in the backward reads them.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        norm_weight: Tensor,
+        gate_weight: Tensor,
+        up_weight: Tensor,
+        down_weight: Tensor,
+        eps: float,
+        residual: bool,
+        recompute: bool,
+        compute_dtype: torch.dtype | None,
+    ) -> Tensor:
+        out, rstd, gate, up = train_forward_reference(
+            hidden, norm_weight, gate_weight, up_weight, down_weight, eps, residual, recompute,
+            compute_dtype,
+        )  # fmt: skip
+        ctx.save_for_backward(
+            hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up
+        )
+        ctx.residual, ctx.recompute, ctx.compute_dtype = residual, recompute, compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+        return _backward(ctx, grad_out)
+
+
+def rmsnorm_mlp_train_compiled(
+    hidden: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    eps: float,
+    residual: bool,
+    recompute: bool,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """`rmsnorm_mlp_train`'s ``out`` with the same gradients, for tracing into a compiled
+    graph (see `_CompiledRegion`); eager callers use the op."""
+    return _CompiledRegion.apply(
+        hidden, norm_weight, gate_weight, up_weight, down_weight, eps, residual, recompute,
+        compute_dtype,
+    )  # fmt: skip

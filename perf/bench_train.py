@@ -9,8 +9,12 @@ Providers, same weights and inputs, in one process:
     eager            the HF modules (LlamaRMSNorm + LlamaMLP) and the add, autograd
     compile          the same function under torch.compile (backend="inductor")
     liger            LigerRMSNorm + LigerSwiGLUMLP (skipped if liger_kernel is not importable)
-    ours_default     torch.ops.inductor_fusion.rmsnorm_mlp_train, default memory mode
+    ours_default     torch.ops.inductor_fusion.rmsnorm_mlp_train, default memory mode (eager op)
     ours_recompute   the same op, recompute mode
+    ours_compiled_default / ours_compiled_recompute
+                     what a fused training region is in a compiled graph: the forward as aten ops
+                     compiled by Inductor, our backward op (rmsnorm_mlp_train_compiled under
+                     torch.compile), in each memory mode
 
 Per provider: median ms of forward + backward (CUDA events), "saved MiB" (memory held between
 the forward and the backward, beyond inputs and weights: the activations kept for the backward)
@@ -36,7 +40,15 @@ import torch.nn.functional as F
 
 SHAPES = ((2048, 8192), (4096, 14336))
 TOKENS = (2048, 8192, 16384)
-PROVIDERS = ("eager", "compile", "liger", "ours_default", "ours_recompute")
+PROVIDERS = (
+    "eager",
+    "compile",
+    "liger",
+    "ours_default",
+    "ours_recompute",
+    "ours_compiled_default",
+    "ours_compiled_recompute",
+)
 EPS = 1e-5
 
 
@@ -82,9 +94,15 @@ def _provider(name: str, w: dict[str, torch.Tensor]):
             del module.weight
             module.weight = w[key]
         return lambda h, _w: h + mlp(norm(h))
-    import inductor_fusion.triton_kernels.rmsnorm_mlp_train  # noqa: F401  (registers the op)
+    from inductor_fusion.triton_kernels.rmsnorm_mlp_train import rmsnorm_mlp_train_compiled
 
-    recompute = name == "ours_recompute"
+    recompute = name.endswith("_recompute")
+    if name.startswith("ours_compiled"):
+        region = rmsnorm_mlp_train_compiled
+        return torch.compile(
+            lambda h, w: region(h, w["norm"], w["gate"], w["up"], w["down"], EPS, True, recompute),
+            backend="inductor",
+        )
     op = torch.ops.inductor_fusion.rmsnorm_mlp_train.default
     return lambda h, w: op(h, w["norm"], w["gate"], w["up"], w["down"], EPS, True, recompute)[0]
 

@@ -214,8 +214,7 @@ class FusionPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         for user_pass in self.chained:
             user_pass(graph)
-        if self.stage == "joint":
-            normalize_joint_graph(graph)
+        joint = self.stage == "joint" and normalize_joint_graph(graph)
         counts: dict[str, int] = {}
         fused: list[FusedRegion] = []
         for name in sorted(self.plan.patterns):
@@ -225,7 +224,10 @@ class FusionPass(CustomGraphPass):
                 prepare(graph)
             run = _PassRun(plan=self.plan, regions=[], rejected=self.rejected)
             with _running(run):
-                replaced = registry.matcher_pass(name).apply(graph)
+                # A training graph: the families' training variants first (built on the first
+                # such graph), then the others, for regions there that need no gradient.
+                replaced = registry.matcher_pass(name, training=True).apply(graph) if joint else 0
+                replaced += registry.matcher_pass(name).apply(graph)
             if replaced != len(run.regions):  # Would mean a check approved without recording.
                 raise RuntimeError(
                     f"inductor_fusion: {name} replaced {replaced} regions but recorded "

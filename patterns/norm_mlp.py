@@ -801,9 +801,10 @@ def register(
     family: str,
     shapes: tuple[Shape, ...],
     on_match: Callable[[FusedRegion], bool],
+    training: bool = False,
 ) -> None:
-    """Registers every variant of ``shapes`` into ``pass_`` (a PatternMatcherPass) as ``family``.
-    Traces; call once."""
+    """Registers every inference variant of ``shapes`` (``training``: every training variant)
+    into ``pass_`` (a PatternMatcherPass) as ``family``. Traces; call once."""
     from torch._inductor.pattern_matcher import register_replacement
 
     import inductor_fusion.triton_kernels.rmsnorm_mlp  # noqa: F401  (the op the replacement calls)
@@ -812,11 +813,13 @@ def register(
     # torch refuses duplicate patterns, and there is nothing more to match.
     views_differ = _fwd_only_traces_views()
     for variant in variants(shapes):
+        if variant.training != training:
+            continue
         if variant.views and not views_differ and not variant.training:
             continue
-        # The pass is built once per process, by whichever compile comes first: if that one runs
-        # under torch.inference_mode(), register_replacement would skip every training variant
-        # (and later training compiles would never fuse), so tracing leaves inference mode.
+        # A pass is built once per process: if that happens under torch.inference_mode(),
+        # register_replacement would skip every training variant (and later training compiles
+        # would never fuse), so tracing leaves inference mode.
         with torch.inference_mode(False):
             register_replacement(
                 _positional(variant.search, variant.argnames),

@@ -690,10 +690,9 @@ def test_training_cache_hit_runs_and_reports_the_fused_regions(tmp_path):
     assert recompute["variants"] == ["train_fp32_3d_residual_left_recompute"] * LAYERS
 
 
-def test_training_variants_register_when_the_first_compile_is_under_inference_mode():
-    """The family's pass is built once per process, by the first compile: one under
-    torch.inference_mode() (e.g. a generate() before training) must not leave the training
-    variants out (register_replacement skips joint patterns in inference mode)."""
+def test_training_variants_register_under_inference_mode():
+    """A family's training pass is built once per process: built under torch.inference_mode()
+    it must not be left empty (register_replacement skips joint patterns in inference mode)."""
     from torch._inductor.pattern_matcher import PatternMatcherPass
 
     from inductor_fusion.patterns import norm_mlp
@@ -702,13 +701,14 @@ def test_training_variants_register_when_the_first_compile_is_under_inference_mo
         pass_ = PatternMatcherPass()
         with torch.inference_mode(inference):
             norm_mlp.register(
-                pass_, family="rmsnorm_mlp", shapes=(norm_mlp.LLAMA,), on_match=lambda r: False
-            )
+                pass_, family="rmsnorm_mlp", shapes=(norm_mlp.LLAMA,), on_match=lambda r: False,
+                training=True,
+            )  # fmt: skip
         return sum(len(entries) for entries in pass_.patterns.values())
 
     trained = len([v for v in norm_mlp.variants((norm_mlp.LLAMA,)) if v.training])
     assert trained == 18  # fp32/low precision/autocast x 2-D/3-D x three residual forms
-    assert registered(inference=True) == registered(inference=False)
+    assert registered(inference=True) == registered(inference=False) == trained
 
 
 @pytest.mark.slow
@@ -750,3 +750,34 @@ def test_user_joint_pass_runs_first_and_globs_scope_training_regions():
         loss, grads = _loss_and_grads(model, ids, backend="inductor_fusion")
     assert report.paths("rmsnorm_mlp", "norm") == ["model.layers.0.post_attention_layernorm"]
     _assert_training_within_tolerance(model, ids, loss, grads)
+
+
+@pytest.mark.slow
+def test_inference_compiles_never_build_the_training_pass():
+    """Training variants live in a pass of their own, built on the first joint graph: a
+    process that only compiles for inference never traces them (a fresh process, so that no
+    earlier test has built it)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from tiny_models import tiny_model, token_ids
+        from inductor_fusion import registry
+        model, ids = tiny_model("llama"), token_ids()
+        with torch.no_grad():
+            torch.compile(model, backend="inductor_fusion")(ids)
+        print(registry._built_pass.cache_info().currsize)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTOR_FUSION_")}
+    env.update(TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # One pass per family, inference only (the training passes would make it four).
+    assert result.stdout.split()[-1] == "2"

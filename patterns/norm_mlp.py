@@ -249,11 +249,11 @@ class Variant:
             return a["hidden"] + out * a["residual_scale"]
         return out
 
-    def replace(self, family: str = "", **a: Any) -> torch.Tensor:
+    def replace(self, **a: Any) -> torch.Tensor:
         from inductor_fusion.triton_kernels.rmsnorm_mlp import rmsnorm_mlp_lowered
 
         if self.training:
-            return self._replace_training(family, a)
+            return self._replace_training(a)
         gate, up = a["gate_weight"], a.get("up_weight")
         if self.row.mlp == "fused":
             # The halves of Phi-3's [2I, H] gate_up_proj, as views: the kernels read through
@@ -283,7 +283,7 @@ class Variant:
             *args, residual_scale=scale, **self.row.spec.op_kwargs()
         )
 
-    def _replace_training(self, family: str, a: dict[str, Any]) -> torch.Tensor:
+    def _replace_training(self, a: dict[str, Any]) -> torch.Tensor:
         """The training region (`rmsnorm_mlp_train_compiled`): traced by `joint_fwd_bwd`, its
         forward becomes plain aten ops for Inductor and its backward our backward op, reading
         only what the memory mode saves. The mode is the one `_check` chose for this match
@@ -823,7 +823,7 @@ def register(
         with torch.inference_mode(False):
             register_replacement(
                 _positional(variant.search, variant.argnames),
-                _positional(functools.partial(variant.replace, family=family), variant.argnames),
+                _positional(variant.replace, variant.argnames),
                 variant.example_inputs(),
                 _trace_fn(variant),
                 pass_,

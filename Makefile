@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 
-.PHONY: tune install demo test test-fast lint format bench bench-host bench-e2e clean
+.PHONY: tune install demo test test-fast lint format bench bench-host bench-e2e bench-train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -46,6 +46,11 @@ bench-host: $(STAMP)
 # End-to-end generate() benchmark (needs CUDA; `--cpu-smoke` checks the script on a CPU).
 bench-e2e: $(STAMP)
 	$(PYTHON) perf/bench_e2e.py --out perf/results/e2e
+
+# Region forward + backward, time and activation memory, eager / compile / Liger / ours in both
+# memory modes (needs CUDA; `--cpu-smoke` checks the script on a CPU): perf/results/train.
+bench-train: $(STAMP)
+	$(PYTHON) perf/bench_train.py --out perf/results/train
 
 # Re-measures the op's launch configurations (GPU); copy the written module over
 # triton_kernels/_rmsnorm_mlp_tuned.py to adopt it.

@@ -74,6 +74,7 @@ class InductorFusionBackend:
             self.fusion_options = fusion_config.FusionOptions(
                 patterns=given.patterns if patterns is not None else self.fusion_options.patterns,
                 disable=(*self.fusion_options.disable, *given.disable),
+                memory=self.fusion_options.memory,
             )
         self.inductor_patches = inductor_config_patches(mode, options)
         self.report = FusionReport()

@@ -20,6 +20,7 @@ reads the environment at import time: `resolve_plan` reads it when a compile sta
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from collections.abc import Mapping
@@ -31,6 +32,10 @@ from inductor_fusion import registry
 ENV_PATTERNS = "INDUCTOR_FUSION_PATTERNS"
 ENV_DISABLE = "INDUCTOR_FUSION_DISABLE"
 OPTIONS_KEY = "inductor_fusion"
+# Training regions: "default" saves what the backward needs (the region's input, its per-row
+# statistic and the gate/up pre-activations); "recompute" saves the input and the statistic
+# only and recomputes gate/up in the backward (selective activation checkpointing).
+MEMORY_MODES = ("default", "recompute")
 
 # A scope is a tuple of glob tuples; each glob tuple is aligned with the family's roles
 # (e.g. ("model.layers.*.post_attention_layernorm", "model.layers.*.mlp") for norm, mlp).
@@ -39,10 +44,13 @@ Scope = tuple[tuple[str, ...], ...]
 
 @dataclass(frozen=True)
 class FusionOptions:
-    """Our own backend options: which patterns to enable (None: leave it to other sources)."""
+    """Our own backend options: which patterns to enable (None: leave it to other sources), and
+    the memory mode of training regions: one of `MEMORY_MODES` for every family, or a mapping
+    from family name to mode (None: leave it to the model's KernelConfig)."""
 
     patterns: tuple[str, ...] | None = None
     disable: tuple[str, ...] = ()
+    memory: Mapping[str, str] | str | None = None
 
     def __post_init__(self) -> None:
         # Each accepts a list of names or a comma-separated string (see `parse_names`).
@@ -59,6 +67,18 @@ class FusionOptions:
                 self.disable, source="inductor_fusion option 'disable'", empty_text_ok=True
             ),
         )
+        if self.memory is not None:
+            memory = self.memory
+            if isinstance(memory, str):
+                memory = dict.fromkeys(registry.pattern_names(), memory)
+            if not isinstance(memory, Mapping):
+                raise TypeError(
+                    "inductor_fusion option 'memory': expected a mode name or a dict from pattern "
+                    f"name to mode, got {type(self.memory).__name__}"
+                )
+            # FusionPlan validates names and modes, with the same messages everywhere.
+            FusionPlan(frozenset(), modes=memory, source="inductor_fusion option 'memory'")
+            object.__setattr__(self, "memory", dict(sorted(memory.items())))
 
     @classmethod
     def from_value(cls, value: Any) -> FusionOptions:
@@ -69,17 +89,21 @@ class FusionOptions:
             return value
         if not isinstance(value, Mapping):
             raise TypeError(
-                f"options[{OPTIONS_KEY!r}] must be a dict with keys 'patterns' and/or 'disable', "
-                f"got {type(value).__name__}"
+                f"options[{OPTIONS_KEY!r}] must be a dict with keys 'patterns', 'disable' and/or "
+                f"'memory', got {type(value).__name__}"
             )
-        unknown = set(value) - {"patterns", "disable"}
+        unknown = set(value) - {"patterns", "disable", "memory"}
         if unknown:
             raise ValueError(
                 f"options[{OPTIONS_KEY!r}]: unknown key(s) {sorted(unknown)}; "
-                "valid keys: 'patterns', 'disable'"
+                "valid keys: 'patterns', 'disable', 'memory'"
             )
-        # __post_init__ validates and normalizes both into tuples of known names.
-        return cls(patterns=value.get("patterns"), disable=value.get("disable", ()))
+        # __post_init__ validates and normalizes them.
+        return cls(
+            patterns=value.get("patterns"),
+            disable=value.get("disable", ()),
+            memory=value.get("memory"),
+        )
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,8 @@ class FusionPlan:
     patterns: frozenset[str]
     scopes: Mapping[str, Scope] = field(default_factory=dict)
     source: str = "default"
+    # Memory mode of a family's training regions (`MEMORY_MODES`); families absent: "default".
+    modes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         registry.validate_names(sorted(self.patterns), source=f"fusion plan ({self.source})")
@@ -108,6 +134,20 @@ class FusionPlan:
         object.__setattr__(
             self, "scopes", dict(sorted((k, tuple(map(tuple, v))) for k, v in self.scopes.items()))
         )
+        for name, mode in self.modes.items():
+            registry.get_family(name)
+            if mode not in MEMORY_MODES:
+                raise ValueError(
+                    f"fusion plan: memory mode {mode!r} of pattern {name!r}; valid modes: "
+                    f"{', '.join(MEMORY_MODES)}"
+                )
+        # "default" is spelled by absence, so that equal plans have equal keys.
+        modes = {k: v for k, v in sorted(self.modes.items()) if v != "default"}
+        object.__setattr__(self, "modes", modes)
+
+    def memory_mode(self, pattern: str) -> str:
+        """How ``pattern``'s training regions trade memory for time (see `MEMORY_MODES`)."""
+        return self.modes.get(pattern, "default")
 
     def allows(self, pattern: str, paths: Mapping[str, str | None]) -> bool:
         if pattern not in self.patterns:
@@ -127,7 +167,10 @@ class FusionPlan:
     def key(self) -> str:
         """A deterministic description, hashed into the pass's uuid."""
         scopes = ";".join(f"{k}={v!r}" for k, v in self.scopes.items())
-        return f"patterns={sorted(self.patterns)!r};scopes={scopes}"
+        key = f"patterns={sorted(self.patterns)!r};scopes={scopes}"
+        if self.modes:  # only when set: the keys of plans without modes stay what they were
+            key += ";modes=" + ";".join(f"{k}={v}" for k, v in self.modes.items())
+        return key
 
     def without(self, names: tuple[str, ...], *, source: str) -> FusionPlan:
         if not names:
@@ -137,6 +180,7 @@ class FusionPlan:
             patterns=keep,
             scopes={k: v for k, v in self.scopes.items() if k in keep},
             source=f"{self.source}+{source}",
+            modes={k: v for k, v in self.modes.items() if k in keep},
         )
 
 
@@ -207,5 +251,9 @@ def resolve_plan(
         plan = FusionPlan(frozenset(from_env), source="env")
     else:
         plan = FusionPlan(frozenset(registry.pattern_names()), source="default")
+    if options.memory is not None:  # the compile call site's modes win over the model's
+        plan = dataclasses.replace(
+            plan, modes={**plan.modes, **options.memory}, source=f"{plan.source}+options.memory"
+        )
     plan = plan.without(options.disable, source="options.disable")
     return plan.without(killed, source=ENV_DISABLE)

@@ -25,7 +25,8 @@ flash attention reads the key/value heads itself) and nothing made transformers 
 which a static cache always does; the variant name a compile reports starts with the SDPA backend
 torch picks there (e.g. ``flash_attention_for_cpu_mask``), written here as ``mask``.
 
-What it explains is an inference (no_grad) compile: training graphs do not match yet (#11).
+What it explains is an inference (no_grad) compile; training compiles fuse in the joint graph
+(README: Training), which this does not trace.
 Regions it cannot see: a residual add that the model writes outside the decoder layer (e.g. after
 a tensor-parallel all-reduce, where the compile fuses the region without its residual).
 """
@@ -177,7 +178,7 @@ class Explanation:
         sizes = f"hidden {self.hidden_size}, intermediate {self.intermediate_size}"
         lines = [
             f"inductor_fusion explain: {self.model} ({self.dtype}, {sizes})",
-            f"plan: {self.plan}; inference graphs (training graphs do not fuse yet)",
+            f"plan: {self.plan}; inference graphs (training: see the README's Training section)",
         ]
         lines += [f"  {r.family}: {r.device}, {r.tokens} tokens: {r.runs}" for r in self.regimes]
         lines += [str(c) for c in self.candidates]

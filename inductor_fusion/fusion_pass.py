@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.pattern_matcher import stable_topological_sort
 
 from inductor_fusion import registry
 from inductor_fusion.config import FusionPlan
@@ -78,6 +79,13 @@ def on_match(region: FusedRegion) -> bool:
         return False
     run.regions.append(region)
     return True
+
+
+def memory_mode(pattern: str) -> str:
+    """The memory mode the current plan gives ``pattern``'s training regions ("default" or
+    "recompute"); read by a training replacement while it is traced."""
+    run = _current_run.get()
+    return "default" if run is None else run.plan.memory_mode(pattern)
 
 
 def on_reject(region_key: object, message: str) -> None:
@@ -206,6 +214,7 @@ class FusionPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         for user_pass in self.chained:
             user_pass(graph)
+        joint = self.stage == "joint" and normalize_joint_graph(graph)
         counts: dict[str, int] = {}
         fused: list[FusedRegion] = []
         for name in sorted(self.plan.patterns):
@@ -215,7 +224,10 @@ class FusionPass(CustomGraphPass):
                 prepare(graph)
             run = _PassRun(plan=self.plan, regions=[], rejected=self.rejected)
             with _running(run):
-                replaced = registry.matcher_pass(name).apply(graph)
+                # A training graph: the families' training variants first (built on the first
+                # such graph), then the others, for regions there that need no gradient.
+                replaced = registry.matcher_pass(name, training=True).apply(graph) if joint else 0
+                replaced += registry.matcher_pass(name).apply(graph)
             if replaced != len(run.regions):  # Would mean a check approved without recording.
                 raise RuntimeError(
                     f"inductor_fusion: {name} replaced {replaced} regions but recorded "
@@ -243,6 +255,10 @@ class FusionPass(CustomGraphPass):
             # Also when nothing fused: that this stage ran says it was not served from a cache.
             self.records.add(self.stage, fused)
         if any(counts.values()):
+            # A training replacement spans forward and backward: its nodes go where the
+            # matcher put them, which may precede the backward values they read (Inductor's
+            # own joint-graph passes sort likewise after their replacements).
+            stable_topological_sort(graph)
             graph.eliminate_dead_code()
             graph.lint()
             log.info(
@@ -272,6 +288,31 @@ class FusionPass(CustomGraphPass):
         digest.update("|".join(chained_ids).encode())
         digest.update(repr(self.specialized).encode())
         return digest.hexdigest()
+
+
+def normalize_joint_graph(graph: torch.fx.Graph) -> bool:
+    """Brings a training compile's joint graph into the form `joint_fwd_bwd` traces patterns in.
+
+    Our pass runs first among the joint-graph passes, before Inductor's own ``remove_noop_ops``
+    and ``early_patterns``, and `joint_fwd_bwd` applies both to the training patterns it traces.
+    Without them the ``alias`` nodes AOT autograd leaves between a forward value and its use in
+    the backward (e.g. of the norm's ``rsqrt``) keep every training pattern from matching. Both
+    run right after our pass anyway, so running them first changes no number. Graphs without
+    tangents (inference) are left as they are. Returns whether the graph was a joint one.
+    """
+    from torch._inductor.fx_passes import joint_graph
+    from torch._inductor.fx_passes.post_grad import remove_noop_ops
+
+    placeholders = graph.find_nodes(op="placeholder")
+    if not any(str(node.target).startswith("tangents") for node in placeholders):
+        return False
+    remove_noop_ops(graph)
+    # Present in torch 2.13 (2.11 not checked on a machine); tolerated if a version lacks it,
+    # since the patterns get this same normalisation (`norm_mlp.search_pattern`).
+    early_patterns = getattr(joint_graph, "early_patterns", None)
+    if early_patterns is not None:
+        early_patterns.apply(graph)
+    return True
 
 
 # Module attributes that hold a norm's epsilon (LlamaRMSNorm.variance_epsilon, LayerNorm.eps...),

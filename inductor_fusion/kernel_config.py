@@ -79,6 +79,9 @@ PLAN_ATTRIBUTE = "_inductor_fusion_plan"
 FUSION_PREFIX = "inductor_fusion"
 OFF = "off"
 EAGER = "eager"
+# Training regions save only the input and its row statistic, and recompute the rest in the
+# backward (config.MEMORY_MODES); the family fuses as it would without it.
+RECOMPUTE = "recompute"
 # Patterns with an eager layer (`inductor_fusion.layers`) that ":eager" entries swap in.
 EAGER_PATTERNS = ("rmsnorm_mlp",)
 
@@ -311,6 +314,11 @@ class FusionEntry:
     value: str
     eager: bool = False  # ":eager": also swap the eager fused layer in at from_pretrained
 
+    @property
+    def memory(self) -> str:
+        """The memory mode of the entry's training regions (":recompute" or "default")."""
+        return RECOMPUTE if self.value.rpartition(":")[2] == RECOMPUTE else "default"
+
     def describe(self) -> str:
         return f"KernelConfig entry {self.key!r}: {self.value!r}"
 
@@ -357,11 +365,11 @@ def _parse_value(key: Any, value: Any) -> tuple[str, bool, bool] | None:
     valid = ", ".join(registry.pattern_names())
     head, _, rest = value.partition(":")
     name, _, state = rest.partition(":")
-    if head != FUSION_PREFIX or not name or state not in ("", OFF, EAGER):
+    if head != FUSION_PREFIX or not name or state not in ("", OFF, EAGER, RECOMPUTE):
         raise ValueError(
             f"KernelConfig entry {key!r}: {value!r}: expected '{FUSION_PREFIX}:<pattern>', "
-            f"'{FUSION_PREFIX}:<pattern>:{OFF}' or '{FUSION_PREFIX}:<pattern>:{EAGER}' with "
-            f"<pattern> one of: {valid}"
+            f"'{FUSION_PREFIX}:<pattern>:{OFF}', '{FUSION_PREFIX}:<pattern>:{EAGER}' or "
+            f"'{FUSION_PREFIX}:<pattern>:{RECOMPUTE}' with <pattern> one of: {valid}"
         )
     if name not in registry.FAMILIES:
         raise ValueError(
@@ -452,6 +460,12 @@ def split_kernel_mapping(
                 f"{states[True].describe()} and {states[False].describe()} turn {pattern} both on "
                 "and off; keep one"
             )
+        modes = {entry.memory: entry for entry in ours if entry.pattern == pattern}
+        if len(modes) == 2:  # a memory mode is the model's, per family
+            raise ValueError(
+                f"{modes[RECOMPUTE].describe()} and {modes['default'].describe()} give "
+                f"{pattern}'s training regions two memory modes; keep one"
+            )
     return hub, tuple(ours)
 
 
@@ -503,6 +517,7 @@ def resolve_entries(model: torch.nn.Module, entries: Iterable[FusionEntry]) -> F
         frozenset(scopes),
         scopes={name: tuple(globs) for name, globs in scopes.items()},
         source="kernel_config",
+        modes={entry.pattern: entry.memory for entry in enabled},
     )
 
 

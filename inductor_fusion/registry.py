@@ -48,7 +48,10 @@ FAMILIES: dict[str, PatternFamily] = {
         PatternFamily(
             name="rmsnorm_mlp",
             pattern_module="inductor_fusion.patterns.rmsnorm_mlp",
-            op_modules=("inductor_fusion.triton_kernels.rmsnorm_mlp",),
+            op_modules=(
+                "inductor_fusion.triton_kernels.rmsnorm_mlp",
+                "inductor_fusion.triton_kernels.rmsnorm_mlp_train",  # training regions
+            ),
             roles=("norm", "mlp"),
             description=(
                 "RMSNorm (Llama's, Gemma's 1 + w) -> gated MLP (SiLU or GELU-tanh; separate or "
@@ -142,18 +145,26 @@ _build_lock = threading.Lock()
 
 
 @functools.cache
-def _built_pass(name: str) -> PatternMatcherPass:
+def _built_pass(name: str, training: bool = False) -> PatternMatcherPass:
     from torch._inductor.pattern_matcher import PatternMatcherPass
 
     from inductor_fusion import fusion_pass
 
-    matcher = PatternMatcherPass(pass_name=f"inductor_fusion.{name}")
-    pattern_module(name).register(matcher, on_match=fusion_pass.on_match)
+    suffix = ".training" if training else ""
+    matcher = PatternMatcherPass(pass_name=f"inductor_fusion.{name}{suffix}")
+    module = pattern_module(name)
+    if not training:
+        module.register(matcher, on_match=fusion_pass.on_match)
+    elif hasattr(module, "register_training"):  # families without training variants: empty
+        module.register_training(matcher, on_match=fusion_pass.on_match)
     return matcher
 
 
-def matcher_pass(name: str) -> PatternMatcherPass:
-    """The family's PatternMatcherPass, registering its patterns on first use (traces them)."""
+def matcher_pass(name: str, *, training: bool = False) -> PatternMatcherPass:
+    """The family's PatternMatcherPass, registering its patterns on first use (traces them).
+
+    ``training``: the family's training (joint forward + backward) variants, a pass of their own
+    so that compiles that never see a joint graph never trace them."""
     get_family(name)
     with _build_lock:
-        return _built_pass(name)
+        return _built_pass(name, training)

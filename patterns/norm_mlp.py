@@ -22,10 +22,16 @@ Regions with a second norm on the MLP output (Gemma2/3's and OLMo-2's
 ``post_feedforward_layernorm``) fuse up to the MLP output (the no-residual variant); the post-norm
 and the add stay Inductor's, because a row norm over H cannot sit in the down GEMM's epilogue,
 whose programs each see only part of a row.
+
+Rows marked ``training`` (Llama's) also get training variants: traced forward + backward
+(``joint_fwd_bwd``) and matched in a training compile's joint graph, where the replacement is the
+training region (``rmsnorm_mlp_train_compiled``): its forward as plain aten ops for Inductor,
+its backward our backward op, which reads only what the memory mode saves.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import itertools
@@ -126,6 +132,9 @@ class Shape:
     # takes its output (`_post_norm_reason`), so it never takes the MLP half of a region whose
     # norm another family fuses with it.
     post_norm: bool = False
+    # Whether training (joint forward+backward) variants are registered too; the training ops
+    # (`rmsnorm_mlp_train*`) compute Llama's form only: RMSNorm, SiLU, separate gate/up, no bias.
+    training: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS or self.activation not in _ACTIVATIONS or self.mlp not in MLPS:
@@ -138,6 +147,9 @@ class Shape:
             raise ValueError("a row without a norm in front must match post-norm regions only")
         if self.post_norm and self.residuals != ("none",):
             raise ValueError("the residual add of a post-norm region follows the norm: no variant")
+        llama_form = (self.norm, self.activation, self.mlp) == ("llama_rms", "silu", "separate")
+        if self.training and not llama_form:
+            raise ValueError(f"training variants exist for Llama's form only, not {self}")
 
     @property
     def spec(self) -> RegionSpec:
@@ -149,6 +161,15 @@ class Shape:
             activation=self.activation,
             gated=self.mlp != "plain",
         )
+
+
+def _autocast_mlp(x: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
+    """LlamaMLP under torch.autocast: each linear casts its own operands to the autocast dtype
+    (the norm's output is cast twice, once per projection); SiLU and the product stay in it."""
+    lowp = torch.bfloat16  # the cast's dtype is a wildcard of the pattern (`search_pattern`)
+    gate = F.linear(x.to(lowp), a["gate_weight"].to(lowp))
+    up = F.linear(x.to(lowp), a["up_weight"].to(lowp))
+    return F.linear(F.silu(gate) * up, a["down_weight"].to(lowp))
 
 
 def mlp(shape: Shape, x: torch.Tensor, a: dict[str, Any], bias: bool) -> torch.Tensor:
@@ -179,6 +200,13 @@ class Variant:
     # `reshape` nodes (compile_fx converts views before the post-grad passes).
     views: bool = False
     shape: Shape | None = None  # None: Llama's row (the default of `LLAMA`)
+    # Traced forward + backward (`joint_fwd_bwd`): matched in the joint graph of a training
+    # compile, where the region's saved activations and gradient computation are replaced too.
+    training: bool = False
+    # torch.autocast's form of a training region: fp32 parameters and norm, the MLP's GEMM
+    # operands cast to a 16-bit dtype (bf16 or fp16: the pattern leaves it open, `_check`
+    # reads it off the match).
+    autocast: bool = False
 
     @property
     def row(self) -> Shape:
@@ -187,7 +215,10 @@ class Variant:
     @property
     def name(self) -> str:
         parts = [self.row.name] if self.row.name else []
-        parts += ["lowp" if self.lowp else "fp32", f"{self.ndim}d"]
+        if self.training:
+            parts.append("train")
+        precision = "autocast" if self.autocast else "lowp" if self.lowp else "fp32"
+        parts += [precision, f"{self.ndim}d"]
         if self.bias:
             parts.append("bias")
         parts.append(f"residual_{self.residual}" if self.residual != "none" else "no_residual")
@@ -222,7 +253,7 @@ class Variant:
         if norm.fn is not None:
             extra = (a["norm_bias"],) if norm.bias else ()
             x = norm.fn(x, a["norm_weight"], *extra, a["eps"])
-        out = mlp(self.row, x, a, self.bias)
+        out = _autocast_mlp(x, a) if self.autocast else mlp(self.row, x, a, self.bias)
         if self.residual == "left":
             return a["hidden"] + out
         if self.residual == "right":
@@ -238,6 +269,8 @@ class Variant:
     def replace(self, **a: Any) -> torch.Tensor:
         from inductor_fusion.triton_kernels.rmsnorm_mlp import rmsnorm_mlp_lowered
 
+        if self.training:
+            return self._replace_training(a)
         gate, up = a["gate_weight"], a.get("up_weight")
         if self.row.mlp == "fused":
             # The halves of Phi-3's [2I, H] gate_up_proj, as views: the kernels read through
@@ -267,6 +300,19 @@ class Variant:
             *args, residual_scale=scale, **self.row.spec.op_kwargs()
         )
 
+    def _replace_training(self, a: dict[str, Any]) -> torch.Tensor:
+        """The training region (`rmsnorm_mlp_train_compiled`): traced by `joint_fwd_bwd`, its
+        forward becomes plain aten ops for Inductor and its backward our backward op, reading
+        only what the memory mode saves. The mode is the one `_check` chose for this match
+        (`_training_mode`), just before the matcher traces this."""
+        from inductor_fusion.triton_kernels.rmsnorm_mlp_train import rmsnorm_mlp_train_compiled
+
+        return rmsnorm_mlp_train_compiled(
+            a["hidden"], a["norm_weight"], a["gate_weight"], a["up_weight"], a["down_weight"],
+            a["eps"], self.residual != "none", _training_mode.get() == "recompute",
+            _autocast_dtype.get() if self.autocast else None,
+        )  # fmt: skip
+
     def example_inputs(self) -> list[Any]:
         # Distinct sizes (M=6, H=32, I=48) so no two dims are confused while tracing; values and
         # device do not matter to the trace.
@@ -285,8 +331,12 @@ class Variant:
             "down_bias": (32,),
             "other": hidden_shape,
         }
+        # Training variants trace the backward of every tensor input (joint_fwd_bwd), and the
+        # matcher re-creates them with the same requires_grad for the replacement's trace.
         return [
-            _SCALARS[name] if name in _SCALARS else torch.empty(shapes[name], dtype=dtype)
+            _SCALARS[name]
+            if name in _SCALARS
+            else torch.empty(shapes[name], dtype=dtype, requires_grad=self.training)
             for name in self.argnames
         ]
 
@@ -294,7 +344,7 @@ class Variant:
 LLAMA = Shape(
     "", "llama_rms", "silu", "separate", ("left", "right", "none"), biases=(False, True),
     models="Llama, Mistral, Qwen2, Qwen3, Granite (without its scale); Gemma2/3-style post-norm "
-    "regions of these up to the MLP output",
+    "regions of these up to the MLP output", training=True,
 )  # fmt: skip
 
 
@@ -315,6 +365,25 @@ def variants(shapes: tuple[Shape, ...] = (LLAMA,)) -> list[Variant]:
             (True, False), (3, 2), shape.biases, shape.residuals
         )
         for views in ((False, True) if ndim == 3 else (False,))
+    ] + [
+        # Training: the joint graph (which still has views), no MLP bias (the training op has
+        # none). Inference variants come first: a forward-only graph is matched by them, and in
+        # a joint graph they never match (the backward uses the region's interior nodes).
+        Variant(
+            lowp=lowp,
+            ndim=ndim,
+            bias=False,
+            residual=residual,
+            views=ndim == 3,
+            shape=None if shape is LLAMA else shape,
+            training=True,
+            autocast=autocast,
+        )
+        for shape in shapes
+        if shape.training
+        for (lowp, autocast), ndim, residual in itertools.product(
+            ((True, False), (False, False), (False, True)), (3, 2), shape.residuals
+        )
     ]
 
 
@@ -353,6 +422,7 @@ class RegionArgs:
     norm_bias: torch.Tensor | None = None
     residual_scale: Any = 1.0
     other: torch.Tensor | None = None  # the second tensor of a parallel residual
+    training: bool = False  # a training variant's match: the region's backward is replaced too
 
 
 def can_fuse(args: RegionArgs) -> str | None:
@@ -420,6 +490,12 @@ def should_fuse(args: RegionArgs) -> str | None:
     h = args.hidden
     if h.device.type != "cuda":
         return None
+    if args.training:
+        # A fused training region is Inductor's forward code plus our backward op (Triton kernels
+        # on CUDA), and none of it has been measured on a GPU: a fused training step slower than
+        # Inductor's own would be a defect, so on CUDA training regions stay Inductor's until a
+        # GPU benchmark of the fused forward + backward shows a win (perf/bench_train.py).
+        return "training regions are not fused on CUDA until the GPU benchmark shows a win"
     tokens = h.numel() // h.shape[-1]
     # bool() of a symbolic comparison guards on it: a graph with a dynamic token count is then
     # compiled for one side of the threshold, and the other side recompiles once.
@@ -487,26 +563,44 @@ def _check(
         **{name: values.get(name) for name in _TENSOR_FIELDS},
         eps=_matched_eps(match) if "eps" in variant.argnames else 0.0,
         residual_scale=_matched_scale(match) if variant.residual == "scaled" else 1.0,
+        training=variant.training,
     )
     if variant.row.post_norm and _post_norm_reason(match) is not None:
         # Not this row's region (e.g. the MLP half of Llama's): no INFO line, it is no candidate.
         return False
+    autocast = _autocast_dtype_of(match) if variant.autocast else None
     # Legality first, then profitability (which may guard on a symbolic token count).
-    reason = _structure_reason(match, args.hidden) or can_fuse(args) or should_fuse(args)
+    reason = (
+        ("casts to other than one 16-bit dtype" if variant.autocast and autocast is None else None)
+        or _structure_reason(match, args.hidden, also=autocast)
+        or can_fuse(args)
+        or should_fuse(args)
+    )
     if reason is not None:
         # The graph keeps Inductor's unfused code there; say why, once per region (keyed by
         # its first projection, which every variant of the region shares).
         key = next((n.name for n in match.nodes if n.target in _MLP_TARGETS), variant)
         on_reject(key, f"{family} not fused ({variant.name}): {reason}")
         return False
-    roles = {"mlp": [n for n in match.nodes if n.target in _MLP_TARGETS]}
+    # A training match also spans the region's backward, whose nodes carry no module stack:
+    # the roles' paths come from the forward nodes.
+    traced = [n for n in match.nodes if not variant.training or n.meta.get("nn_module_stack")]
+    roles = {"mlp": [n for n in traced if n.target in _MLP_TARGETS]}
     if variant.row.norm != "none":
-        roles = {"norm": [n for n in match.nodes if n.target in _NORM_TARGETS], **roles}
-    return on_match(FusedRegion(pattern=family, variant=variant.name, paths=region_paths(roles)))
+        roles = {"norm": [n for n in traced if n.target in _NORM_TARGETS], **roles}
+    name = variant.name
+    if variant.training:
+        mode = _region_memory_mode(match, family)
+        # Read by the replacement, which the matcher traces right after this check approves.
+        _training_mode.set(mode)
+        _autocast_dtype.set(autocast)
+        if mode != "default":
+            name += f"_{mode}"  # the report says which memory mode a region got
+    return on_match(FusedRegion(pattern=family, variant=name, paths=region_paths(roles)))
 
 
 _TENSOR_FIELDS = tuple(
-    n for n in RegionArgs.__dataclass_fields__ if n not in ("eps", "residual_scale")
+    n for n in RegionArgs.__dataclass_fields__ if n not in ("eps", "residual_scale", "training")
 )
 
 
@@ -539,10 +633,43 @@ def _post_norm_reason(match: Any) -> str | None:
     return "the MLP's output is not normalised"
 
 
-def _structure_reason(match: Any, hidden: Any) -> str | None:
+_training_mode: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "inductor_fusion_training_mode", default="default"
+)
+_autocast_dtype: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
+    "inductor_fusion_autocast_dtype", default=None
+)
+
+
+def _autocast_dtype_of(match: Any) -> torch.dtype | None:
+    """The one 16-bit dtype an autocast region's casts go to, None if there is not exactly one."""
+    targets = {n.args[1] for n in match.nodes if n.target == _CAST and n.args[1] != torch.float32}
+    if len(targets) == 1 and next(iter(targets)) in (torch.bfloat16, torch.float16):
+        return next(iter(targets))
+    return None
+
+
+def _region_memory_mode(match: Any, family: str) -> str:
+    """The plan's memory mode for ``family``, or "recompute" inside an activation-checkpointed
+    region (HF ``gradient_checkpointing_enable()``, ``torch.utils.checkpoint``): there the user
+    asked to keep nothing but the layer's input, and the default mode would save gate/up."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from inductor_fusion.fusion_pass import memory_mode
+
+    recompute = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+    if any(node.meta.get("recompute") in recompute for node in match.nodes):
+        return "recompute"
+    return memory_mode(family)
+
+
+def _structure_reason(match: Any, hidden: Any, also: torch.dtype | None = None) -> str | None:
     """What `search_pattern` left as wildcards, checked on the match: None if every reshape
     flattens ``hidden``'s leading dims into one (``[..., K] -> [M, K]``) or restores them
-    (``[M, N] -> [..., N]``), and every cast goes to fp32 or back to ``hidden``'s dtype."""
+    (``[M, N] -> [..., N]``), and every cast goes to fp32 or back to ``hidden``'s dtype. In a
+    training match also: the norm weight's gradient is squeezed from ``[1, .., 1, H]`` to
+    ``[H]``, the statistic's gradient is expanded to ``hidden``'s shape and divided by H. An
+    autocast region's casts may also go to its autocast dtype (``also``)."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     if not isinstance(hidden, torch.Tensor):
@@ -556,7 +683,7 @@ def _structure_reason(match: Any, hidden: Any) -> str | None:
         )
 
     for node in match.nodes:
-        if node.target == _CAST and node.args[1] not in (torch.float32, hidden.dtype):
+        if node.target == _CAST and node.args[1] not in (torch.float32, hidden.dtype, also):
             return f"a cast to {node.args[1]} inside the region"
         if node.target == _SPLIT:
             src = _value(node.args[0])
@@ -565,6 +692,12 @@ def _structure_reason(match: Any, hidden: Any) -> str | None:
             ):
                 return f"{node.name} splits the gate_up projection other than in halves"
             continue
+        if node.target == _DIV_SCALAR and node.args[1] != hidden.shape[-1]:
+            return f"{node.name} divides by {node.args[1]}, not by the hidden size"
+        if node.target == _EXPAND:
+            val = _value(node)
+            if not (isinstance(val, torch.Tensor) and same(tuple(val.shape), tuple(hidden.shape))):
+                return f"{node.name} expands to other than hidden's shape"
         if node.target not in _RESHAPES:
             continue
         src, out = _value(node.args[0]), _value(node)
@@ -573,6 +706,8 @@ def _structure_reason(match: Any, hidden: Any) -> str | None:
         a, b = tuple(src.shape), tuple(out.shape)
         if not a or not b or not statically_known_true(a[-1] == b[-1]):
             return f"{node.name} reshapes {list(a)} to {list(b)}, not over the token dims"
+        if len(b) == 1 and all(statically_known_true(d == 1) for d in a[:-1]):
+            continue  # [1, .., 1, H] -> [H]: a weight gradient's keepdim sum, squeezed
         flattens = same(a[:-1], lead) and same(b[:-1], (tokens,))
         restores = same(a[:-1], (tokens,)) and same(b[:-1], lead)
         if not (flattens or restores):
@@ -710,6 +845,8 @@ def _trace_reshapes(fn: Callable[..., Any], args: Any, **kwargs: Any) -> torch.f
 _RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 _CAST = torch.ops.prims.convert_element_type.default
 _SPLIT = torch.ops.aten.split.Tensor
+_EXPAND = torch.ops.aten.expand.default
+_DIV_SCALAR = torch.ops.aten.div.Scalar
 
 
 def search_pattern(variant: Variant) -> Any:
@@ -724,13 +861,23 @@ def search_pattern(variant: Variant) -> Any:
     Here we trace once and keep every literal (``pow`` 2, ``mean`` over -1, the cast to fp32,
     ``add`` 1 in SiLU) except two that depend on the graph: each reshape's size list and the dtype
     a cast returns to (bf16 or fp16). `_check` verifies both on the matched nodes' metadata.
-    """
-    from torch._inductor.pattern_matcher import Ignored, fwd_only, fx_to_pattern
 
-    trace = fwd_only if variant.views else _trace_reshapes
+    Training variants are traced forward + backward (`joint_fwd_bwd`); their backward adds two
+    more graph-dependent literals, in the RMSNorm statistic's gradient: the ``expand`` of the
+    mean's gradient back to ``hidden``'s shape and the division by H (`_structure_reason`).
+    """
+    from torch._inductor.pattern_matcher import Ignored, fx_to_pattern
+
+    trace = _trace_fn(variant)
     gm = trace(_positional(variant.search, variant.argnames), variant.example_inputs())
+    if variant.training:
+        from inductor_fusion.fusion_pass import normalize_joint_graph
+
+        # The same normalisation our pass gives joint graphs before matching, whatever this
+        # torch's joint_fwd_bwd applies itself (versions differ: early_patterns, pointless_view).
+        normalize_joint_graph(gm.graph)
     for node in gm.graph.nodes:
-        wildcard = node.target in _RESHAPES or (
+        wildcard = node.target in (*_RESHAPES, _EXPAND, _DIV_SCALAR) or (
             node.target == _CAST and node.args[1] != torch.float32
         )
         if wildcard:
@@ -738,6 +885,14 @@ def search_pattern(variant: Variant) -> Any:
         elif node.target == _SPLIT:  # Phi-3's chunk(2): the split size is I
             node.args = (node.args[0], Ignored(), *node.args[2:])
     return fx_to_pattern(gm, argnames=variant.argnames, scalar_workaround=_scalars(variant))
+
+
+def _trace_fn(variant: Variant) -> Callable[..., torch.fx.GraphModule]:
+    from torch._inductor.pattern_matcher import fwd_only, joint_fwd_bwd
+
+    if variant.training:
+        return joint_fwd_bwd
+    return fwd_only if variant.views else _trace_reshapes
 
 
 def _scalars(variant: Variant) -> dict[str, float]:
@@ -750,10 +905,11 @@ def register(
     family: str,
     shapes: tuple[Shape, ...],
     on_match: Callable[[FusedRegion], bool],
+    training: bool = False,
 ) -> None:
-    """Registers every variant of ``shapes`` into ``pass_`` (a PatternMatcherPass) as ``family``.
-    Traces; call once."""
-    from torch._inductor.pattern_matcher import fwd_only, register_replacement
+    """Registers every inference variant of ``shapes`` (``training``: every training variant)
+    into ``pass_`` (a PatternMatcherPass) as ``family``. Traces; call once."""
+    from torch._inductor.pattern_matcher import register_replacement
 
     import inductor_fusion.triton_kernels.rmsnorm_mlp  # noqa: F401  (the op the replacement calls)
 
@@ -761,21 +917,27 @@ def register(
     # torch refuses duplicate patterns, and there is nothing more to match.
     views_differ = _fwd_only_traces_views()
     for variant in variants(shapes):
-        if variant.views and not views_differ:
+        if variant.training != training:
             continue
-        register_replacement(
-            _positional(variant.search, variant.argnames),
-            _positional(variant.replace, variant.argnames),
-            variant.example_inputs(),
-            fwd_only if variant.views else _trace_reshapes,
-            pass_,
-            extra_check=functools.partial(
-                _check, variant=variant, family=family, on_match=on_match
-            ),
-            scalar_workaround=_scalars(variant),
-            # Matched as is, not re-traced per graph: see `search_pattern`.
-            search_fn_pattern=search_pattern(variant),
-        )
+        if variant.views and not views_differ and not variant.training:
+            continue
+        # A pass is built once per process: if that happens under torch.inference_mode(),
+        # register_replacement would skip every training variant (and later training compiles
+        # would never fuse), so tracing leaves inference mode.
+        with torch.inference_mode(False):
+            register_replacement(
+                _positional(variant.search, variant.argnames),
+                _positional(variant.replace, variant.argnames),
+                variant.example_inputs(),
+                _trace_fn(variant),
+                pass_,
+                extra_check=functools.partial(
+                    _check, variant=variant, family=family, on_match=on_match
+                ),
+                scalar_workaround=_scalars(variant),
+                # Matched as is, not re-traced per graph: see `search_pattern`.
+                search_fn_pattern=search_pattern(variant),
+            )
 
 
 def _fwd_only_traces_views() -> bool:

@@ -41,6 +41,11 @@ def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
     norm_mlp.register(pass_, family=NAME, shapes=SHAPES, on_match=on_match)
 
 
+def register_training(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
+    """The rows' training variants (`norm_mlp.Shape.training`), for joint graphs."""
+    norm_mlp.register(pass_, family=NAME, shapes=SHAPES, on_match=on_match, training=True)
+
+
 def prepare_graph(graph: Any) -> None:
     """Run by the pass before matching: see `norm_mlp.prepare_graph`."""
     norm_mlp.prepare_graph(graph)

@@ -8,6 +8,7 @@ the HF modules' math, plus a small floor. Neither side is our own reference back
 from __future__ import annotations
 
 import copy
+import logging
 import os
 
 import pytest
@@ -770,7 +771,7 @@ def test_inference_compiles_never_build_the_training_pass():
         model, ids = tiny_model("llama"), token_ids()
         with torch.no_grad():
             torch.compile(model, backend="inductor_fusion")(ids)
-        print(registry._built_pass.cache_info().currsize)
+        print(registry._built_pass.cache_info().currsize, len(registry.pattern_names()))
         """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTOR_FUSION_")}
@@ -779,5 +780,38 @@ def test_inference_compiles_never_build_the_training_pass():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # One pass per family, inference only (the training passes would make it four).
-    assert result.stdout.split()[-1] == "2"
+    # One pass per family, inference only (each training pass would add one).
+    built, families = result.stdout.split()[-2:]
+    assert built == families
+
+
+def test_cuda_training_graphs_are_left_to_inductor_before_any_matching(caplog):
+    """The joint pass leaves a CUDA training graph exactly as Inductor would see it (no
+    normalisation, no training variants built or tried); a CPU one is normalised for matching."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from inductor_fusion.fusion_pass import normalize_joint_graph
+
+    def joint_graph(device: str) -> torch.fx.Graph:
+        graph = torch.fx.Graph()
+        with FakeTensorMode():
+            val = torch.empty(4, 8, device=device)
+        for name in ("primals_1", "tangents_1"):
+            graph.placeholder(name).meta["val"] = val
+        (x, _) = graph.find_nodes(op="placeholder")
+        # An alias AOT autograd leaves between values: the normalisation removes it.
+        alias = graph.call_function(torch.ops.aten.alias.default, (x,))
+        alias.meta["val"] = val
+        product = graph.call_function(torch.ops.aten.mul.Tensor, (alias, x))
+        product.meta["val"] = val
+        graph.output(product)
+        return torch.fx.GraphModule(torch.nn.Module(), graph).graph  # as Inductor passes it
+
+    cuda = joint_graph("cuda")
+    with caplog.at_level(logging.INFO, logger="inductor_fusion"):
+        assert normalize_joint_graph(cuda) is False
+    assert any(n.target == torch.ops.aten.alias.default for n in cuda.nodes)
+    assert "training graph on CUDA left to Inductor" in caplog.text
+    cpu = joint_graph("cpu")
+    assert normalize_joint_graph(cpu) is True
+    assert not any(n.target == torch.ops.aten.alias.default for n in cpu.nodes)

@@ -612,24 +612,17 @@ def _post_norm_reason(match: Any) -> str | None:
     inside = set(match.nodes)
     if not isinstance(hidden, torch.fx.Node) or all(u in inside for u in hidden.users):
         return "the MLP's input is used by the MLP only (a norm's output, fused by its family)"
-    frontier, seen = [match.output_node()], set()
-    for _ in range(3):  # the output, then up to two casts (bf16 -> fp32)
-        nxt = []
-        for node in frontier:
-            for user in node.users:
-                if user in seen:
-                    continue
-                seen.add(user)
-                if user.target == torch.ops.aten.var_mean.correction:
-                    return None
-                squares = user.target == torch.ops.aten.pow.Tensor_Scalar or (
-                    user.target == torch.ops.aten.mul.Tensor and user.args[0] is user.args[1]
-                )
-                if squares and any(u.target == torch.ops.aten.mean.dim for u in user.users):
-                    return None
-                if user.target == _CAST:
-                    nxt.append(user)
-        frontier = nxt
+    out = match.output_node()
+    # The output's readers, and those of its casts (bf16 -> fp32, up to two).
+    casts = _downstream(out, (_CAST,), depth=2, through=True, via=(_CAST,))
+    for user in {user for node in (out, *casts) for user in node.users}:
+        if user.target == torch.ops.aten.var_mean.correction:
+            return None
+        squares = user.target == torch.ops.aten.pow.Tensor_Scalar or (
+            user.target == torch.ops.aten.mul.Tensor and user.args[0] is user.args[1]
+        )
+        if squares and any(u.target == torch.ops.aten.mean.dim for u in user.users):
+            return None
     return "the MLP's output is not normalised"
 
 
@@ -1055,10 +1048,15 @@ def _statistic_mean(rsqrt: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _downstream(
-    start: torch.fx.Node, targets: tuple[Any, ...], depth: int, through: bool = False
+    start: torch.fx.Node,
+    targets: tuple[Any, ...],
+    depth: int,
+    through: bool = False,
+    via: tuple[Any, ...] | None = None,
 ) -> list[torch.fx.Node]:
     """Nodes with one of ``targets`` reachable from ``start`` through at most ``depth`` users,
-    looking past them only if ``through``."""
+    looking past them only if ``through``, and past other nodes only if ``via`` (when given)
+    holds their target."""
     seen, frontier, hits = {start}, [start], []
     for _ in range(depth):
         nxt = []
@@ -1069,7 +1067,7 @@ def _downstream(
                 seen.add(user)
                 if user.target in targets:
                     hits.append(user)
-                if through or user.target not in targets:
+                if (through or user.target not in targets) and (via is None or user.target in via):
                     nxt.append(user)
         frontier = nxt
     return hits

@@ -107,29 +107,32 @@ def packed_attention(
     return out.reshape(b, h, q, d)
 
 
+_NOT_REPEAT_KV = "not a repeat_kv copy"
+
+
 def _repeat_kv_source(node: Any) -> tuple[torch.fx.Node, int] | str:
     """``reshape(clone(expand(unsqueeze(x, 2))))`` as transformers' repeat_kv writes it: (x, n_rep),
     or why ``node`` is not that."""
     chain = []
     for target in (_VIEWS, (torch.ops.aten.clone.default,), (torch.ops.aten.expand.default,)):
         if not isinstance(node, torch.fx.Node) or node.target not in target:
-            return "not a repeat_kv copy"
+            return _NOT_REPEAT_KV
         chain.append(node)
         node = node.args[0]
     if not isinstance(node, torch.fx.Node) or node.target != torch.ops.aten.unsqueeze.default:
-        return "not a repeat_kv copy"
+        return _NOT_REPEAT_KV
     source = node.args[0]
     x, expanded, out = (_val(n) for n in (source, chain[2], chain[0]))
     if not all(isinstance(t, torch.Tensor) for t in (x, expanded, out)):
         return "no tensor metadata"
     if x.dim() != 4 or node.args[1] not in (2, -3) or expanded.dim() != 5:
-        return "not a repeat_kv copy"
+        return _NOT_REPEAT_KV
     b, kvh, s, d = x.shape
     n_rep = expanded.shape[2]
     if not isinstance(n_rep, int) or not isinstance(kvh, int):
         return "symbolic head count"
     if tuple(expanded.shape) != (b, kvh, n_rep, s, d) or tuple(out.shape) != (b, kvh * n_rep, s, d):
-        return "not a repeat_kv copy"
+        return _NOT_REPEAT_KV
     if any(len(n.users) != 1 for n in chain):
         return "the expanded cache has other users"
     return source, n_rep
@@ -139,25 +142,25 @@ def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
 
 
-def attention_args(sdpa: torch.fx.Node) -> AttentionArgs | str:
-    """Legality: the matched attention's inputs, or why it cannot be packed."""
+def attention_args(sdpa: torch.fx.Node) -> AttentionArgs | str | None:
+    """Legality: the matched attention's inputs, or why it cannot be packed; None where it is no
+    candidate (its keys are not ``repeat_kv`` copies: multi-head attention, ``enable_gqa``)."""
     mask_name = sdpa_ops().get(sdpa.target)
-    if mask_name is None:
-        return "not a masked SDPA op"
     bound = torch.fx.operator_schemas.normalize_function(
         sdpa.target, sdpa.args, sdpa.kwargs, normalize_to_only_use_kwargs=True
     )
-    if bound is None:
-        return "arguments do not bind to the op's schema"
+    if mask_name is None or bound is None:
+        return None
     kw = bound.kwargs
+    key = _repeat_kv_source(kw["key"])
+    if key == _NOT_REPEAT_KV:
+        return None
     if kw.get("dropout_p", 0.0) != 0.0:
         return "attention dropout"
     if kw.get("is_causal", False):
         # Causal without a mask aligns the query to the first keys: packing would change that.
         return "is_causal"
-    if kw.get("enable_gqa", False):
-        return "already grouped (enable_gqa)"
-    key, value = _repeat_kv_source(kw["key"]), _repeat_kv_source(kw["value"])
+    value = _repeat_kv_source(kw["value"])
     for what, found in (("key", key), ("value", value)):
         if isinstance(found, str):
             return f"{what}: {found}"
@@ -201,11 +204,11 @@ def _check(match: Any, *, on_match: Callable[[FusedRegion], bool]) -> bool:
 
     sdpa = _sdpa_node(match)
     args = attention_args(sdpa)
+    if args is None:  # no candidate: no line for it
+        return False
     reason = args if isinstance(args, str) else should_fuse(args)
     if reason is not None:
-        # Attention without repeat_kv (MHA, enable_gqa) is not a candidate: no line for it.
-        if not reason.startswith(("key: not a repeat_kv", "not a masked")):
-            on_reject(sdpa.name, f"{NAME} not fused ({sdpa.name}): {reason}")
+        on_reject(sdpa.name, f"{NAME} not fused ({sdpa.name}): {reason}")
         return False
     variant = sdpa.target.overloadpacket.__name__.removeprefix("_scaled_dot_product_")
     variant += "_mask" if args.mask is not None else "_nomask"
@@ -215,7 +218,7 @@ def _check(match: Any, *, on_match: Callable[[FusedRegion], bool]) -> bool:
 
 def _rewrite(match: Any, *_args: Any, **_kwargs: Any) -> None:
     args = attention_args(_sdpa_node(match))
-    assert not isinstance(args, str), args  # _check approved this match
+    assert isinstance(args, AttentionArgs), args  # _check approved this match
     scale = args.scale
     if args.mask is None:
         match.replace_by_example(

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +12,17 @@ import torch
 # developer can still choose) covers every kernel the tests import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Inductor's C++ kernel cache skips a build when the .so already exists, so one truncated file left
+# in the shared default dir (/tmp/torchinductor_<user>) by a killed process, or by another run
+# compiling beside us, fails every later compile of that kernel with "file too short" (CI hit it
+# once). The suite therefore compiles into a directory of its own, made fresh for each session and
+# inherited by the subprocesses it starts; a caller that sets TORCHINDUCTOR_CACHE_DIR keeps theirs.
+# Tests that need a cold or shared cache set their own directory (test_cache, test_training).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _session_cache = tempfile.mkdtemp(prefix="inductor_fusion_tests_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _session_cache
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 
 
 @pytest.fixture

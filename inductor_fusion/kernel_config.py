@@ -25,7 +25,7 @@ Values of our entries:
 - ``"inductor_fusion:<pattern>:off"`` switches ``<pattern>`` off for this model; the key is
   checked but its paths are not used. A config with only ``:off`` entries keeps every other
   pattern on, everywhere.
-- ``"inductor_fusion:<pattern>:eager"`` (``rmsnorm_mlp`` only) also swaps our eager fused layer
+- ``"inductor_fusion:<pattern>:eager"`` (``rmsnorm_mlp`` and ``layernorm_mlp``) also swaps our eager fused layer
   in at the key's modules when the config is applied (`apply_eager_layers`,
   `inductor_fusion.layers`), so the region runs as our op without torch.compile; for the compile
   plan it counts as ``"inductor_fusion:<pattern>"``.
@@ -82,8 +82,11 @@ EAGER = "eager"
 # Training regions save only the input and its row statistic, and recompute the rest in the
 # backward (config.MEMORY_MODES); the family fuses as it would without it.
 RECOMPUTE = "recompute"
-# Patterns with an eager layer (`inductor_fusion.layers`) that ":eager" entries swap in.
-EAGER_PATTERNS = ("rmsnorm_mlp",)
+# Patterns with an eager layer (`inductor_fusion.layers`) that ":eager" entries swap in, and the
+# norm kind (`RegionSpec.norm`) of the modules each may swap: an entry fuses in eager mode what
+# the same entry would fuse under torch.compile, never another family's region.
+EAGER_PATTERNS = ("rmsnorm_mlp", "layernorm_mlp")
+_EAGER_NORM = {"rmsnorm_mlp": "rms", "layernorm_mlp": "layer"}
 
 # The names KernelConfig keys use for each pattern's modules, aligned with the family's roles
 # (registry.PatternFamily.roles). They follow transformers' kernel layer names. A family missing
@@ -562,12 +565,12 @@ def _warn_unpaired(model: torch.nn.Module, entry: FusionEntry, globs: tuple[str,
 
 def _eager_pairs(
     model: torch.nn.Module, entries: Iterable[FusionEntry]
-) -> list[tuple[str, str, str]]:
-    """(parent path, norm name, MLP name) for each region the ":eager" entries fuse: a module the
+) -> list[tuple[str, str, str, FusionEntry]]:
+    """(parent path, norm name, MLP name, entry) for each region the ":eager" entries fuse: a module the
     norm glob matches and its one sibling the MLP glob matches. Raises ValueError when a pairing
     is ambiguous (a norm with two matched sibling MLPs, an MLP claimed by two norms)."""
     modules = dict(model.named_modules())
-    pairs: dict[str, tuple[str, str, str]] = {}  # MLP path -> pair
+    pairs: dict[str, tuple[str, str, str, FusionEntry]] = {}  # MLP path -> pair
     for entry in entries:
         if not entry.eager:
             continue
@@ -596,8 +599,12 @@ def _eager_pairs(
                     f"{_join(parent, other[1])} and {norm_path}; narrow the RMSNorm glob "
                     f"{norm_glob!r} to the norm that feeds the MLP"
                 )
-            pairs[mlp_path] = (parent, norm_name, mlp_path.rpartition(".")[2])
+            pairs[mlp_path] = (parent, norm_name, mlp_path.rpartition(".")[2], entry)
     return list(pairs.values())
+
+
+def _eager_pattern_for(norm: str) -> str:
+    return next(name for name, kind in _EAGER_NORM.items() if kind == norm)
 
 
 def _join(parent: str, name: str) -> str:
@@ -615,13 +622,20 @@ def apply_eager_layers(model: torch.nn.Module, entries: Iterable[FusionEntry]) -
         return []
     fused = []
     plan = []
-    for parent_path, norm_name, mlp_name in pairs:
+    for parent_path, norm_name, mlp_name, entry in pairs:
         parent = model.get_submodule(parent_path)
         norm, mlp = getattr(parent, norm_name), getattr(parent, mlp_name)
-        if isinstance(norm, layers.RMSNormMLP) or isinstance(mlp, layers.FusedAway):
+        if isinstance(norm, layers.NormMLP) or isinstance(mlp, layers.FusedAway):
             continue
         where = f"{_join(parent_path, norm_name)} -> {_join(parent_path, mlp_name)}"
-        layers.region_spec(norm, mlp, where=where)  # raises, naming the module, before any swap
+        # Raises, naming the module, before any swap.
+        spec, _ = layers.region_spec(norm, mlp, where=where)
+        if spec.norm != _EAGER_NORM[entry.pattern]:
+            raise layers.EagerFusionError(
+                f"{entry.describe()}: the norm at {where} is a {type(norm).__name__}, which "
+                f"{entry.pattern} does not fuse; "
+                f"use '{FUSION_PREFIX}:{_eager_pattern_for(spec.norm)}:{EAGER}'"
+            )
         plan.append((parent, norm_name, mlp_name, where))
     for parent, norm_name, mlp_name, where in plan:
         layers.fuse_norm_mlp(parent, norm_name, mlp_name, where=where)

@@ -5,7 +5,7 @@ layout module that holds every module's weights, and the rest (the MLP) with ``n
 Done literally, that moves the MLP's parameters under the norm's path and changes the model's
 ``state_dict`` keys, so checkpoints would no longer load. Here the swap keeps every key:
 
-- `RMSNormMLP` takes the norm's place. It *shares* the norm's parameter and buffer dicts (the same
+- `NormMLP` takes the norm's place. It *shares* the norm's parameter and buffer dicts (the same
   dict objects, not copies), so the norm's keys stay ``...post_attention_layernorm.weight`` and
   anything that assigns a parameter (``load_state_dict(assign=True)``, ``.to()``) is seen by both.
   Its forward is ``mlp(norm(h))`` in one call of ``torch.ops.inductor_fusion.rmsnorm_mlp`` (no
@@ -16,10 +16,23 @@ Done literally, that moves the MLP's parameters under the norm's path and change
 The decoder layer's ``h = residual + self.mlp(self.post_attention_layernorm(h))`` therefore
 computes ``residual + identity(fused(h))``: the same thing, with the same keys.
 
-Where the op cannot stand for the modules, `RMSNormMLP` runs the original norm and MLP instead:
+Which modules qualify, per family of the compile patterns (`RegionSpec` axes):
+
+- norms, by class: the Llama-style RMSNorms (Llama, Mistral, Qwen2/3, Phi-3, Granite), the
+  Gemma-style ones (Gemma, Gemma2, Gemma3: ``1 + w`` in fp32), ``nn.LayerNorm`` (GPT-NeoX,
+  Starcoder2) and ``NemotronLayerNorm1P``;
+- MLPs, by their children: gated with separate ``gate_proj``/``up_proj`` (Llama, Gemma, Granite),
+  gated with one ``gate_up_proj`` whose halves are gate then up (Phi-3), and non-gated
+  ``dense_h_to_4h``/``dense_4h_to_h`` (GPT-NeoX), ``c_fc``/``c_proj`` (Starcoder2),
+  ``up_proj``/``down_proj`` (Nemotron); activations SiLU, GELU (erf), GELU-tanh and ReLU².
+
+Where the op cannot stand for the modules, `NormMLP` runs the original norm and MLP instead:
 - when autograd would record the region (grad mode on and the input or a weight requiring grad):
-  the op has no autograd formula yet, and this way training computes exactly what the unfused
+  the op has no autograd formula, and this way training computes exactly what the unfused
   model computes;
+- under ``torch.autocast`` on the input's device: the modules mix dtypes there as autocast
+  decides (NemotronLayerNorm1P even turns it off), which one op call in one dtype cannot follow;
+- when the MLP's dropout is active (Starcoder2's ``residual_dropout`` in training mode);
 - when a projection is no longer a plain ``nn.Linear`` (PEFT's LoRA layers or a quantized linear
   put in its place after the swap): the op would read its base weight and drop the rest.
 """
@@ -35,18 +48,53 @@ from torch import Tensor, nn
 
 from inductor_fusion.triton_kernels.rmsnorm_mlp import LLAMA, RegionSpec
 
-__all__ = ["FusedAway", "RMSNormMLP", "fuse_norm_mlp", "region_spec"]
+__all__ = ["FusedAway", "NormMLP", "RMSNormMLP", "fuse_norm_mlp", "region_spec"]
 
+_LLAMA_RMS = ("variance_epsilon", LLAMA)
+_GEMMA_RMS = ("eps", RegionSpec(norm_weight_offset=1.0, norm_weight_fp32=True))
 # Norm classes whose forward the op's reference reproduces bit for bit, by class name (no
 # transformers import here), with the attribute holding eps and the spec's norm axes.
 _NORMS: dict[str, tuple[str, RegionSpec]] = {
     **{
-        f"{prefix}RMSNorm": ("variance_epsilon", LLAMA)
-        for prefix in ("Llama", "Mistral", "Qwen2", "Qwen3")
+        f"{prefix}RMSNorm": _LLAMA_RMS
+        for prefix in ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "Granite")
     },
-    "GemmaRMSNorm": ("eps", RegionSpec(norm_weight_offset=1.0, norm_weight_fp32=True)),
+    **{f"{prefix}RMSNorm": _GEMMA_RMS for prefix in ("Gemma", "Gemma2", "Gemma3")},
+    # F.layer_norm(h, (H,), w, b, eps); LayerNorm1P passes ``w + 1`` (added in the weight's dtype,
+    # as the reference adds it).
+    "LayerNorm": ("eps", RegionSpec(norm="layer")),
+    "NemotronLayerNorm1P": ("eps", RegionSpec(norm="layer", norm_weight_offset=1.0)),
 }
-_MLP_CHILDREN = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class _MLPLayout:
+    """Where an MLP keeps its projections and activation, and how they combine."""
+
+    gate: str  # the projection the activation reads (the only one of a non-gated MLP)
+    up: str | None  # gated with separate projections: the one multiplied in
+    down: str
+    act: str  # the activation module's attribute
+    fused_gate_up: bool = False  # one projection whose output halves are gate, then up
+
+    @property
+    def gated(self) -> bool:
+        return self.up is not None or self.fused_gate_up
+
+    @property
+    def children(self) -> tuple[str, ...]:
+        return tuple(name for name in (self.gate, self.up, self.down) if name)
+
+
+# Tried in order; the first whose projections are all present wins. Nemotron's (up_proj, down_proj)
+# comes after Llama's so that a gated MLP is never taken for a non-gated one.
+_MLP_LAYOUTS = (
+    _MLPLayout("gate_proj", "up_proj", "down_proj", "act_fn"),  # Llama, Gemma, Granite, ...
+    _MLPLayout("gate_up_proj", None, "down_proj", "activation_fn", fused_gate_up=True),  # Phi-3
+    _MLPLayout("dense_h_to_4h", None, "dense_4h_to_h", "act"),  # GPT-NeoX
+    _MLPLayout("c_fc", None, "c_proj", "act"),  # Starcoder2
+    _MLPLayout("up_proj", None, "down_proj", "act_fn"),  # Nemotron
+)
 
 
 class EagerFusionError(ValueError):
@@ -54,74 +102,117 @@ class EagerFusionError(ValueError):
 
 
 def _activation(act: Any) -> str | None:
-    """The op's activation name for an MLP's ``act_fn``, None if unsupported."""
+    """The op's activation name for an MLP's activation module, None if unsupported."""
     name = type(act).__name__
     if isinstance(act, nn.SiLU) or name == "SiLUActivation":
         return "silu"
-    # transformers' GELUTanh runs F.gelu(approximate="tanh") unless built with its Python formula.
+    if name == "ReLUSquaredActivation":
+        return "relu2"
+    # transformers' GELU modules run F.gelu unless built with their Python formula (another
+    # rounding); GELUTanh's F.gelu is a partial with approximate="tanh".
     inner = getattr(act, "act", None)
+    if name == "GELUActivation" and inner is F_GELU:
+        return "gelu"
+    if isinstance(act, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
     if (
         name == "GELUTanh"
         and isinstance(inner, functools.partial)
+        and inner.func is F_GELU
         and inner.keywords == {"approximate": "tanh"}
     ):
         return "gelu_tanh"
     return None
 
 
+F_GELU = nn.functional.gelu
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
 
 
+def _mlp_layout(mlp: nn.Module) -> _MLPLayout | None:
+    children = dict(mlp.named_children())
+    for layout in _MLP_LAYOUTS:
+        if all(isinstance(children.get(name), nn.Linear) for name in layout.children):
+            return layout
+    return None
+
+
 def region_spec(norm: nn.Module, mlp: nn.Module, *, where: str = "") -> tuple[RegionSpec, float]:
     """The op's `RegionSpec` and eps for ``mlp(norm(h))``; `EagerFusionError` naming what is
-    missing when these modules are not a supported RMSNorm and SwiGLU-style MLP."""
+    missing when these modules are not a supported norm and MLP."""
     at = f" at {where}" if where else ""
     kind = _NORMS.get(type(norm).__name__)
+    if type(norm).__name__ == "LayerNorm" and type(norm) is not nn.LayerNorm:
+        kind = None  # another library's LayerNorm: its forward is unknown
     weight = getattr(norm, "weight", None)
     if kind is None or not isinstance(weight, Tensor) or weight.dim() != 1:
         raise EagerFusionError(
-            f"eager rmsnorm_mlp: the norm{at} is a {type(norm).__name__}; expected one of "
+            f"eager norm -> MLP: the norm{at} is a {type(norm).__name__}; expected one of "
             f"{', '.join(sorted(_NORMS))} with a 1-D weight"
+        )
+    if isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) != tuple(weight.shape):
+        raise EagerFusionError(
+            f"eager norm -> MLP: the norm{at} normalizes over {tuple(norm.normalized_shape)}, "
+            "not the last dimension alone"
         )
     for role, module in (("norm", norm), ("MLP", mlp)):
         if _hooked(module):
             raise EagerFusionError(
-                f"eager rmsnorm_mlp: the {role}{at} ({type(module).__name__}) has forward hooks "
+                f"eager norm -> MLP: the {role}{at} ({type(module).__name__}) has forward hooks "
                 "(accelerate's device_map offloading adds some); swapping it would drop them"
             )
     eps_attribute, spec = kind
     eps = getattr(norm, eps_attribute, None)
     if not isinstance(eps, float):
         raise EagerFusionError(
-            f"eager rmsnorm_mlp: the norm{at} ({type(norm).__name__}) has no float "
+            f"eager norm -> MLP: the norm{at} ({type(norm).__name__}) has no float "
             f"{eps_attribute!r}"
         )
-    children = dict(mlp.named_children())
-    missing = [name for name in _MLP_CHILDREN if not isinstance(children.get(name), nn.Linear)]
-    if missing:
+    layout = _mlp_layout(mlp)
+    if layout is None:
+        expected = "; ".join(", ".join(layout.children) for layout in _MLP_LAYOUTS)
         raise EagerFusionError(
-            f"eager rmsnorm_mlp: the MLP{at} ({type(mlp).__name__}) lacks nn.Linear "
-            f"{', '.join(missing)}; expected gate_proj, up_proj and down_proj (a SwiGLU-style MLP)"
+            f"eager norm -> MLP: the MLP{at} ({type(mlp).__name__}) lacks the nn.Linear "
+            f"projections of a supported MLP (one of: {expected})"
         )
-    gate, up, down = (children[name] for name in _MLP_CHILDREN)
+    gate, up, down = _projections(mlp, layout)
     hidden = weight.shape[0]
+    inter = down.in_features
+    gate_out = 2 * inter if layout.fused_gate_up else inter
     if not (
-        gate.in_features == up.in_features == hidden == down.out_features
-        and gate.out_features == up.out_features == down.in_features
+        gate.in_features == hidden == down.out_features
+        and gate.out_features == gate_out
+        and (up is None or (up.in_features, up.out_features) == (hidden, inter))
     ):
-        raise EagerFusionError(
-            f"eager rmsnorm_mlp: shapes{at} do not chain: norm {hidden}, gate_proj "
-            f"{gate.in_features}->{gate.out_features}, up_proj {up.in_features}->"
-            f"{up.out_features}, down_proj {down.in_features}->{down.out_features}"
+        present = [proj for proj in (gate, up, down) if proj is not None]
+        shapes = ", ".join(
+            f"{name} {proj.in_features}->{proj.out_features}"
+            for name, proj in zip(layout.children, present, strict=True)
         )
-    activation = _activation(getattr(mlp, "act_fn", None))
+        raise EagerFusionError(
+            f"eager norm -> MLP: shapes{at} do not chain: norm {hidden}, {shapes}"
+        )
+    act = getattr(mlp, layout.act, None)
+    activation = _activation(act)
     if activation is None:
         raise EagerFusionError(
-            f"eager rmsnorm_mlp: the MLP{at} ({type(mlp).__name__}) has act_fn "
-            f"{type(getattr(mlp, 'act_fn', None)).__name__}; supported: SiLU, GELUTanh"
+            f"eager norm -> MLP: the MLP{at} ({type(mlp).__name__}) has {layout.act} "
+            f"{type(act).__name__}; supported: SiLU, GELU, GELUTanh, ReLUSquared"
         )
-    return dataclasses.replace(spec, activation=activation), eps
+    spec = dataclasses.replace(spec, activation=activation, gated=layout.gated)
+    return spec, eps
+
+
+def _projections(mlp: nn.Module, layout: _MLPLayout) -> tuple[Any, Any, Any]:
+    """(gate, up or None, down) modules of ``mlp``."""
+    return (
+        getattr(mlp, layout.gate),
+        getattr(mlp, layout.up) if layout.up else None,
+        getattr(mlp, layout.down),
+    )
 
 
 def _share_state(target: nn.Module, source: nn.Module, *, modules: bool) -> None:
@@ -135,7 +226,7 @@ def _share_state(target: nn.Module, source: nn.Module, *, modules: bool) -> None
 class FusedAway(nn.Module):
     """Stands where a fused MLP stood: returns its input, keeps the MLP's parameters at its path.
 
-    The computation happened in the `RMSNormMLP` that replaced the norm before it."""
+    The computation happened in the `NormMLP` that replaced the norm before it."""
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
@@ -146,19 +237,19 @@ class FusedAway(nn.Module):
         return hidden
 
     def extra_repr(self) -> str:
-        return f"{self.fused_class} computed by the preceding RMSNormMLP"
+        return f"{self.fused_class} computed by the preceding NormMLP"
 
 
-class RMSNormMLP(nn.Module):
+class NormMLP(nn.Module):
     """``mlp(norm(h))`` through ``torch.ops.inductor_fusion.rmsnorm_mlp``, in the norm's place.
 
     Build it with `fuse_norm_mlp`, which also puts `FusedAway` in the MLP's place. Runs the
-    original modules instead when autograd would record the region (the op has no backward yet)
-    or a projection is no longer a plain ``nn.Linear``."""
+    original modules instead where the op cannot stand for them (see the module docstring)."""
 
     def __init__(self, norm: nn.Module, mlp: nn.Module, *, where: str = "") -> None:
         super().__init__()
         self.spec, self.eps = region_spec(norm, mlp, where=where)
+        self.layout = _mlp_layout(mlp)
         _share_state(self, norm, modules=False)
         # Not registered as submodules: their parameters are already registered at their own
         # paths (here and in the FusedAway), and registering them again would add state_dict keys.
@@ -172,21 +263,46 @@ class RMSNormMLP(nn.Module):
     def mlp(self) -> nn.Module:
         return self._unfused[1]
 
+    def _runs_the_modules(self, hidden: Tensor, projections: tuple[Any, ...]) -> bool:
+        mlp = self._unfused[1]
+        # A projection replaced after the swap (a PEFT LoRA layer, a quantized linear) computes
+        # more than its weight says.
+        if not all(proj is None or type(proj) is nn.Linear for proj in projections):
+            return True
+        if torch.is_autocast_enabled(hidden.device.type):
+            return True
+        if self.training and getattr(mlp, "residual_dropout", 0.0):
+            return True  # Starcoder2's dropout on the MLP output is live
+        # The op has no backward: autograd must see the modules' own operations.
+        return torch.is_grad_enabled() and (
+            hidden.requires_grad
+            or any(p.requires_grad for p in self._parameters.values() if p is not None)
+            or any(proj.weight.requires_grad for proj in projections if proj is not None)
+        )
+
     def forward(self, hidden: Tensor) -> Tensor:
         norm, mlp = self._unfused
-        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        # A projection replaced after the swap (a PEFT LoRA layer, a quantized linear) computes
-        # more than its weight says, and the op has no backward: the modules' own forwards then.
-        if not all(type(proj) is nn.Linear for proj in (gate, up, down)) or (
-            torch.is_grad_enabled()
-            and any(
-                t.requires_grad for t in (hidden, self.weight, gate.weight, up.weight, down.weight)
-            )
-        ):
+        projections = _projections(mlp, self.layout)
+        if self._runs_the_modules(hidden, projections):
+            # The original modules left the module tree, so ``model.train()``/``eval()`` reached
+            # their children (shared) but not them: give them this layer's mode first.
+            norm.training = mlp.training = self.training
             return mlp(norm(hidden))
+        gate, up, down = projections
+        gate_weight, gate_bias = gate.weight, gate.bias
+        up_weight = up_bias = None
+        if up is not None:
+            up_weight, up_bias = up.weight, up.bias
+        elif self.layout.fused_gate_up:
+            # Phi-3 chunks the projection's output in two along the features: gate, then up.
+            # Row slices of the weight are contiguous views (no copy).
+            gate_weight, up_weight = gate_weight.chunk(2, dim=0)
+            if gate_bias is not None:
+                gate_bias, up_bias = gate_bias.chunk(2, dim=0)
         return torch.ops.inductor_fusion.rmsnorm_mlp(
-            hidden, self.weight, gate.weight, up.weight, down.weight,
-            gate.bias, up.bias, down.bias, None, self.eps, **self.spec.op_kwargs(),
+            hidden, self.weight, gate_weight, up_weight, down.weight,
+            gate_bias, up_bias, down.bias, None, self.eps, self._parameters.get("bias"),
+            **self.spec.op_kwargs(),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -195,15 +311,19 @@ class RMSNormMLP(nn.Module):
         )
 
 
+# The name of the first eager layer (Llama's RMSNorm -> MLP), kept for code written against it.
+RMSNormMLP = NormMLP
+
+
 def fuse_norm_mlp(parent: nn.Module, norm_name: str, mlp_name: str, *, where: str = "") -> bool:
-    """Replaces ``parent.<norm_name>`` with `RMSNormMLP` and ``parent.<mlp_name>`` with `FusedAway`.
+    """Replaces ``parent.<norm_name>`` with `NormMLP` and ``parent.<mlp_name>`` with `FusedAway`.
 
     Returns False (and changes nothing) if the pair is already fused; raises `EagerFusionError`
     if the modules are not a supported pair. ``where`` names the pair in messages."""
     norm, mlp = getattr(parent, norm_name), getattr(parent, mlp_name)
-    if isinstance(norm, RMSNormMLP) or isinstance(mlp, FusedAway):
+    if isinstance(norm, NormMLP) or isinstance(mlp, FusedAway):
         return False
-    fused = RMSNormMLP(norm, mlp, where=where)
+    fused = NormMLP(norm, mlp, where=where)
     setattr(parent, norm_name, fused)
     setattr(parent, mlp_name, FusedAway(mlp))
     return True

@@ -14,8 +14,11 @@ kernels lowered into it, launched by Inductor's static launcher), ``ours_triton_
 same through Triton's Python launcher, Inductor's default for user kernels), ``ours_op`` (our op
 called eagerly: the pre-lowering path's cost) and ``eager``.
 
-Then the whole model in default mode: the demo's 4-layer Llama-3.2-1B-shaped model, batch 1 x M
-tokens, forward wall time (median of CUDA-event-timed calls), eager / inductor / ours.
+Then the whole model: the demo's 4-layer Llama-3.2-1B-shaped model, batch 1 x M tokens, forward
+time without CUDA graphs (median of CUDA-event-timed calls: what default mode delivers) for eager /
+eager_layer / inductor / ours, and for the two eager providers also the forward's GPU time from
+CUDA-graph replay. ``eager_layer`` is the model with our eager fused layer swapped in by
+``KernelConfig`` (``"inductor_fusion:rmsnorm_mlp:eager"``, `inductor_fusion.layers`), no compile.
 
 Data first (``host.json``), the tables last (``host.md``, also printed).
 
@@ -39,6 +42,14 @@ import bench
 from perf_common import error_text, log, rel_l2
 
 PROVIDERS = ("compile", "ours", "ours_triton_launcher", "ours_op", "eager")
+# (name, backend): None is the eager model, "eager_layer" the eager model with our layer swapped in.
+MODEL_PROVIDERS = (
+    ("eager", None),
+    ("eager_layer", "eager_layer"),
+    ("compile", "inductor"),
+    ("ours", "ours"),
+)
+EAGER_LAYER = {("RMSNorm", "MLP"): "inductor_fusion:rmsnorm_mlp:eager"}
 
 
 def provider(name: str, region: bench.Region):
@@ -124,11 +135,14 @@ def model_rows(tokens, reps: int = 20) -> list[dict]:
         ids = torch.randint(0, model.config.vocab_size, (1, m), device="cuda")
         with torch.no_grad():
             eager_logits = model(ids).logits
-            for name, backend in (("eager", None), ("compile", "inductor"), ("ours", "ours")):
+            for name, backend in MODEL_PROVIDERS:
                 row = {"model": "llama-1b-shape-4-layers", "m": m, "provider": name}
                 try:
                     if backend is None:
                         fn = model
+                    elif backend == "eager_layer":
+                        fn = copy.deepcopy(model)
+                        inductor_fusion.apply_kernel_config(fn, EAGER_LAYER)
                     elif backend == "ours":
                         inductor_fusion.reset_report()
                         fn = torch.compile(copy.deepcopy(model), backend="inductor_fusion",
@@ -142,6 +156,9 @@ def model_rows(tokens, reps: int = 20) -> list[dict]:
                     row["forward_ms"] = (
                         bench._event_median_s(lambda f=fn, i=ids: f(i), 3, reps) * 1e3
                     )
+                    if backend in (None, "eager_layer"):
+                        graph = bench.capture(lambda i, f=fn: f(i, use_cache=False).logits, ids, 1)
+                        row["graph_ms"] = bench._event_median_s(graph.replay, 3, reps) * 1e3
                 except Exception as exc:
                     row["error"] = error_text(exc)
                 log(json.dumps(row))
@@ -159,13 +176,18 @@ def table(rows: list[dict]) -> str:
         cells = [f"{r.get(k, float('nan')):.1f}" for k in ("enqueue_us", "wall_us", "graph_us")]
         err = f"{r['rel_err']:.2e}" if "rel_err" in r else r.get("error", "")[:60]
         lines.append(f"| {r['shape']} | {r['m']} | {r['provider']} | {' | '.join(cells)} | {err} |")
-    lines += ["", "| model | M | provider | forward ms | fused | rel vs eager |", "|---" * 6 + "|"]
+    lines += [
+        "",
+        "| model | M | provider | forward ms | graph ms | fused | rel vs eager |",
+        "|---" * 7 + "|",
+    ]
     for r in rows:
         if "model" not in r:
             continue
         fwd = f"{r['forward_ms']:.3f}" if "forward_ms" in r else r.get("error", "")[:60]
+        graph = f"{r['graph_ms']:.3f}" if "graph_ms" in r else ""
         rel = f"{r['rel_vs_eager']:.2e}" if "rel_vs_eager" in r else ""
-        lines.append(f"| {r['model']} | {r['m']} | {r['provider']} | {fwd} | {r.get('fused', '')} | {rel} |")  # fmt: skip
+        lines.append(f"| {r['model']} | {r['m']} | {r['provider']} | {fwd} | {graph} | {r.get('fused', '')} | {rel} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -173,12 +195,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shapes", default="2048x8192,4096x14336")
-    parser.add_argument("--tokens", default="1,16,64,256,512,4096")
+    parser.add_argument("--tokens", default="1,16,64,256,512,4096", help="region M ('' skips)")
     parser.add_argument("--model-tokens", default="1,16,256,512,4096")
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
     shapes = [bench.Shape.parse(s) for s in args.shapes.split(",") if s]
-    rows = region_rows(shapes, [int(t) for t in args.tokens.split(",") if t], args.calls)
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+    rows = region_rows(shapes, tokens, args.calls) if tokens else []
     rows += model_rows([int(t) for t in args.model_tokens.split(",") if t])
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}

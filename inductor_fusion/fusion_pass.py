@@ -307,7 +307,9 @@ def normalize_joint_graph(graph: torch.fx.Graph) -> bool:
     placeholders = graph.find_nodes(op="placeholder")
     if not any(str(node.target).startswith("tangents") for node in placeholders):
         return False
-    if any(
+    from inductor_fusion.triton_kernels.rmsnorm_mlp_train import FUSED_TRAINING_ON_CUDA
+
+    if not FUSED_TRAINING_ON_CUDA and any(
         isinstance(val := node.meta.get("val"), torch.Tensor) and val.device.type == "cuda"
         for node in placeholders
     ):

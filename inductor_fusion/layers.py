@@ -26,10 +26,17 @@ Which modules qualify, per family of the compile patterns (`RegionSpec` axes):
   ``dense_h_to_4h``/``dense_4h_to_h`` (GPT-NeoX), ``c_fc``/``c_proj`` (Starcoder2),
   ``up_proj``/``down_proj`` (Nemotron); activations SiLU, GELU (erf), GELU-tanh and ReLU².
 
-Where the op cannot stand for the modules, `NormMLP` runs the original norm and MLP instead:
-- when autograd would record the region (grad mode on and the input or a weight requiring grad):
-  the op has no autograd formula, and this way training computes exactly what the unfused
-  model computes;
+When autograd records the region (grad mode on and the input or a weight requiring grad),
+Llama's row (Llama-style RMSNorm, SiLU, separate gate/up, no biases) runs
+``torch.ops.inductor_fusion.rmsnorm_mlp_train``, the op with our backward that compiled training
+steps use (`triton_kernels.rmsnorm_mlp_train`); it saves ``h``, the row statistic and gate/up,
+not the normalised activations. On CUDA that waits for the GPU benchmark as the compiled path
+does (``FUSED_TRAINING_ON_CUDA``).
+
+Where no op can stand for the modules, `NormMLP` runs the original norm and MLP instead:
+- when autograd records any other region (the inference op has no autograd formula), or Llama's
+  on CUDA until the switch above is on: training then computes exactly what the unfused model
+  computes;
 - under ``torch.autocast`` on the input's device: the modules mix dtypes there as autocast
   decides (NemotronLayerNorm1P even turns it off), which one op call in one dtype cannot follow;
 - when the MLP's dropout is active (Starcoder2's ``residual_dropout`` in training mode);
@@ -271,19 +278,40 @@ class NormMLP(nn.Module):
             return True
         if torch.is_autocast_enabled(hidden.device.type):
             return True
-        if self.training and getattr(mlp, "residual_dropout", 0.0):
-            return True  # Starcoder2's dropout on the MLP output is live
-        # The op has no backward: autograd must see the modules' own operations.
+        # Starcoder2's dropout on the MLP output is live.
+        return bool(self.training and getattr(mlp, "residual_dropout", 0.0))
+
+    def _records_grad(self, hidden: Tensor, projections: tuple[Any, ...]) -> bool:
         return torch.is_grad_enabled() and (
             hidden.requires_grad
             or any(p.requires_grad for p in self._parameters.values() if p is not None)
             or any(proj.weight.requires_grad for proj in projections if proj is not None)
         )
 
+    def _trains_fused(self, hidden: Tensor, projections: tuple[Any, ...]) -> bool:
+        """Whether the training op computes this region: Llama's row only, no biases."""
+        from inductor_fusion.triton_kernels.rmsnorm_mlp_train import FUSED_TRAINING_ON_CUDA
+
+        return (
+            self.spec == LLAMA
+            and self.layout.up is not None
+            and all(proj.bias is None for proj in projections)
+            and (hidden.device.type != "cuda" or FUSED_TRAINING_ON_CUDA)
+        )
+
     def forward(self, hidden: Tensor) -> Tensor:
         norm, mlp = self._unfused
         projections = _projections(mlp, self.layout)
-        if self._runs_the_modules(hidden, projections):
+        runs_modules = self._runs_the_modules(hidden, projections)
+        if not runs_modules and self._records_grad(hidden, projections):
+            if self._trains_fused(hidden, projections):
+                gate, up, down = projections
+                return torch.ops.inductor_fusion.rmsnorm_mlp_train(
+                    hidden, self.weight, gate.weight, up.weight, down.weight, self.eps,
+                    False, False,  # no residual (the layer adds it), default memory mode
+                )[0]  # fmt: skip
+            runs_modules = True
+        if runs_modules:
             # The original modules left the module tree, so ``model.train()``/``eval()`` reached
             # their children (shared) but not them: give them this layer's mode first.
             norm.training = mlp.training = self.training

@@ -491,11 +491,12 @@ def should_fuse(args: RegionArgs) -> str | None:
     if h.device.type != "cuda":
         return None
     if args.training:
-        # A fused training region is Inductor's forward code plus our backward op (Triton kernels
-        # on CUDA), and none of it has been measured on a GPU: a fused training step slower than
-        # Inductor's own would be a defect, so on CUDA training regions stay Inductor's until a
-        # GPU benchmark of the fused forward + backward shows a win (perf/bench_train.py).
-        return "training regions are not fused on CUDA until the GPU benchmark shows a win"
+        from inductor_fusion.triton_kernels.rmsnorm_mlp_train import FUSED_TRAINING_ON_CUDA
+
+        # Our forward code plus our backward op, not yet timed on a GPU (see the switch).
+        if not FUSED_TRAINING_ON_CUDA:
+            return "training regions are not fused on CUDA until the GPU benchmark shows a win"
+        return None
     tokens = h.numel() // h.shape[-1]
     # bool() of a symbolic comparison guards on it: a graph with a dynamic token count is then
     # compiled for one side of the threshold, and the other side recompiles once.

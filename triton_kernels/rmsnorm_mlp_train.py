@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "FUSED_TRAINING_ON_CUDA",
     "rmsnorm_mlp_train",
     "rmsnorm_mlp_train_backward",
     "rmsnorm_mlp_train_compiled",
@@ -51,6 +52,16 @@ __all__ = [
     "train_backward_triton",
     "train_forward_reference",
 ]
+
+
+# Whether training regions use these ops on CUDA. A fused training step is Inductor's (or
+# eager's) forward plus our backward op, whose Triton kernels have not been timed on a GPU yet: a
+# fused step slower than the unfused one would be a defect, so until `perf/bench_train.py` shows a
+# win on the GPU, CUDA training regions stay unfused, in every path that reads this switch:
+# the joint-graph pass (`fusion_pass.normalize_joint_graph`), the patterns' `should_fuse`, and
+# the eager layer (`inductor_fusion.layers`). Elsewhere (the CPU) the ops run their references
+# and training regions fuse, so CPU runs exercise the graphs and gradients a GPU run would.
+FUSED_TRAINING_ON_CUDA = False
 
 
 def _rows(t: Tensor) -> Tensor:

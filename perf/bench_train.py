@@ -19,8 +19,16 @@ Providers, same weights and inputs, in one process:
 Per provider: median ms of forward + backward (CUDA events), "saved MiB" (memory held between
 the forward and the backward, beyond inputs and weights: the activations kept for the backward)
 and "peak MiB" (peak allocation above the baseline during forward + backward). Each result row
-carries the error of the input's gradient against the fp32 eager one. Data first (results.json),
-then results.md.
+carries the error of the input's gradient against the fp32 eager one.
+
+Then a whole-model training step (``--model``): a Llama-3.2-1B-shaped model (``--layers``
+decoder layers), bf16, batch x sequence = 8 x 2048, AdamW, loss + backward + step: tokens/s and
+peak memory for ``compile`` (backend="inductor"), ``ours`` and ``ours_recompute`` (our backend
+with `FUSED_TRAINING_ON_CUDA` turned on for the run, so that the CUDA training regions fuse) and
+``liger`` (``apply_liger_kernel_to_llama`` on the model, then backend="inductor").
+
+Data first (results.json, rewritten after every row, so a timeout keeps what ran), then
+results.md.
 """
 
 from __future__ import annotations
@@ -170,6 +178,85 @@ def run(shapes, tokens, dtype, device: str, iters: int) -> list[dict[str, Any]]:
     return rows
 
 
+MODEL_PROVIDERS = ("compile", "ours", "ours_recompute", "liger")
+
+
+def model_rows(
+    device: str, dtype: torch.dtype, layers: int, batch: int, seq: int, iters: int, small: bool
+) -> list[dict[str, Any]]:
+    """Whole-model training steps per provider (see the module docstring)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import inductor_fusion
+    from inductor_fusion.triton_kernels import rmsnorm_mlp_train
+
+    dims = (
+        dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, head_dim=16)
+        if small
+        else dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, head_dim=64)
+    )
+    config = LlamaConfig(
+        **dims, num_hidden_layers=layers, num_key_value_heads=dims["num_attention_heads"] // 4,
+        vocab_size=1000 if small else 128256, max_position_embeddings=max(seq, 128),
+    )  # fmt: skip
+    rows = []
+    for name in MODEL_PROVIDERS:
+        row: dict[str, Any] = {"model": f"llama-1b-shape-{layers}-layers", "provider": name,
+                               "batch": batch, "seq": seq}  # fmt: skip
+        switch = rmsnorm_mlp_train.FUSED_TRAINING_ON_CUDA
+        try:
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = LlamaForCausalLM(config).to(dtype).train()
+            options = None
+            if name == "liger":
+                from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+                apply_liger_kernel_to_llama(model=model)
+            if name.startswith("ours"):
+                rmsnorm_mlp_train.FUSED_TRAINING_ON_CUDA = True
+                memory = "recompute" if name.endswith("recompute") else "default"
+                options = {"inductor_fusion": {"memory": memory}}
+                inductor_fusion.reset_report()
+            backend = "inductor_fusion" if name.startswith("ours") else "inductor"
+            compiled = torch.compile(model, backend=backend, options=options)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+            ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+
+            def step(compiled=compiled, optimizer=optimizer, ids=ids) -> torch.Tensor:
+                loss = compiled(ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return loss
+
+            for _ in range(2):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                loss = step()
+            float(loss)  # waits for the GPU
+            seconds = (time.perf_counter() - t0) / iters
+            row["tokens_per_s"] = batch * seq / seconds
+            row["step_ms"] = seconds * 1e3
+            if device == "cuda":
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if name.startswith("ours"):
+                row["fused"] = inductor_fusion.get_report().count("rmsnorm_mlp")
+            del model, compiled, optimizer, step
+        except Exception as exc:  # a missing peer or a failure is a row, not an abort
+            row["error"] = perf_common.error_text(exc)
+        finally:
+            rmsnorm_mlp_train.FUSED_TRAINING_ON_CUDA = switch
+        perf_common.log(json.dumps(row))
+        rows.append(row)
+        perf_common.recover()
+    return rows
+
+
 def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"# Region forward + backward ({data['dtype']}, {data['device']}, {data['date']})",
@@ -182,6 +269,8 @@ def markdown(data: dict[str, Any]) -> str:
         return "-" if value is None else format(value, fmt)
 
     for r in data["rows"]:
+        if "provider" in r and "m" not in r:
+            continue  # a model row, below
         if "error" in r:
             lines.append(
                 f"| {r['hidden']}x{r['inter']} | {r['m']} | {r['provider']} | {r['error']} | | | |"
@@ -191,6 +280,22 @@ def markdown(data: dict[str, Any]) -> str:
             f"| {r['hidden']}x{r['inter']} | {r['m']} | {r['provider']} | {r['ms']:.3f} | "
             f"{cell(r['saved_mib'], '.1f')} | {cell(r['peak_mib'], '.1f')} | {r['dh_rel_err']:.2e} |"
         )
+    model = [r for r in data["rows"] if "m" not in r]
+    if model:
+        lines += [
+            "",
+            "| model | B x S | provider | tokens/s | step ms | peak GiB | fused |",
+            "|---|---|---|---:|---:|---:|---:|",
+        ]
+        for r in model:
+            head = f"| {r['model']} | {r['batch']}x{r['seq']} | {r['provider']} |"
+            if "error" in r:
+                lines.append(f"{head} {r['error']} | | | |")
+                continue
+            lines.append(
+                f"{head} {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | "
+                f"{cell(r.get('peak_gib'), '.2f')} | {r.get('fused', '')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("perf/results/train"))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, fp32")
+    parser.add_argument("--tokens", default=None, help="region M list (default the issue's)")
+    parser.add_argument("--no-region", action="store_true", help="skip the region grid")
+    parser.add_argument("--model", action="store_true", help="also the whole-model step")
+    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args(argv)
     perf_common.configure_compiler()
     if args.cpu_smoke:
@@ -208,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             print("bench_train: needs CUDA (or --cpu-smoke)", file=sys.stderr)
             return 2
         shapes, tokens, dtype, device, iters = SHAPES, TOKENS, torch.bfloat16, "cuda", args.iters
-    rows = run(shapes, tokens, dtype, device, iters)
+    if args.tokens:
+        tokens = tuple(int(t) for t in args.tokens.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
     data = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -216,10 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "liger_kernel": perf_common.dist_version("liger-kernel"),
         "commit": perf_common.git_commit(),
-        "rows": rows,
+        "rows": [],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(data, indent=2))
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        data["rows"] += rows
+        (args.out / "results.json").write_text(json.dumps(data, indent=2))
+
+    if not args.no_region:
+        for shape in shapes:
+            for m in tokens:
+                save(run((shape,), (m,), dtype, device, iters))
+    if args.model:
+        batch, seq = (2, 16) if args.cpu_smoke else (8, 2048)
+        save(model_rows(device, dtype, args.layers, batch, seq, iters, args.cpu_smoke))
     (args.out / "results.md").write_text(markdown(data))
     print(markdown(data))
     return 0

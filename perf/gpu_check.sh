@@ -8,7 +8,8 @@
 # It keeps inside GPU_CHECK_TOTAL_S seconds (default 540: the tool allows 600 a command), so give
 # the call timeout_s=600. A stage that fails or times out does not stop the later ones.
 # GPU_CHECK_STAGES picks stages (default "tests,demo,bench"; also "host": perf/bench_host.py,
-# with BENCH_HOST_ARGS, and "e2e": perf/bench_e2e.py with E2E_ARGS, its files straight into $OUT).
+# with BENCH_HOST_ARGS, "e2e": perf/bench_e2e.py with E2E_ARGS, its files straight into $OUT, and
+# "train": perf/bench_train.py with TRAIN_ARGS, into $OUT/train).
 # BENCH_EXTRA_ARGS go last on bench.py's command line (e.g. --shapes/--tokens/--providers: they win).
 #
 # Files under $OUT (7, flat: the tool returns at most 8, at most 2 folders deep):
@@ -163,6 +164,22 @@ if stage e2e && ((T_E2E >= 90)); then
 fi
 say "(b3) e2e rc=$RC_E2E"
 
+# --- (b4) training -------------------------------------------------------------------------------------
+# perf/bench_train.py rewrites its results.json after every row, so a timeout keeps what ran.
+RC_TRAIN=skipped
+T_TRAIN=$(($(left) - 15))
+if stage train && ((T_TRAIN >= 90)); then
+    say "(b4) bench_train ${TRAIN_ARGS:-}, limit ${T_TRAIN}s"
+    # shellcheck disable=SC2086  # the arguments are meant to split
+    timeout -k 10 "$T_TRAIN" python3 perf/bench_train.py --out "$OUT/train" ${TRAIN_ARGS:-} 2>&1 |
+        tee "$OUT/train.log"
+    RC_TRAIN=${PIPESTATUS[0]}
+    if [[ -f $OUT/train/results.json && ! -f $OUT/train/results.md ]]; then
+        say "bench_train ended early: its results.json holds the rows that ran"
+    fi
+fi
+say "(b4) train rc=$RC_TRAIN"
+
 # --- (c) benchmark ------------------------------------------------------------------------------------
 # bench.py rewrites results.json after every (shape, M), so a timeout still leaves data. Its own
 # budget stops starting work (max_autotune first) well before the hard limit.
@@ -194,4 +211,4 @@ else
 fi
 say "(c) bench rc=$RC_BENCH"
 
-say "done: pytest=$RC_TEST demo=$RC_DEMO host=$RC_HOST e2e=$RC_E2E bench=$RC_BENCH; files: $(cd "$OUT" && ls | tr '\n' ' ')"
+say "done: pytest=$RC_TEST demo=$RC_DEMO host=$RC_HOST e2e=$RC_E2E train=$RC_TRAIN bench=$RC_BENCH; files: $(cd "$OUT" && ls | tr '\n' ' ')"

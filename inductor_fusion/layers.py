@@ -40,6 +40,8 @@ Where no op can stand for the modules, `NormMLP` runs the original norm and MLP 
 - under ``torch.autocast`` on the input's device: the modules mix dtypes there as autocast
   decides (NemotronLayerNorm1P even turns it off), which one op call in one dtype cannot follow;
 - when the MLP's dropout is active (Starcoder2's ``residual_dropout`` in training mode);
+- when a weight's dtype is not the input's (a norm kept in fp32 by ``_keep_in_fp32_modules``):
+  the op takes one dtype; one INFO line per layer says so;
 - when a projection is no longer a plain ``nn.Linear`` (PEFT's LoRA layers or a quantized linear
   put in its place after the swap): the op would read its base weight and drop the rest.
 """
@@ -48,12 +50,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from inductor_fusion.triton_kernels.rmsnorm_mlp import LLAMA, RegionSpec
+
+log = logging.getLogger("inductor_fusion")
 
 __all__ = ["FusedAway", "NormMLP", "RMSNormMLP", "fuse_norm_mlp", "region_spec"]
 
@@ -258,6 +263,8 @@ class NormMLP(nn.Module):
         self.spec, self.eps = region_spec(norm, mlp, where=where)
         self.layout = _mlp_layout(mlp)
         self._op_kwargs = self.spec.op_kwargs()  # once: asdict costs ~8 µs a call
+        self.where = where
+        self._told_mixed = False  # one log line per layer, not one per call
         _share_state(self, norm, modules=False)
         # Not registered as submodules: their parameters are already registered at their own
         # paths (here and in the FusedAway), and registering them again would add state_dict keys.
@@ -280,7 +287,24 @@ class NormMLP(nn.Module):
         if torch.is_autocast_enabled(hidden.device.type):
             return True
         # Starcoder2's dropout on the MLP output is live.
-        return bool(self.training and getattr(mlp, "residual_dropout", 0.0))
+        if self.training and getattr(mlp, "residual_dropout", 0.0):
+            return True
+        # The op takes one dtype. A model may keep some weights in another (transformers'
+        # ``_keep_in_fp32_modules`` keeps norms in fp32; Gemma's norm then still returns the
+        # input's dtype): the modules handle that, the op would raise.
+        dtype = hidden.dtype
+        tensors = [p for p in self._parameters.values() if p is not None]
+        tensors += [t for proj in projections for t in (proj.weight, proj.bias) if t is not None]
+        mixed = sorted({str(t.dtype) for t in tensors if t.dtype != dtype})
+        if mixed:
+            if not self._told_mixed:
+                self._told_mixed = True
+                log.info(
+                    "inductor_fusion: eager %s runs its modules: input %s, weights %s",
+                    self.where or type(self.norm).__name__, dtype, ", ".join(mixed),
+                )  # fmt: skip
+            return True
+        return False
 
     def _records_grad(self, hidden: Tensor, projections: tuple[Any, ...]) -> bool:
         return torch.is_grad_enabled() and (

@@ -315,6 +315,26 @@ def test_training_step_gradients_within_tolerance(family: str, fused: bool) -> N
         torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-4)
 
 
+def test_norm_kept_in_fp32_runs_the_modules_with_one_line_per_layer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Gemma's norm returns the input's dtype whatever its weight's, so a bf16 model whose norms
+    stay fp32 (transformers' _keep_in_fp32_modules) runs; the op takes one dtype, so the layer
+    runs the modules, saying so once per layer however many calls."""
+    plain = tiny_model("gemma", dtype=torch.bfloat16)
+    for layer in plain.model.layers:
+        layer.post_attention_layernorm.weight.data = layer.post_attention_layernorm.weight.float()
+    model = copy.deepcopy(plain)
+    apply_kernel_config(model, {NAMES: EAGER})
+    ids = token_ids()
+    with caplog.at_level("INFO", logger="inductor_fusion"):
+        for _ in range(2):
+            logits, ops = logits_and_ops(model, ids)
+            assert ops == 0 and torch.equal(logits, logits_and_ops(plain, ids)[0])
+    lines = [r.getMessage() for r in caplog.records if "runs its modules" in r.getMessage()]
+    assert len(lines) == 2 and all("bfloat16" in line and "float32" in line for line in lines)
+
+
 def test_cuda_training_waits_for_the_shared_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA the eager layer trains through our op only once FUSED_TRAINING_ON_CUDA is on, the
     switch the compiled training path reads too (tensors are fake: no GPU needed)."""

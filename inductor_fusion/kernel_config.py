@@ -25,7 +25,7 @@ Values of our entries:
 - ``"inductor_fusion:<pattern>:off"`` switches ``<pattern>`` off for this model; the key is
   checked but its paths are not used. A config with only ``:off`` entries keeps every other
   pattern on, everywhere.
-- ``"inductor_fusion:<pattern>:eager"`` (``rmsnorm_mlp`` and ``layernorm_mlp``) also swaps our eager fused layer
+- ``"inductor_fusion:<pattern>:eager"`` (``rmsnorm_mlp``, ``layernorm_mlp``, ``mlp_postnorm``) also swaps our eager fused layer
   in at the key's modules when the config is applied (`apply_eager_layers`,
   `inductor_fusion.layers`), so the region runs as our op without torch.compile; for the compile
   plan it counts as ``"inductor_fusion:<pattern>"``.
@@ -85,8 +85,8 @@ RECOMPUTE = "recompute"
 # Patterns with an eager layer (`inductor_fusion.layers`) that ":eager" entries swap in, and the
 # norm kind (`RegionSpec.norm`) of the modules each may swap: an entry fuses in eager mode what
 # the same entry would fuse under torch.compile, never another family's region.
-EAGER_PATTERNS = ("rmsnorm_mlp", "layernorm_mlp")
-_EAGER_NORM = {"rmsnorm_mlp": "rms", "layernorm_mlp": "layer"}
+EAGER_PATTERNS = ("rmsnorm_mlp", "layernorm_mlp", "mlp_postnorm")
+_EAGER_NORM = {"rmsnorm_mlp": "rms", "layernorm_mlp": "layer", "mlp_postnorm": "none"}
 
 # The names KernelConfig keys use for each pattern's modules, aligned with the family's roles
 # (registry.PatternFamily.roles). They follow transformers' kernel layer names. A family missing
@@ -570,13 +570,18 @@ def _eager_pairs(
     norm glob matches and its one sibling the MLP glob matches. Raises ValueError when a pairing
     is ambiguous (a norm with two matched sibling MLPs, an MLP claimed by two norms)."""
     modules = dict(model.named_modules())
-    pairs: dict[str, tuple[str, str, str, FusionEntry]] = {}  # MLP path -> pair
+    pairs: dict[str, tuple[str, str | None, str, FusionEntry]] = {}  # MLP path -> pair
     for entry in entries:
         if not entry.eager:
             continue
-        norm_glob, mlp_glob = (
-            entry.globs if entry.globs is not None else _registered_globs(model, entry)
-        )
+        globs = entry.globs if entry.globs is not None else _registered_globs(model, entry)
+        if len(globs) == 1:  # the MLP alone (mlp_postnorm): no norm to pair
+            for path in modules:
+                if path and fnmatch.fnmatchcase(path, globs[0]):
+                    parent, _, name = path.rpartition(".")
+                    pairs[path] = (parent, None, name, entry)
+            continue
+        norm_glob, mlp_glob = globs
         mlps = [path for path in modules if path and fnmatch.fnmatchcase(path, mlp_glob)]
         for norm_path in modules:
             if not norm_path or not fnmatch.fnmatchcase(norm_path, norm_glob):
@@ -624,7 +629,15 @@ def apply_eager_layers(model: torch.nn.Module, entries: Iterable[FusionEntry]) -
     plan = []
     for parent_path, norm_name, mlp_name, entry in pairs:
         parent = model.get_submodule(parent_path)
-        norm, mlp = getattr(parent, norm_name), getattr(parent, mlp_name)
+        mlp = getattr(parent, mlp_name)
+        if norm_name is None:
+            if isinstance(mlp, (layers.NormMLP, layers.FusedAway)):
+                continue  # fused already, alone or with its norm
+            where = _join(parent_path, mlp_name)
+            layers.region_spec(None, mlp, where=where)  # raises before any swap
+            plan.append((parent, None, mlp_name, where))
+            continue
+        norm = getattr(parent, norm_name)
         if isinstance(norm, layers.NormMLP) or isinstance(mlp, layers.FusedAway):
             continue
         where = f"{_join(parent_path, norm_name)} -> {_join(parent_path, mlp_name)}"
@@ -638,7 +651,10 @@ def apply_eager_layers(model: torch.nn.Module, entries: Iterable[FusionEntry]) -
             )
         plan.append((parent, norm_name, mlp_name, where))
     for parent, norm_name, mlp_name, where in plan:
-        layers.fuse_norm_mlp(parent, norm_name, mlp_name, where=where)
+        if norm_name is None:
+            layers.fuse_mlp(parent, mlp_name, where=where)
+        else:
+            layers.fuse_norm_mlp(parent, norm_name, mlp_name, where=where)
         fused.append(where)
     return fused
 

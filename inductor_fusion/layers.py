@@ -60,7 +60,7 @@ from inductor_fusion.triton_kernels.rmsnorm_mlp import LLAMA, RegionSpec
 
 log = logging.getLogger("inductor_fusion")
 
-__all__ = ["FusedAway", "NormMLP", "RMSNormMLP", "fuse_norm_mlp", "region_spec"]
+__all__ = ["FusedAway", "NormMLP", "RMSNormMLP", "fuse_mlp", "fuse_norm_mlp", "region_spec"]
 
 _LLAMA_RMS = ("variance_epsilon", LLAMA)
 _GEMMA_RMS = ("eps", RegionSpec(norm_weight_offset=1.0, norm_weight_fp32=True))
@@ -152,10 +152,15 @@ def _mlp_layout(mlp: nn.Module) -> _MLPLayout | None:
     return None
 
 
-def region_spec(norm: nn.Module, mlp: nn.Module, *, where: str = "") -> tuple[RegionSpec, float]:
-    """The op's `RegionSpec` and eps for ``mlp(norm(h))``; `EagerFusionError` naming what is
-    missing when these modules are not a supported norm and MLP."""
+def region_spec(
+    norm: nn.Module | None, mlp: nn.Module, *, where: str = ""
+) -> tuple[RegionSpec, float]:
+    """The op's `RegionSpec` and eps for ``mlp(norm(h))`` (``mlp(h)`` without a norm: OLMo-2's
+    region); `EagerFusionError` naming what is missing when these modules are not a supported
+    norm and MLP."""
     at = f" at {where}" if where else ""
+    if norm is None:
+        return _mlp_spec(mlp, RegionSpec(norm="none"), at), 0.0
     kind = _NORMS.get(type(norm).__name__)
     if type(norm).__name__ == "LayerNorm" and type(norm) is not nn.LayerNorm:
         kind = None  # another library's LayerNorm: its forward is unknown
@@ -170,18 +175,28 @@ def region_spec(norm: nn.Module, mlp: nn.Module, *, where: str = "") -> tuple[Re
             f"eager norm -> MLP: the norm{at} normalizes over {tuple(norm.normalized_shape)}, "
             "not the last dimension alone"
         )
-    for role, module in (("norm", norm), ("MLP", mlp)):
-        if _hooked(module):
-            raise EagerFusionError(
-                f"eager norm -> MLP: the {role}{at} ({type(module).__name__}) has forward hooks "
-                "(accelerate's device_map offloading adds some); swapping it would drop them"
-            )
+    if _hooked(norm):
+        raise EagerFusionError(
+            f"eager norm -> MLP: the norm{at} ({type(norm).__name__}) has forward hooks "
+            "(accelerate's device_map offloading adds some); swapping it would drop them"
+        )
     eps_attribute, spec = kind
     eps = getattr(norm, eps_attribute, None)
     if not isinstance(eps, float):
         raise EagerFusionError(
             f"eager norm -> MLP: the norm{at} ({type(norm).__name__}) has no float "
             f"{eps_attribute!r}"
+        )
+    return _mlp_spec(mlp, spec, at, hidden=weight.shape[0]), eps
+
+
+def _mlp_spec(mlp: nn.Module, spec: RegionSpec, at: str, hidden: int | None = None) -> RegionSpec:
+    """``spec`` completed with the MLP's activation and gating; raises if the MLP is not one we
+    take (``hidden``: the norm's size the MLP must read)."""
+    if _hooked(mlp):
+        raise EagerFusionError(
+            f"eager norm -> MLP: the MLP{at} ({type(mlp).__name__}) has forward hooks "
+            "(accelerate's device_map offloading adds some); swapping it would drop them"
         )
     layout = _mlp_layout(mlp)
     if layout is None:
@@ -191,7 +206,7 @@ def region_spec(norm: nn.Module, mlp: nn.Module, *, where: str = "") -> tuple[Re
             f"projections of a supported MLP (one of: {expected})"
         )
     gate, up, down = _projections(mlp, layout)
-    hidden = weight.shape[0]
+    hidden = down.out_features if hidden is None else hidden
     inter = down.in_features
     gate_out = 2 * inter if layout.fused_gate_up else inter
     if not (
@@ -205,7 +220,7 @@ def region_spec(norm: nn.Module, mlp: nn.Module, *, where: str = "") -> tuple[Re
             for name, proj in zip(layout.children, present, strict=True)
         )
         raise EagerFusionError(
-            f"eager norm -> MLP: shapes{at} do not chain: norm {hidden}, {shapes}"
+            f"eager norm -> MLP: shapes{at} do not chain: hidden {hidden}, {shapes}"
         )
     act = getattr(mlp, layout.act, None)
     activation = _activation(act)
@@ -214,8 +229,7 @@ def region_spec(norm: nn.Module, mlp: nn.Module, *, where: str = "") -> tuple[Re
             f"eager norm -> MLP: the MLP{at} ({type(mlp).__name__}) has {layout.act} "
             f"{type(act).__name__}; supported: SiLU, GELU, GELUTanh, ReLUSquared"
         )
-    spec = dataclasses.replace(spec, activation=activation, gated=layout.gated)
-    return spec, eps
+    return dataclasses.replace(spec, activation=activation, gated=layout.gated)
 
 
 def _projections(mlp: nn.Module, layout: _MLPLayout) -> tuple[Any, Any, Any]:
@@ -258,20 +272,25 @@ class NormMLP(nn.Module):
     Build it with `fuse_norm_mlp`, which also puts `FusedAway` in the MLP's place. Runs the
     original modules instead where the op cannot stand for them (see the module docstring)."""
 
-    def __init__(self, norm: nn.Module, mlp: nn.Module, *, where: str = "") -> None:
+    def __init__(self, norm: nn.Module | None, mlp: nn.Module, *, where: str = "") -> None:
         super().__init__()
         self.spec, self.eps = region_spec(norm, mlp, where=where)
         self.layout = _mlp_layout(mlp)
         self._op_kwargs = self.spec.op_kwargs()  # once: asdict costs ~8 µs a call
         self.where = where
         self._told_mixed = False  # one log line per layer, not one per call
-        _share_state(self, norm, modules=False)
+        # In the norm's place it shares the norm's state; without a norm it stands in the MLP's
+        # place and shares the MLP's, children included, so every key stays where it was.
+        if norm is None:
+            _share_state(self, mlp, modules=True)
+        else:
+            _share_state(self, norm, modules=False)
         # Not registered as submodules: their parameters are already registered at their own
         # paths (here and in the FusedAway), and registering them again would add state_dict keys.
         self.__dict__["_unfused"] = (norm, mlp)
 
     @property
-    def norm(self) -> nn.Module:
+    def norm(self) -> nn.Module | None:
         return self._unfused[0]
 
     @property
@@ -294,7 +313,9 @@ class NormMLP(nn.Module):
         # input's dtype): the modules handle that, the op would raise.
         dtype = hidden.dtype
         tensors = [p for p in self._parameters.values() if p is not None]
-        tensors += [t for proj in projections for t in (proj.weight, proj.bias) if t is not None]
+        for proj in projections:
+            if proj is not None:
+                tensors += [t for t in (proj.weight, proj.bias) if t is not None]
         mixed = sorted({str(t.dtype) for t in tensors if t.dtype != dtype})
         if mixed:
             if not self._told_mixed:
@@ -339,7 +360,10 @@ class NormMLP(nn.Module):
         if runs_modules:
             # The original modules left the module tree, so ``model.train()``/``eval()`` reached
             # their children (shared) but not them: give them this layer's mode first.
-            norm.training = mlp.training = self.training
+            mlp.training = self.training
+            if norm is None:
+                return mlp(hidden)
+            norm.training = self.training
             return mlp(norm(hidden))
         gate, up, down = projections
         gate_weight, gate_bias = gate.weight, gate.bias
@@ -352,13 +376,19 @@ class NormMLP(nn.Module):
             gate_weight, up_weight = gate_weight.chunk(2, dim=0)
             if gate_bias is not None:
                 gate_bias, up_bias = gate_bias.chunk(2, dim=0)
+        # Without a norm the parameters this layer shares are the MLP's own, not a norm's.
+        norm_weight = norm_bias = None
+        if norm is not None:
+            norm_weight, norm_bias = self._parameters["weight"], self._parameters.get("bias")
         return torch.ops.inductor_fusion.rmsnorm_mlp(
-            hidden, self.weight, gate_weight, up_weight, down.weight,
-            gate_bias, up_bias, down.bias, None, self.eps, self._parameters.get("bias"),
+            hidden, norm_weight, gate_weight, up_weight, down.weight,
+            gate_bias, up_bias, down.bias, None, self.eps, norm_bias,
             **self._op_kwargs,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
+        if self.norm is None:
+            return f"{type(self.mlp).__name__} alone, {self.spec}"
         return (
             f"{type(self.norm).__name__} -> {type(self.mlp).__name__}, eps={self.eps}, {self.spec}"
         )
@@ -366,6 +396,17 @@ class NormMLP(nn.Module):
 
 # The name of the first eager layer (Llama's RMSNorm -> MLP), kept for code written against it.
 RMSNormMLP = NormMLP
+
+
+def fuse_mlp(parent: nn.Module, mlp_name: str, *, where: str = "") -> bool:
+    """Replaces ``parent.<mlp_name>`` with `NormMLP` of the MLP alone (a region without a norm,
+    OLMo-2's). Returns False if it already is one; raises `EagerFusionError` for an MLP we do
+    not take."""
+    mlp = getattr(parent, mlp_name)
+    if isinstance(mlp, NormMLP):
+        return False
+    setattr(parent, mlp_name, NormMLP(None, mlp, where=where))
+    return True
 
 
 def fuse_norm_mlp(parent: nn.Module, norm_name: str, mlp_name: str, *, where: str = "") -> bool:

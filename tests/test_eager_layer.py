@@ -153,6 +153,26 @@ def test_families_fuse_bit_for_bit(family: str, dtype: torch.dtype) -> None:
     assert rel_l2(logits, truth) <= 2 * rel_l2(expected, truth) + ATOL[dtype]
 
 
+@pytest.mark.parametrize(
+    "key", [("MLP",), (("MLP", "model.layers.*.mlp"),)], ids=["registry", "inline"]
+)
+def test_olmo2_mlp_alone_takes_the_mlps_place(key: tuple) -> None:
+    """OLMo-2 has no norm in front of its MLP: the layer stands in the MLP's place, computing the
+    MLP alone, every key where it was."""
+    plain = tiny_model("olmo2")
+    model = copy.deepcopy(plain)
+    apply_kernel_config(model, {key: "inductor_fusion:mlp_postnorm:eager"})
+    assert all(type(layer.mlp) is NormMLP for layer in model.model.layers)
+    assert not any(isinstance(m, FusedAway) for m in model.modules())
+    assert model.model.layers[0].mlp.spec.norm == "none"
+    assert list(model.state_dict()) == list(plain.state_dict())
+    logits, ops = logits_and_ops(model, token_ids())
+    assert ops == 2 and torch.equal(logits, logits_and_ops(plain, token_ids())[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the modules again, the same numbers
+        logits, ops = logits_and_ops(model, token_ids())
+        assert ops == 0 and torch.equal(logits, logits_and_ops(plain, token_ids())[0])
+
+
 def test_phi3_gate_up_halves_are_views_of_the_one_weight() -> None:
     model = tiny_model("phi3")
     weight = model.model.layers[0].mlp.gate_up_proj.weight
@@ -479,12 +499,12 @@ def test_unsupported_activation_fails_naming_it_before_any_swap() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("inductor_fusion:mlp_postnorm:eager", r"mlp_postnorm has no eager layer"),
+        ("inductor_fusion:gqa_decode:eager", r"gqa_decode has no eager layer"),
         ("inductor_fusion:rmsnorm_mlp:eagerly", r"'inductor_fusion:<pattern>:eager'"),
     ],
 )
 def test_bad_eager_values_fail_at_construction(value: str, message: str) -> None:
-    key = ("MLP",) if "postnorm" in value else NAMES
+    key = ("Attention",) if "gqa" in value else NAMES
     with pytest.raises(ValueError, match=message):
         KernelConfig({key: value})
 

@@ -23,6 +23,15 @@ import inductor_fusion
 
 pytestmark = pytest.mark.slow
 
+
+def norm_mlp_regions(report: inductor_fusion.FusionReport) -> list[inductor_fusion.FusedRegion]:
+    """The report's regions but gqa_decode's. The attention of these GQA models fuses too where
+    the transformers version passes SDPA a materialised mask at prefill (5.17 does on the CPU;
+    5.24 passes none, so nothing matches): tests/test_gqa_attention.py holds that family to
+    account, and the logits checked here cover both."""
+    return [r for r in report if r.pattern != "gqa_decode"]
+
+
 # family, config overrides, dtype, pattern, expected variant, norm module, model prefix
 CASES = [
     ("gemma", {}, torch.bfloat16, "rmsnorm_mlp", "gemma_lowp_3d_residual_left", "post_attention_layernorm", "model"),
@@ -61,9 +70,10 @@ def test_family_region_fuses_once_per_layer(
     with fresh_compile() as report, torch.no_grad():
         ours = torch.compile(model, backend="inductor_fusion")(ids).logits
     layers = model.config.num_hidden_layers
+    regions = norm_mlp_regions(report)
     assert report.count(pattern) == layers, report.summary()
-    assert len(list(report)) == layers, report.summary()  # nothing else fused anywhere
-    assert {r.variant for r in report} == {variant}
+    assert len(regions) == layers, report.summary()  # no other norm -> MLP region anywhere
+    assert {r.variant for r in regions} == {variant}
     paths = [p.replace("model.", f"{prefix}.", 1) for p in layer_paths(norm)]
     assert sorted(report.paths(pattern, "norm")) == paths
     assert sorted(report.paths(pattern, "mlp")) == [p.rsplit(".", 1)[0] + ".mlp" for p in paths]
@@ -104,9 +114,10 @@ def test_olmo2_mlp_fuses_once_per_layer(dtype):
     with fresh_compile() as report, torch.no_grad():
         ours = torch.compile(model, backend="inductor_fusion")(ids).logits
     kind = "lowp" if dtype == torch.bfloat16 else "fp32"
-    assert [r.variant for r in report] == [f"olmo2_{kind}_3d_no_residual"] * 2, report.summary()
+    regions = norm_mlp_regions(report)
+    assert [r.variant for r in regions] == [f"olmo2_{kind}_3d_no_residual"] * 2, report.summary()
     assert sorted(report.paths("mlp_postnorm", "mlp")) == layer_paths("mlp")
-    assert all([role for role, _ in r.paths] == ["mlp"] for r in report)
+    assert all([role for role, _ in r.paths] == ["mlp"] for r in regions)
     assert_within_tolerance(ours, eager, fp64_logits(model, ids))
 
 

@@ -145,9 +145,12 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _mlp_layout(mlp: nn.Module) -> _MLPLayout | None:
+    """The first layout whose projections the MLP has, whatever their type (`region_spec` then
+    requires plain ``nn.Linear``). Matching on names alone matters: a Llama MLP whose
+    ``gate_proj`` is a LoRA layer must not pass for Nemotron's non-gated (up_proj, down_proj)."""
     children = dict(mlp.named_children())
     for layout in _MLP_LAYOUTS:
-        if all(isinstance(children.get(name), nn.Linear) for name in layout.children):
+        if all(name in children for name in layout.children):
             return layout
     return None
 
@@ -204,6 +207,17 @@ def _mlp_spec(mlp: nn.Module, spec: RegionSpec, at: str, hidden: int | None = No
         raise EagerFusionError(
             f"eager norm -> MLP: the MLP{at} ({type(mlp).__name__}) lacks the nn.Linear "
             f"projections of a supported MLP (one of: {expected})"
+        )
+    other = [
+        f"{name} ({type(child).__name__})"
+        for name in layout.children
+        if type(child := getattr(mlp, name)) is not nn.Linear
+    ]
+    if other:
+        raise EagerFusionError(
+            f"eager norm -> MLP: the MLP{at} ({type(mlp).__name__}) has projections that are not "
+            f"plain nn.Linear: {', '.join(other)} (an adapter or a quantized layer computes "
+            "more than its weight; merge or remove it before the swap)"
         )
     gate, up, down = _projections(mlp, layout)
     hidden = down.out_features if hidden is None else hidden

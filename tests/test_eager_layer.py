@@ -474,6 +474,31 @@ def test_wrong_modules_fail_naming_them_and_change_nothing(key: tuple, message: 
     assert list(model.named_modules()) == before
 
 
+class _DoubledLinear(torch.nn.Module):
+    """Stands for an adapter wrapped around a projection before the swap (not an nn.Linear)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.base_layer(x)
+
+
+def test_wrapped_projection_fails_rather_than_pass_for_another_mlp() -> None:
+    """A Llama MLP whose gate_proj is wrapped still has up_proj and down_proj, Nemotron's
+    non-gated layout: it must be refused, naming the wrapper, not fused as down(act(up(x)))."""
+    model = tiny_model("llama")
+    mlp = model.model.layers[1].mlp
+    mlp.gate_proj = _DoubledLinear(mlp.gate_proj)
+    before = list(model.named_modules())
+    with pytest.raises(
+        EagerFusionError, match=r"not plain nn.Linear: gate_proj \(_DoubledLinear\)"
+    ):
+        apply_kernel_config(model, {NAMES: EAGER})
+    assert list(model.named_modules()) == before
+
+
 def test_hooked_modules_fail_rather_than_lose_their_hooks() -> None:
     model = tiny_model("llama")
     model.model.layers[1].mlp.register_forward_pre_hook(lambda module, args: None)

@@ -25,8 +25,9 @@ Values of our entries:
 - ``"inductor_fusion:<pattern>:off"`` switches ``<pattern>`` off for this model; the key is
   checked but its paths are not used. A config with only ``:off`` entries keeps every other
   pattern on, everywhere.
-- ``"inductor_fusion:<pattern>:eager"`` (``rmsnorm_mlp``, ``layernorm_mlp``, ``mlp_postnorm``) also swaps our eager fused layer
-  in at the key's modules when the config is applied (`apply_eager_layers`,
+- ``"inductor_fusion:<pattern>:eager"`` (``rmsnorm_mlp``, ``layernorm_mlp``, ``mlp_postnorm``)
+  also swaps our eager fused layer in at the key's modules when the config is applied
+  (`apply_eager_layers`,
   `inductor_fusion.layers`), so the region runs as our op without torch.compile; for the compile
   plan it counts as ``"inductor_fusion:<pattern>"``.
 
@@ -566,9 +567,10 @@ def _warn_unpaired(model: torch.nn.Module, entry: FusionEntry, globs: tuple[str,
 def _eager_pairs(
     model: torch.nn.Module, entries: Iterable[FusionEntry]
 ) -> list[tuple[str, str, str, FusionEntry]]:
-    """(parent path, norm name, MLP name, entry) for each region the ":eager" entries fuse: a module the
-    norm glob matches and its one sibling the MLP glob matches. Raises ValueError when a pairing
-    is ambiguous (a norm with two matched sibling MLPs, an MLP claimed by two norms)."""
+    """(parent path, norm name, MLP name, entry) for each region the ":eager" entries fuse: a
+    module the norm glob matches and its one sibling the MLP glob matches (norm name None for an
+    MLP alone). Raises ValueError when a pairing is ambiguous (a norm with two matched sibling
+    MLPs, an MLP claimed by two norms)."""
     modules = dict(model.named_modules())
     pairs: dict[str, tuple[str, str | None, str, FusionEntry]] = {}  # MLP path -> pair
     for entry in entries:

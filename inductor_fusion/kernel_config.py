@@ -27,9 +27,8 @@ Values of our entries:
   pattern on, everywhere.
 - ``"inductor_fusion:<pattern>:eager"`` (``rmsnorm_mlp``, ``layernorm_mlp``, ``mlp_postnorm``)
   also swaps our eager fused layer in at the key's modules when the config is applied
-  (`apply_eager_layers`,
-  `inductor_fusion.layers`), so the region runs as our op without torch.compile; for the compile
-  plan it counts as ``"inductor_fusion:<pattern>"``.
+  (`apply_eager_layers`, `inductor_fusion.layers`), so the region runs as our op without
+  torch.compile; for the compile plan it counts as ``"inductor_fusion:<pattern>"``.
 
 Key names are the pattern's layer names (`KERNEL_LAYER_NAMES`; ``rmsnorm_mlp``: ``"RMSNorm"`` for
 the norm, ``"MLP"`` for the MLP), in any order. Globs are ``fnmatch`` patterns over module paths

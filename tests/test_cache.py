@@ -25,7 +25,10 @@ _CHILD = textwrap.dedent(
     from tiny_models import tiny_model, token_ids
     import inductor_fusion
 
-    model = tiny_model("llama", torch.float32)
+    # As many key/value heads as query heads: no grouped attention, so the regions counted are the
+    # norm -> MLP ones under every transformers version (5.17 passes SDPA a mask at prefill, and
+    # gqa_decode would fuse the attention too).
+    model = tiny_model("llama", torch.float32, num_key_value_heads=4)
     ids = token_ids()
     if {install}:
         installation = inductor_fusion.install()

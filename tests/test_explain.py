@@ -30,11 +30,13 @@ NORM_MLP = ("rmsnorm_mlp", "layernorm_mlp", "mlp_postnorm")
 
 
 def compiled_regions(model: torch.nn.Module) -> set[tuple[str, tuple[tuple[str, str], ...], str]]:
-    """(family, modules, variant) of every region our backend fuses in an inference compile of
-    a whole sequence (norm -> MLP regions; attention packs at decode only)."""
+    """(family, modules, variant) of every norm -> MLP region our backend fuses in an inference
+    compile of a whole sequence. The attention is left out: whether it fuses at a 7-token prefill
+    depends on the transformers version (5.17 passes SDPA a mask there, 5.24 none), which explain
+    does not trace; `test_gqa_decode_agrees_with_a_static_cache_generate` checks it at decode."""
     with fresh_compile() as report, torch.no_grad():
         torch.compile(model, backend="inductor_fusion")(token_ids())
-        return {(r.pattern, r.paths, r.variant) for r in report}
+        return {(r.pattern, r.paths, r.variant) for r in report if r.pattern in NORM_MLP}
 
 
 def explained_regions(

@@ -58,7 +58,9 @@ def test_every_post_attention_region_fuses(family, dtype, device):
     assert report.count("rmsnorm_mlp") == model.config.num_hidden_layers
     assert sorted(report.paths("rmsnorm_mlp", "norm")) == layer_paths("post_attention_layernorm")
     assert sorted(report.paths("rmsnorm_mlp", "mlp")) == layer_paths("mlp")
-    assert {r.variant for r in report} == {
+    # rmsnorm_mlp's only: the attention fuses too (gqa_decode) where the transformers version
+    # passes SDPA a mask at prefill (5.17 on the CPU; 5.24 passes none).
+    assert {r.variant for r in report if r.pattern == "rmsnorm_mlp"} == {
         ("fp32" if dtype == torch.float32 else "lowp") + "_3d_residual_left"
     }
     assert_within_tolerance(ours, eager, fp64_logits(model, ids))
@@ -73,7 +75,9 @@ def test_mlp_bias_variant_fuses():
     ids = token_ids()
     eager, ours, report = _eager_and_ours(model, ids)
     assert report.count("rmsnorm_mlp") == 2
-    assert {r.variant for r in report} == {"lowp_3d_bias_residual_left"}
+    assert {r.variant for r in report if r.pattern == "rmsnorm_mlp"} == {
+        "lowp_3d_bias_residual_left"
+    }
     assert_within_tolerance(ours, eager, fp64_logits(model, ids))
 
 

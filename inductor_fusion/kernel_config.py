@@ -85,8 +85,8 @@ RECOMPUTE = "recompute"
 # Patterns with an eager layer (`inductor_fusion.layers`) that ":eager" entries swap in, and the
 # norm kind (`RegionSpec.norm`) of the modules each may swap: an entry fuses in eager mode what
 # the same entry would fuse under torch.compile, never another family's region.
-EAGER_PATTERNS = ("rmsnorm_mlp", "layernorm_mlp", "mlp_postnorm")
 _EAGER_NORM = {"rmsnorm_mlp": "rms", "layernorm_mlp": "layer", "mlp_postnorm": "none"}
+EAGER_PATTERNS = tuple(_EAGER_NORM)
 
 # The names KernelConfig keys use for each pattern's modules, aligned with the family's roles
 # (registry.PatternFamily.roles). They follow transformers' kernel layer names. A family missing

@@ -113,6 +113,9 @@ class EagerFusionError(ValueError):
     """A module an eager fusion entry points at is not the norm or MLP the layer expects."""
 
 
+F_GELU = nn.functional.gelu
+
+
 def _activation(act: Any) -> str | None:
     """The op's activation name for an MLP's activation module, None if unsupported."""
     name = type(act).__name__
@@ -137,11 +140,12 @@ def _activation(act: Any) -> str | None:
     return None
 
 
-F_GELU = nn.functional.gelu
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+def _refuse_hooked(role: str, module: nn.Module, at: str) -> None:
+    if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+        raise EagerFusionError(
+            f"eager norm -> MLP: the {role}{at} ({type(module).__name__}) has forward hooks "
+            "(accelerate's device_map offloading adds some); swapping it would drop them"
+        )
 
 
 def _mlp_layout(mlp: nn.Module) -> _MLPLayout | None:
@@ -178,11 +182,7 @@ def region_spec(
             f"eager norm -> MLP: the norm{at} normalizes over {tuple(norm.normalized_shape)}, "
             "not the last dimension alone"
         )
-    if _hooked(norm):
-        raise EagerFusionError(
-            f"eager norm -> MLP: the norm{at} ({type(norm).__name__}) has forward hooks "
-            "(accelerate's device_map offloading adds some); swapping it would drop them"
-        )
+    _refuse_hooked("norm", norm, at)
     eps_attribute, spec = kind
     eps = getattr(norm, eps_attribute, None)
     if not isinstance(eps, float):
@@ -196,11 +196,7 @@ def region_spec(
 def _mlp_spec(mlp: nn.Module, spec: RegionSpec, at: str, hidden: int | None = None) -> RegionSpec:
     """``spec`` completed with the MLP's activation and gating; raises if the MLP is not one we
     take (``hidden``: the norm's size the MLP must read)."""
-    if _hooked(mlp):
-        raise EagerFusionError(
-            f"eager norm -> MLP: the MLP{at} ({type(mlp).__name__}) has forward hooks "
-            "(accelerate's device_map offloading adds some); swapping it would drop them"
-        )
+    _refuse_hooked("MLP", mlp, at)
     layout = _mlp_layout(mlp)
     if layout is None:
         expected = "; ".join(", ".join(layout.children) for layout in _MLP_LAYOUTS)
@@ -326,20 +322,18 @@ class NormMLP(nn.Module):
         # ``_keep_in_fp32_modules`` keeps norms in fp32; Gemma's norm then still returns the
         # input's dtype): the modules handle that, the op would raise.
         dtype = hidden.dtype
-        tensors = [p for p in self._parameters.values() if p is not None]
-        for proj in projections:
-            if proj is not None:
-                tensors += [t for t in (proj.weight, proj.bias) if t is not None]
-        mixed = sorted({str(t.dtype) for t in tensors if t.dtype != dtype})
-        if mixed:
-            if not self._told_mixed:
-                self._told_mixed = True
-                log.info(
-                    "inductor_fusion: eager %s runs its modules: input %s, weights %s",
-                    self.where or type(self.norm).__name__, dtype, ", ".join(mixed),
-                )  # fmt: skip
-            return True
-        return False
+        tensors = [*self._parameters.values()]
+        tensors += [t for proj in projections if proj is not None for t in (proj.weight, proj.bias)]
+        if all(t is None or t.dtype == dtype for t in tensors):
+            return False
+        if not self._told_mixed:  # the message is built on the rare path only
+            self._told_mixed = True
+            mixed = sorted({str(t.dtype) for t in tensors if t is not None and t.dtype != dtype})
+            log.info(
+                "inductor_fusion: eager %s runs its modules: input %s, weights %s",
+                self.where or type(self.norm).__name__, dtype, ", ".join(mixed),
+            )  # fmt: skip
+        return True
 
     def _records_grad(self, hidden: Tensor, projections: tuple[Any, ...]) -> bool:
         return torch.is_grad_enabled() and (

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import inductor_fusion
 from inductor_fusion.kernel_config import KernelConfig, apply_kernel_config, model_plan
-from inductor_fusion.layers import EagerFusionError, FusedAway, NormMLP, RMSNormMLP
+from inductor_fusion.layers import EagerFusionError, FusedAway, NormMLP
 
 pytestmark = pytest.mark.usefixtures("offline_hub_no_toggles")
 
@@ -64,15 +64,20 @@ def logits_and_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Ten
     return logits, counter.ops[OP]
 
 
+def fused_paths(model: torch.nn.Module) -> list[str]:
+    """Paths of the swapped norms; asserts each MLP beside one is a FusedAway and no other is."""
+    modules = dict(model.named_modules())
+    norms = [path for path, module in modules.items() if isinstance(module, NormMLP)]
+    away = [path for path, module in modules.items() if isinstance(module, FusedAway)]
+    assert away == [path.rpartition(".")[0] + ".mlp" for path in norms], (norms, away)
+    return norms
+
+
 def swapped_layers(model: torch.nn.Module) -> list[int]:
-    layers = model.model.layers
-    fused = [
-        i
-        for i, layer in enumerate(layers)
-        if isinstance(layer.post_attention_layernorm, RMSNormMLP)
-    ]
-    assert fused == [i for i, layer in enumerate(layers) if isinstance(layer.mlp, FusedAway)]
-    return fused
+    """Indices of the Llama decoder layers whose post-attention norm and MLP were swapped."""
+    paths = fused_paths(model)
+    assert all(p.endswith(".post_attention_layernorm") for p in paths), paths
+    return [int(p.split(".")[2]) for p in paths]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -119,15 +124,6 @@ EAGER_FAMILIES = {
 
 # The tolerance rule's small absolute term, per dtype (relative L2 of logits).
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
-
-
-def fused_paths(model: torch.nn.Module) -> list[str]:
-    """Paths of the swapped norms; asserts each MLP beside one is a FusedAway and no other is."""
-    modules = dict(model.named_modules())
-    norms = [path for path, module in modules.items() if isinstance(module, NormMLP)]
-    away = [path for path, module in modules.items() if isinstance(module, FusedAway)]
-    assert away == [path.rpartition(".")[0] + ".mlp" for path in norms], (norms, away)
-    return norms
 
 
 # bf16 too: in fp32 the norm's cast back is exact, so fp32 alone cannot tell Gemma's rounding

@@ -21,30 +21,32 @@ from torch import nn
 pytestmark = pytest.mark.slow
 
 
-class _GemmaEpsOutsideSqrt(nn.Module):
-    """Gemma's RMSNorm with eps added after the square root: x / (rms(x) + eps)."""
+class _GemmaNormLookalike(nn.Module):
+    """Gemma's RMSNorm (``1 + w`` in fp32, one cast back) with another normalisation."""
 
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
         self.weight, self.eps = norm.weight, norm.eps
 
-    def forward(self, x):
-        x32 = x.float()
-        out = x32 / (x32.pow(2).mean(-1, keepdim=True).sqrt() + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
-
-
-class _GemmaMeanOverSequence(nn.Module):
-    """Gemma's RMSNorm with the mean over the sequence dimension instead of the features."""
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.weight, self.eps = norm.weight, norm.eps
+    def normalize(self, x32: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x):
-        x32 = x.float()
-        out = x32 * torch.rsqrt(x32.pow(2).mean(1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        return (self.normalize(x.float()) * (1.0 + self.weight.float())).type_as(x)
+
+
+class _GemmaEpsOutsideSqrt(_GemmaNormLookalike):
+    """eps added after the square root: x / (rms(x) + eps)."""
+
+    def normalize(self, x32):
+        return x32 / (x32.pow(2).mean(-1, keepdim=True).sqrt() + self.eps)
+
+
+class _GemmaMeanOverSequence(_GemmaNormLookalike):
+    """The mean over the sequence dimension instead of the features."""
+
+    def normalize(self, x32):
+        return x32 * torch.rsqrt(x32.pow(2).mean(1, keepdim=True) + self.eps)
 
 
 class _LayerNormWithoutCentering(nn.Module):

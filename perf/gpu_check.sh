@@ -140,45 +140,32 @@ else
 fi
 say "(b) demo rc=$RC_DEMO"
 
-# --- (b2) host cost -----------------------------------------------------------------------------------
-RC_HOST=skipped
-T_HOST=$(($(left) - 15))
-if stage host && ((T_HOST >= 60)); then
-    say "(b2) bench_host ${BENCH_HOST_ARGS:-}, limit ${T_HOST}s"
-    # shellcheck disable=SC2086  # the arguments are meant to split
-    timeout -k 10 "$T_HOST" python3 perf/bench_host.py --out "$OUT" ${BENCH_HOST_ARGS:-} 2>&1 |
-        tee "$OUT/host.log"
-    RC_HOST=${PIPESTATUS[0]}
-fi
-say "(b2) host rc=$RC_HOST"
-
-# --- (b3) end to end ----------------------------------------------------------------------------------
-RC_E2E=skipped
-T_E2E=$(($(left) - 15))
-if stage e2e && ((T_E2E >= 90)); then
-    say "(b3) bench_e2e ${E2E_ARGS:-}, limit ${T_E2E}s"
-    # shellcheck disable=SC2086  # the arguments are meant to split
-    timeout -k 10 "$T_E2E" python3 perf/bench_e2e.py --out "$OUT" --time-budget $((T_E2E - 40)) \
-        ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log"
-    RC_E2E=${PIPESTATUS[0]}
-fi
-say "(b3) e2e rc=$RC_E2E"
-
-# --- (b4) training -------------------------------------------------------------------------------------
-# perf/bench_train.py rewrites its results.json after every row, so a timeout keeps what ran.
-RC_TRAIN=skipped
-T_TRAIN=$(($(left) - 15))
-if stage train && ((T_TRAIN >= 90)); then
-    say "(b4) bench_train ${TRAIN_ARGS:-}, limit ${T_TRAIN}s"
-    # shellcheck disable=SC2086  # the arguments are meant to split
-    timeout -k 10 "$T_TRAIN" python3 perf/bench_train.py --out "$OUT/train" ${TRAIN_ARGS:-} 2>&1 |
-        tee "$OUT/train.log"
-    RC_TRAIN=${PIPESTATUS[0]}
-    if [[ -f $OUT/train/results.json && ! -f $OUT/train/results.md ]]; then
-        say "bench_train ended early: its results.json holds the rows that ran"
+# --- (b2)-(b4) host cost, end to end, training ---------------------------------------------------------
+# Runs "${@:3}" as stage $1 (output also in $OUT/$1.log) if the stage is selected and at least $2
+# seconds are left, under `timeout` with what is left. Sets STAGE_RC to the exit status, or "skipped".
+run_stage() {
+    local name=$1 min=$2 limit=$(($(left) - 15))
+    shift 2
+    STAGE_RC=skipped
+    if stage "$name" && ((limit >= min)); then
+        say "($name) $*, limit ${limit}s"
+        timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+        STAGE_RC=${PIPESTATUS[0]}
     fi
-fi
-say "(b4) train rc=$RC_TRAIN"
+    say "($name) rc=$STAGE_RC"
+}
+
+# shellcheck disable=SC2086  # the *_ARGS are meant to split
+run_stage host 60 python3 perf/bench_host.py --out "$OUT" ${BENCH_HOST_ARGS:-}
+RC_HOST=$STAGE_RC
+# bench_e2e stops starting work 40 s before the stage's limit (left - 15).
+# shellcheck disable=SC2086
+run_stage e2e 90 python3 perf/bench_e2e.py --out "$OUT" --time-budget $(($(left) - 55)) ${E2E_ARGS:-}
+RC_E2E=$STAGE_RC
+# bench_train rewrites its results.json after every row, so a timeout keeps what ran.
+# shellcheck disable=SC2086
+run_stage train 90 python3 perf/bench_train.py --out "$OUT/train" ${TRAIN_ARGS:-}
+RC_TRAIN=$STAGE_RC
 
 # --- (c) benchmark ------------------------------------------------------------------------------------
 # bench.py rewrites results.json after every (shape, M), so a timeout still leaves data. Its own

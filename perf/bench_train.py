@@ -190,6 +190,8 @@ def model_rows(
     import inductor_fusion
     from inductor_fusion.triton_kernels import rmsnorm_mlp_train
 
+    # Not demo._build's model: that one keeps a 32000-token vocabulary, and the 1B shape's
+    # 128256-token head (its logits and their gradient) is a real part of a training step.
     dims = (
         dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, head_dim=16)
         if small

@@ -483,7 +483,7 @@ def should_fuse(args: RegionArgs) -> str | None:
     region is compute-bound and Inductor's own code (cuBLAS GEMMs) is faster than our tiled
     kernels, so the region stays Inductor's (measured on an H200: perf/results/host). On the CPU
     our op is the eager reference and we still fuse, so that CPU runs exercise the same graphs as
-    GPU ones.
+    GPU ones. Non-gated MLPs stay Inductor's on CUDA at every M (see below).
     """
     from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
 
@@ -497,6 +497,14 @@ def should_fuse(args: RegionArgs) -> str | None:
         if not FUSED_TRAINING_ON_CUDA:
             return "training regions are not fused on CUDA until the GPU benchmark shows a win"
         return None
+    if args.up_weight is None:
+        # GPT-NeoX, Starcoder2, Nemotron: one up-projection. Our GEMV then streams one matrix
+        # per tile; tuned on an H200 it still ran 0.84-0.95x Inductor's code at M <= 64
+        # (perf/results/families), so on CUDA the region stays Inductor's.
+        return (
+            "non-gated MLP on CUDA: our kernels measured slower than Inductor's for one "
+            "up-projection"
+        )
     tokens = h.numel() // h.shape[-1]
     # bool() of a symbolic comparison guards on it: a graph with a dynamic token count is then
     # compiled for one side of the threshold, and the other side recompiles once.

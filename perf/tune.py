@@ -17,6 +17,11 @@ Output (``--out``): ``tune.json`` (every candidate's time, the choices, GPU and 
 recorded as such and skipped.
 
     python perf/tune.py --out /tmp/tune --shapes 2048x8192,4096x14336 --budget 420
+    python perf/tune.py --out /tmp/tune --shapes gemma:2304x9216,neox:2560x10240 --tokens 1,16,64
+
+A shape may name a family kind of perf/bench.py (``kind:HxI``; bare ``HxI`` is Llama's): its
+launches then compute that family's region (norm, activation, biases, gated or not). Tables are
+keyed by shape; a non-gated kind's rows go under ``(H, I, "non-gated")``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench import KINDS, Shape
 from perf_common import csv_list, dist_version, error_text, git_commit, log, rel_l2
 
 from inductor_fusion.triton_kernels import rmsnorm_mlp as op
@@ -70,6 +76,13 @@ DOWN_GEMV = (
     (128, 64, 8, 4, 4),
     (128, 128, 8, 3, 2),
 )
+# A non-gated MLP's gate/up streams one matrix, not two: wider tiles keep as many bytes in flight.
+NON_GATED_GEMV = (
+    (128, 128, 8, 4),
+    (128, 256, 8, 3),
+    (256, 64, 8, 4),
+    (256, 128, 8, 3),
+)
 # Tiled rows: (block_m, block_n, block_k, num_warps, num_stages); gate/up has two accumulators.
 GATE_UP_TILES = (
     (64, 64, 64, 4, 4),
@@ -106,12 +119,12 @@ def gemv_block_m(m: int, cap: int) -> int:
     return min(cap, max(16, 1 << (m - 1).bit_length()))
 
 
-def gate_up_candidates(m: int) -> list[tuple[op._Blocks, bool]]:
+def gate_up_candidates(m: int, gated: bool = True) -> list[tuple[op._Blocks, bool]]:
     """(blocks, prenorm) pairs worth timing at ``m`` tokens."""
     out = []
     if m <= 64:
         block_m = gemv_block_m(m, 64)
-        for bn, bk, w, s in GATE_UP_GEMV:
+        for bn, bk, w, s in GATE_UP_GEMV + (() if gated else NON_GATED_GEMV):
             out.append((op._Blocks("gemv", block_m, bn, bk, w, s), False))
     if m >= 32:
         for bm, bn, bk, w, s in GATE_UP_TILES:
@@ -150,10 +163,15 @@ def down_candidates(m: int) -> list[op._Blocks]:
 
 
 class Problem:
-    """One shape's weights (in rotating copies) and activations for the largest M."""
+    """One shape's weights (in rotating copies) and activations for the largest M, for the
+    region of family ``kind`` (perf/bench.py's KINDS: its norm, activation, biases)."""
 
-    def __init__(self, hidden: int, inter: int, max_m: int, l2_bytes: int, seed: int = 0) -> None:
-        self.hidden, self.inter = hidden, inter
+    def __init__(
+        self, hidden: int, inter: int, max_m: int, l2_bytes: int, seed: int = 0, kind="llama"
+    ) -> None:
+        self.hidden, self.inter, self.kind = hidden, inter, kind
+        self.spec = op.RegionSpec(**dict(KINDS[kind].op_spec))
+        bias = KINDS[kind].bias
         dev = DEVICE
         gen = torch.Generator(device=dev).manual_seed(seed)
 
@@ -164,9 +182,15 @@ class Problem:
         down_bytes = hidden * inter * 2
         self.copies = max(2, math.ceil(2 * l2_bytes / down_bytes) + 1)
         self.gate = [randn(inter, hidden, std=0.02) for _ in range(self.copies)]
-        self.up = [randn(inter, hidden, std=0.02) for _ in range(self.copies)]
+        gated = self.spec.gated
+        self.up = [randn(inter, hidden, std=0.02) if gated else None for _ in range(self.copies)]
         self.down = [randn(hidden, inter, std=0.02) for _ in range(self.copies)]
         self.norm_w = (1.0 + 0.1 * torch.randn(hidden, generator=gen, device=dev)).to(DTYPE)
+        if self.spec.norm_weight_offset:  # the model's weight is w, the norm multiplies w + 1
+            self.norm_w = self.norm_w - self.spec.norm_weight_offset
+        self.norm_b = randn(hidden, std=0.1) if self.spec.norm == "layer" else None
+        self.gate_b = randn(inter, std=0.02) if bias else None
+        self.down_b = randn(hidden, std=0.02) if bias else None
         self.x = randn(max_m, hidden)
         self.res = randn(max_m, hidden)
         self.normed = torch.empty_like(self.x)
@@ -182,11 +206,11 @@ class Problem:
         def run(i: int) -> None:
             a = x
             if prenorm:
-                op._norm_launch(x, self.norm_w, normed, EPS).run()
+                op._norm_launch(x, self.norm_w, normed, EPS, bias=self.norm_b, spec=self.spec).run()
                 a = normed
             op._gate_up_launch(
-                blocks, a, self.norm_w, self.gate[i], self.up[i], None, None, inter, EPS, "tf32",
-                norm_in_loop=not prenorm,
+                blocks, a, self.norm_w, self.gate[i], self.up[i], self.gate_b, None, inter, EPS,
+                "tf32", norm_in_loop=not prenorm, norm_bias=self.norm_b, spec=self.spec,
             ).run()  # fmt: skip
 
         return run
@@ -195,7 +219,9 @@ class Problem:
         inter, res, out = self.inter_buf[:m], self.res[:m], self.out[:m]
 
         def run(i: int) -> None:
-            op._down_launch(blocks, inter, self.down[i], None, res, out, "tf32", self.locks).run()
+            op._down_launch(
+                blocks, inter, self.down[i], self.down_b, res, out, "tf32", self.locks
+            ).run()
 
         return run
 
@@ -205,10 +231,23 @@ class Problem:
         def run(i: int) -> None:
             op.rmsnorm_mlp_triton(
                 x, self.norm_w, self.gate[i], self.up[i], self.down[i], residual=res, eps=EPS,
-                _config=config,
+                **self.extras(), _config=config,
             )  # fmt: skip
 
         return run
+
+    def extras(self) -> dict:
+        """The op's keyword arguments besides the weights: biases and the family's spec."""
+        return {
+            "gate_bias": self.gate_b, "down_bias": self.down_b, "norm_bias": self.norm_b,
+            "spec": self.spec,
+        }  # fmt: skip
+
+    @property
+    def key(self) -> tuple:
+        """The tuning table's key for this problem (see ``rmsnorm_mlp._tuned_configs``)."""
+        size = (self.hidden, self.inter)
+        return size if self.spec.gated else (*size, op.NON_GATED)
 
 
 def time_us(fn: Callable[[int], None], copies: int, target_us: float = 2000.0) -> float:
@@ -247,14 +286,17 @@ def check(problem: Problem, m: int, config: op._Config) -> dict[str, float]:
     """Relative L2 error vs an fp32 reference, ours and eager's (same weights, TF32 off)."""
     x, res = problem.x[:m], problem.res[:m]
     w = (problem.norm_w, problem.gate[0], problem.up[0], problem.down[0])
-    ours = op.rmsnorm_mlp_triton(x, *w, residual=res, eps=EPS, _config=config)
-    eager = op.rmsnorm_mlp_reference(x, *w, residual=res, eps=EPS)
+    extras = problem.extras()
+    ours = op.rmsnorm_mlp_triton(x, *w, residual=res, eps=EPS, **extras, _config=config)
+    eager = op.rmsnorm_mlp_reference(x, *w, residual=res, eps=EPS, **extras)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
+        up = lambda t: None if t is None else t.float()  # noqa: E731
         ref = op.rmsnorm_mlp_reference(
-            x.float(), *(t.float() for t in w), residual=res.float(), eps=EPS
-        )
+            x.float(), *(up(t) for t in w), residual=res.float(), eps=EPS,
+            **{k: up(v) if k != "spec" else v for k, v in extras.items()},
+        )  # fmt: skip
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return {"ours": rel_l2(ours, ref), "eager": rel_l2(eager, ref)}
@@ -265,7 +307,7 @@ def tune_one(problem: Problem, m: int, deadline: float) -> dict:
     roles = {
         "gate_up": [
             (f"{b.key()}{'+prenorm' if p else ''}", problem.gate_up_fn(m, b, p), (b, p))
-            for b, p in gate_up_candidates(m)
+            for b, p in gate_up_candidates(m, problem.spec.gated)
         ],
         "down": [(b.key(), problem.down_fn(m, b), b) for b in down_candidates(m)],
     }
@@ -306,9 +348,7 @@ def tune_one(problem: Problem, m: int, deadline: float) -> dict:
     return record
 
 
-def module_text(
-    choices: dict[tuple[int, int], list[dict]], meta: dict, largest_m: int | None = None
-) -> str:
+def module_text(choices: dict[tuple, list[dict]], meta: dict, largest_m: int | None = None) -> str:
     """The ``_rmsnorm_mlp_tuned`` module. The last row of a shape covers every larger M only if
     it was tuned at ``largest_m`` (the largest M asked for; None: always): a run cut short by
     its budget leaves larger M to the defaults instead of stretching a small-M choice."""
@@ -322,10 +362,10 @@ def module_text(
         f"Measured on {meta['gpu']} ({meta['date']}, torch {meta['torch']}, triton {meta['triton']}).",
         '"""',
         "",
-        "TUNED: dict[tuple[int, int], tuple[tuple[int, str, str, bool], ...]] = {",
+        "TUNED: dict[tuple, tuple[tuple[int, str, str, bool], ...]] = {",
     ]
-    for (h, i), rows in sorted(choices.items()):
-        lines.append(f"    ({h}, {i}): (")
+    for key, rows in sorted(choices.items(), key=lambda item: tuple(map(str, item[0]))):
+        lines.append(f"    {key!r}: (")
         for n, row in enumerate(rows):
             last = n == len(rows) - 1 and (largest_m is None or row["m"] >= largest_m)
             max_m = "2**62" if last else str(row["m"])
@@ -345,7 +385,7 @@ def main() -> int:
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in csv_list(args.shapes)]
+    shapes = [Shape.parse(text) for text in csv_list(args.shapes)]
     tokens = sorted(int(t) for t in csv_list(args.tokens))
     props = torch.cuda.get_device_properties(0)
     meta = {
@@ -359,20 +399,22 @@ def main() -> int:
     t0 = time.monotonic()
     deadline = t0 + args.budget
     records, choices = [], {}
-    for h, i in shapes:
-        problem = Problem(h, i, max(tokens), getattr(props, "L2_cache_size", 50 << 20))
+    for shape in shapes:
+        l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
+        problem = Problem(shape.hidden, shape.inter, max(tokens), l2_bytes, kind=shape.kind)
         rows = []
         for m in tokens:
             if time.monotonic() > deadline:
-                log(f"budget spent: {h}x{i} stops before M={m}")
+                log(f"budget spent: {shape.key} stops before M={m}")
                 break
             rec = tune_one(problem, m, deadline)
+            rec["kind"] = shape.kind
             records.append(rec)
             if "choice" in rec:
                 rows.append(rec)
                 c = rec["choice"]
                 log(
-                    f"{h}x{i} M={m}: op {rec['op_us']:.1f} us (default {rec['default_op_us']:.1f})"
+                    f"{shape.key} M={m}: op {rec['op_us']:.1f} us (default {rec['default_op_us']:.1f})"
                     f" | gate_up {c['gate_up']}{'+prenorm' if c['prenorm'] else ''}"
                     f" {c['gate_up_us']:.1f} | down {c['down']} {c['down_us']:.1f}"
                     f" | err {rec['errors']['ours']:.2e} (eager {rec['errors']['eager']:.2e})"
@@ -380,7 +422,7 @@ def main() -> int:
                 )
             (out_dir / "tune.json").write_text(json.dumps({"meta": meta, "records": records}))
         if rows:
-            choices[(h, i)] = rows
+            choices[problem.key] = rows
         del problem
         torch.cuda.empty_cache()
     (out_dir / "_rmsnorm_mlp_tuned.py").write_text(module_text(choices, meta, max(tokens)))

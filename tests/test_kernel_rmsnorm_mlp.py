@@ -74,13 +74,23 @@ EDGE_CONFIGS = (
 )
 
 
+def _key_shape(key: tuple) -> tuple[int, int]:
+    return key[0], key[1]
+
+
+def _key_gated(key: tuple) -> bool:
+    """Table keys are (H, I) for a gated MLP, (H, I, "non-gated") for one up-projection."""
+    assert len(key) == 2 or key[2:] == (rmsnorm_mlp_module.NON_GATED,), key
+    return len(key) == 2
+
+
 def _distinct_configs() -> dict[str, _Config]:
     """Every launch configuration the op can pick on a GPU, plus the edge ones, each once."""
     found: dict[tuple, _Config] = {}
     tuned = (
-        _tuned_configs(h, i, torch.bfloat16, device)
+        _tuned_configs(*_key_shape(key), torch.bfloat16, device, _key_gated(key))
         for device, table in _tuned.TUNED_BY_DEVICE.items()
-        for h, i in table
+        for key in table
     )
     for table in (_DEFAULT_CONFIGS, *tuned):
         for _, config in table:
@@ -290,19 +300,24 @@ def test_every_config_branch(device, dtype, config):
 
 # A shape perf/tune.py has not measured, so _pick_config falls back to _DEFAULT_CONFIGS.
 UNTUNED = (1000, 3000)
-# name -> (shape, rows, GPU model the table is for; None: the default table, the H100's).
+# name -> (shape, gated, rows, GPU model the table is for; None: the default table, the H100's).
 TABLES = {
-    "default": (UNTUNED, _DEFAULT_CONFIGS, None),
+    "default": (UNTUNED, True, _DEFAULT_CONFIGS, None),
     **{
-        f"{device}-{h}x{i}": ((h, i), _tuned_configs(h, i, torch.bfloat16, device), device)
+        f"{device}-{'x'.join(map(str, key))}": (
+            _key_shape(key),
+            _key_gated(key),
+            _tuned_configs(*_key_shape(key), torch.bfloat16, device, _key_gated(key)),
+            device,
+        )
         for device, table in _tuned.TUNED_BY_DEVICE.items()
-        for h, i in table
+        for key in table
     },
 }
 
 
 def _all_blocks() -> set[_Blocks]:
-    configs = [c for _, table, _ in TABLES.values() for _, c in table]
+    configs = [c for _, _, table, _ in TABLES.values() for _, c in table]
     configs += [*CONFIGS.values(), rmsnorm_mlp_module._INTERPRET_CONFIG]
     configs += [_fp32_form(c) for c in configs]
     return {blocks for c in configs for blocks in (c.gate_up, c.down)}
@@ -312,13 +327,18 @@ def _all_blocks() -> set[_Blocks]:
 @pytest.mark.parametrize("table", TABLES)
 def test_pick_config_follows_table(table, dtype):
     """Each row applies up to its max_m and the next one from max_m + 1."""
-    (h, i), rows, device = TABLES[table]
+    (h, i), gated, rows, device = TABLES[table]
     assert all(UNTUNED not in t for t in _tuned.TUNED_BY_DEVICE.values())
     bounds = [max_m for max_m, _ in rows]
     assert bounds == sorted(set(bounds))
 
     def pick(m):
-        return _pick_config(m, h, i, dtype, interpret=False, device_name=device)
+        return _pick_config(m, h, i, dtype, interpret=False, device_name=device, gated=gated)
+
+    if table != "default" and (h, i) not in _tuned.TUNED_BY_DEVICE[device] and gated is False:
+        # Non-gated rows are the non-gated MLP's alone: a gated one of that shape has defaults.
+        other = _pick_config(1, h, i, dtype, interpret=False, device_name=device)
+        assert other == next(c for max_m, c in _DEFAULT_CONFIGS if max_m >= 1)
 
     assert pick(1) == rows[0][1]
     for (max_m, config), (_, next_config) in itertools.pairwise(rows):

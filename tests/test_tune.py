@@ -205,8 +205,8 @@ def test_candidates_are_valid(tune):
     """The real candidate lists: every entry a configuration the launcher accepts and runs as
     named, for every token count main() tunes."""
     any_gate_up = _Blocks("gemv", 16, 32, 32, 4, 2)
-    for m in tune.TOKENS:
-        gate_up, down = tune.gate_up_candidates(m), tune.down_candidates(m)
+    for m, gated in ((m, g) for m in tune.TOKENS for g in (True, False)):
+        gate_up, down = tune.gate_up_candidates(m, gated), tune.down_candidates(m)
         assert gate_up and down
         for blocks, prenorm in gate_up:
             _Config("candidate", blocks, down[0], prenorm)  # raises for an invalid combination
@@ -223,3 +223,35 @@ def test_candidates_are_valid(tune):
         names = [_gate_up_name(b, p) for b, p in gate_up]
         assert len(set(names)) == len(names)
         assert len({b.key() for b in down}) == len(down)
+
+
+@_needs_interpreter
+@pytest.mark.parametrize("kind", ["neox", "gemma"])
+def test_family_kind_is_tuned_and_read_back_under_its_key(small_tune, monkeypatch, kind):
+    """A family kind's launches compute that family's region (the error check compares the
+    tuned op with the reference of the same spec), and its rows land where the op looks them up:
+    (H, I) for a gated MLP, (H, I, "non-gated") for one up-projection, which a gated region of
+    the same shape does not read."""
+    tune, _ = small_tune
+    problem = tune.Problem(HIDDEN, INTER, MAX_M, l2_bytes=1, kind=kind)
+    gated = kind != "neox"
+    assert problem.spec.gated is gated
+    assert (problem.up[0] is None) is not gated
+    assert (problem.norm_b is not None) is (kind == "neox")
+    record = tune.tune_one(problem, 1, deadline=time.monotonic() + 600)
+    errors = record["errors"]
+    assert errors["ours"] <= 2 * errors["eager"] + 2.0**-11, errors
+    if not gated:  # the wide non-gated rows were candidates
+        assert any(k.startswith("gemv:16x256x") for k in record["gate_up"])
+
+    meta = {"gpu": "CPU (Triton interpreter)", "date": "today", "torch": "x", "triton": "y"}
+    namespace: dict = {}
+    exec(compile(tune.module_text({problem.key: [record]}, meta), "t.py", "exec"), namespace)
+    table = namespace["TUNED"]
+    assert list(table) == [(HIDDEN, INTER) if gated else (HIDDEN, INTER, "non-gated")]
+    monkeypatch.setattr(_tuned, "TUNED", table)
+    mine = _pick_config(1, HIDDEN, INTER, torch.float16, interpret=False, gated=gated)
+    other = _pick_config(1, HIDDEN, INTER, torch.float16, interpret=False, gated=not gated)
+    assert mine.gate_up.key() == record["choice"]["gate_up"]
+    assert mine.down.key() == record["choice"]["down"]
+    assert other == next(cfg for max_m, cfg in _DEFAULT_CONFIGS if max_m >= 1)

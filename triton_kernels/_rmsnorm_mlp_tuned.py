@@ -59,7 +59,7 @@ TUNED: dict[tuple[int, int], tuple[tuple[int, str, str, bool], ...]] = {
 # lowered. At M=64 on 2048x8192 tune.py preferred the TMA gate/up (38.0 us eager), which a
 # compiled graph runs as its pointer form; the H100 row's GEMVs ran 37.5 us lowered on the H200
 # (perf/results/host), so that row is kept. Larger M fall back to the defaults.
-TUNED_H200: dict[tuple[int, int], tuple[tuple[int, str, str, bool], ...]] = {
+TUNED_H200: dict[tuple, tuple[tuple[int, str, str, bool], ...]] = {
     (2048, 8192): (
         (1, "gemv:16x64x64:w8s6", "gemv:16x64x128:w4s4k4", False),
         (16, "gemv:16x64x128:w8s4", "gemv:16x64x128:w4s4k4", False),
@@ -70,9 +70,33 @@ TUNED_H200: dict[tuple[int, int], tuple[tuple[int, str, str, bool], ...]] = {
         (16, "gemv:16x128x128:w8s3", "gemv:16x64x64:w4s6k4", False),
         (64, "gemv:64x128x64:w8s4", "gemv:64x64x128:w4s4k2", False),
     ),
+    # Families (2026-12-02T18:41, same versions; perf/results/families/tune.json). Gemma-2-2B:
+    # the defaults' 64-wide gate/up tiles gave 144 programs on 132 SMs (a second, nearly empty
+    # wave); 128-wide ones take M=1 from 50.6 to 40.8 us. M=64 keeps a GEMV (36.7 us gate/up;
+    # the TMA one tune.py preferred runs as a pointer GEMM in a compiled graph).
+    (2304, 9216): (
+        (4, "gemv:16x128x128:w8s3", "gemv:16x64x64:w4s6k4", False),
+        (16, "gemv:16x128x128:w8s3", "gemv:16x64x128:w4s4k4", False),
+        (32, "gemv:32x128x128:w8s3", "gemv:32x64x128:w4s4k4", False),
+        (64, "gemv:64x128x64:w8s4", "gemv:64x64x64:w4s6k4", False),
+    ),
+    # Non-gated (Pythia-2.8B, Nemotron-4-Minitron-4B sizes): what the eager op and the eager
+    # layer run (compiled graphs leave these regions to Inductor on CUDA: even tuned they ran
+    # 0.84-0.95x). From M=64 the norm pre-pass + TMA gate/up (24.5 us vs 43.7 for a GEMV).
+    (2560, 10240, "non-gated"): (
+        (4, "gemv:16x128x128:w8s4", "gemv:16x64x128:w4s4k4", False),
+        (16, "gemv:16x128x128:w8s4", "gemv:16x32x128:w4s4k4", False),
+        (32, "gemv:32x128x128:w8s4", "gemv:32x32x128:w4s4k4", False),
+        (64, "tma:64x64x64:w4s4g8", "gemv:64x64x128:w4s4k2", True),
+    ),
+    (3072, 9216, "non-gated"): (
+        (16, "gemv:16x128x128:w8s4", "gemv:16x64x64:w4s6k4", False),
+        (32, "gemv:32x128x128:w8s4", "gemv:32x32x128:w4s4k4", False),
+        (64, "tma:64x64x64:w4s4g8", "gemv:64x64x128:w4s4k2", True),
+    ),
 }
 
-TUNED_BY_DEVICE: dict[str, dict[tuple[int, int], tuple[tuple[int, str, str, bool], ...]]] = {
+TUNED_BY_DEVICE: dict[str, dict[tuple, tuple[tuple[int, str, str, bool], ...]]] = {
     "NVIDIA H100 80GB HBM3": TUNED,
     "NVIDIA H200": TUNED_H200,
 }

@@ -52,6 +52,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # compute-bound: Inductor's cuBLAS GEMMs ran 3-20 % faster than our pointer-based tiled kernels
 # (e.g. 4096x14336 at M=4096: 2163 vs 2628 us), so a compiled graph keeps Inductor's code there.
 MAX_PROFITABLE_TOKENS = 64
+# The tuning tables' key suffix for a non-gated MLP's rows (see ``_tuned_configs``).
+NON_GATED = "non-gated"
 
 
 NORMS = ("rms", "layer", "none")
@@ -369,21 +371,29 @@ _INTERPRET_CONFIG = _config("interpret", "gemm:16x32x32:w1s1g1", "gemm:16x32x32:
 
 
 def _tuned_configs(
-    hidden_size: int, intermediate_size: int, dtype: torch.dtype, device_name: str | None = None
+    hidden_size: int,
+    intermediate_size: int,
+    dtype: torch.dtype,
+    device_name: str | None = None,
+    gated: bool = True,
 ) -> tuple[tuple[int, _Config], ...] | None:
     """The measured table for this shape (``perf/tune.py`` writes it), if there is one.
 
     ``device_name`` picks the table measured on that GPU model; GPUs without their own table
     (and callers that name none) get the H100's, measured on the same Hopper architecture the
-    kernels were written for. Shapes no table has take the defaults.
+    kernels were written for. Shapes no table has take the defaults. A non-gated MLP (one
+    up-projection) has its own rows, keyed ``(H, I, "non-gated")``: its gate/up launch streams
+    half the weights per tile, so the gated tiles leave it short of bytes in flight.
     """
     if dtype == torch.float32:
         return None
     table = _tuned.TUNED_BY_DEVICE.get(device_name or "", _tuned.TUNED)
-    entry = table.get((hidden_size, intermediate_size))
+    key = (hidden_size, intermediate_size) if gated else (hidden_size, intermediate_size, NON_GATED)
+    entry = table.get(key)
     if entry is None:
         return None
-    return _parse_table(f"tuned-{hidden_size}x{intermediate_size}", entry)
+    suffix = "" if gated else "-non-gated"
+    return _parse_table(f"tuned-{hidden_size}x{intermediate_size}{suffix}", entry)
 
 
 def _device_name(device: torch.device) -> str | None:
@@ -422,6 +432,7 @@ def _pick_config(
     dtype: torch.dtype,
     interpret: bool,
     device_name: str | None = None,
+    gated: bool = True,
 ) -> _Config:
     """The launch configuration for ``m`` tokens.
 
@@ -431,7 +442,7 @@ def _pick_config(
     """
     if interpret:
         return _INTERPRET_CONFIG
-    tuned = _tuned_configs(hidden_size, intermediate_size, dtype, device_name) or ()
+    tuned = _tuned_configs(hidden_size, intermediate_size, dtype, device_name, gated) or ()
     # A table tuned up to some M only covers that far; larger M take the defaults.
     config = next((cfg for max_m, cfg in tuned if m <= max_m), None)
     if config is None:
@@ -656,7 +667,7 @@ def _region_plan(
     gate_weight = tensors[1]
     config = config or _graph_config(
         m, hidden.shape[-1], gate_weight.shape[0], hidden.dtype, hidden.device.type == "cpu",
-        _device_name(hidden.device),
+        _device_name(hidden.device), spec.gated,
     )  # fmt: skip
     return _plan(
         hidden, *tensors, residual, eps, config, tma=tma, norm_bias=norm_bias,
@@ -677,9 +688,12 @@ def _graph_config(
     dtype: torch.dtype,
     interpret: bool,
     device_name: str | None = None,
+    gated: bool = True,
 ) -> _Config:
     def pick(tokens: int) -> _Config:
-        return _pick_config(tokens, hidden_size, intermediate_size, dtype, interpret, device_name)
+        return _pick_config(
+            tokens, hidden_size, intermediate_size, dtype, interpret, device_name, gated
+        )
 
     if isinstance(m, int):
         return pick(m)

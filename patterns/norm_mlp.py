@@ -478,14 +478,15 @@ def can_fuse(args: RegionArgs) -> str | None:
 def should_fuse(args: RegionArgs) -> str | None:
     """Profitability: None if fusing pays, else why not.
 
-    On CUDA the fused kernels win up to ``MAX_PROFITABLE_TOKENS`` tokens (they stream the weights
+    On CUDA the fused kernels win up to ``MAX_PROFITABLE_TOKENS`` tokens, fewer for shapes measured
+    otherwise (``max_profitable_tokens``) (they stream the weights
     once, with the norm, activation and residual in their prologue/epilogues); above it the
     region is compute-bound and Inductor's own code (cuBLAS GEMMs) is faster than our tiled
     kernels, so the region stays Inductor's (measured on an H200: perf/results/host). On the CPU
     our op is the eager reference and we still fuse, so that CPU runs exercise the same graphs as
     GPU ones. Non-gated MLPs stay Inductor's on CUDA at every M (see below).
     """
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import max_profitable_tokens
 
     h = args.hidden
     if h.device.type != "cuda":
@@ -508,12 +509,10 @@ def should_fuse(args: RegionArgs) -> str | None:
     tokens = h.numel() // h.shape[-1]
     # bool() of a symbolic comparison guards on it: a graph with a dynamic token count is then
     # compiled for one side of the threshold, and the other side recompiles once.
-    if bool(tokens <= MAX_PROFITABLE_TOKENS):
+    limit = max_profitable_tokens(h.shape[-1], args.gate_weight.shape[0])
+    if bool(tokens <= limit):
         return None
-    return (
-        f"{tokens} tokens: above {MAX_PROFITABLE_TOKENS} Inductor's GEMMs are faster than "
-        "our tiled kernels"
-    )
+    return f"{tokens} tokens: above {limit} Inductor's code is faster than our kernels here"
 
 
 def _same_shape(a: Any, b: Any) -> bool:

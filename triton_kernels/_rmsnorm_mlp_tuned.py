@@ -96,6 +96,12 @@ TUNED_H200: dict[tuple, tuple[tuple[int, str, str, bool], ...]] = {
     ),
 }
 
+# Shapes whose fused region lost to torch.compile at some M <= MAX_PROFITABLE_TOKENS (64) even
+# tuned: the largest token count compiled graphs fuse for them. Gemma-2-2B on the H200
+# (perf/results/families): 1.14-1.19x at M <= 32, 0.90x at 64; a graph with a symbolic M in
+# (16, 64] runs the M=64 configuration, so the bound is the regime edge at 16.
+PROFITABLE_TOKENS: dict[tuple[int, int], int] = {(2304, 9216): 16}
+
 TUNED_BY_DEVICE: dict[str, dict[tuple, tuple[tuple[int, str, str, bool], ...]]] = {
     "NVIDIA H100 80GB HBM3": TUNED,
     "NVIDIA H200": TUNED_H200,

@@ -396,6 +396,12 @@ def _tuned_configs(
     return _parse_table(f"tuned-{hidden_size}x{intermediate_size}{suffix}", entry)
 
 
+def max_profitable_tokens(hidden_size: int, intermediate_size: int) -> int:
+    """The largest token count at which the fused region of this shape beats Inductor's code on
+    CUDA (``MAX_PROFITABLE_TOKENS`` unless a measurement says less; see ``_tuned``)."""
+    return _tuned.PROFITABLE_TOKENS.get((hidden_size, intermediate_size), MAX_PROFITABLE_TOKENS)
+
+
 def _device_name(device: torch.device) -> str | None:
     """The GPU model's name, as tuning tables are keyed (None off CUDA, and where the device is
     only described, e.g. fake CUDA tensors traced on a machine without one)."""

@@ -709,7 +709,7 @@ def _regimes(
 ) -> tuple[Regime, ...]:
     """What runs each family that fuses somewhere, per device and token count."""
     from inductor_fusion.patterns.gqa_attention import MAX_QUERY_TOKENS
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS, supports
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import max_profitable_tokens, supports
 
     fusing = dict.fromkeys(c.family for c in candidates if c.fuses)
     regimes: list[Regime] = []
@@ -732,9 +732,12 @@ def _regimes(
             ]
             continue
         # The norm -> MLP families share one op and its kernels.
-        limit = MAX_PROFITABLE_TOKENS
+        limit = max_profitable_tokens(hidden or 0, inter or 0)
         other = Regime(family, "cpu and other devices", "any", "our op (the PyTorch reference)")
         reason = supports(dtype, "cuda", hidden or 0, inter or 0)
+        if reason is None and family == "layernorm_mlp":
+            # Its rows are all non-gated MLPs, which should_fuse refuses on CUDA.
+            reason = "non-gated MLP (our kernels measured slower there)"
         if reason is not None:
             regimes += [Regime(family, "cuda", "any", f"left to Inductor: {reason}"), other]
             continue

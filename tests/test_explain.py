@@ -128,6 +128,9 @@ def test_gpt_neox_layernorm_mlp_and_multi_head_attention() -> None:
     )
     # Regimes only for what fuses somewhere.
     assert {r.family for r in explanation.regimes} == {"layernorm_mlp"}
+    # On CUDA a non-gated MLP stays Inductor's at every token count (should_fuse refuses it).
+    assert "layernorm_mlp: cuda, any tokens: left to Inductor: non-gated MLP" in str(explanation)
+    assert "layernorm_mlp: cuda, 1-" not in str(explanation)
 
 
 def test_multi_head_llama_attention_is_not_a_candidate() -> None:

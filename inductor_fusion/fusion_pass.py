@@ -32,6 +32,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from inductor_fusion import registry
 from inductor_fusion.config import FusionPlan
+from inductor_fusion.op_lowering import lower_op_calls
 from inductor_fusion.records import CompileRecords
 from inductor_fusion.report import FusedRegion, FusionReport, get_report
 
@@ -240,6 +241,9 @@ class FusionPass(CustomGraphPass):
                 if self.report is not None:
                     self.report.record(region)
         if self.stage == "post_grad":
+            # Calls of our op the graph already held (an eager-layer model compiled, the eager
+            # layer's own compiled call) get what a fused region gets (`op_lowering`).
+            lower_op_calls(graph)
             # The last stage: whatever looks like a region but matched no variant gets its INFO
             # line too (regions a check refused already have theirs, under the same key).
             for name in sorted(self.plan.patterns):

@@ -220,3 +220,68 @@ def test_dynamic_tokens_compile_once_per_regime():
             assert rel_l2(compiled(ids).logits, model(ids).logits) < 2e-2
     # 2x8 static, then one symbolic graph per regime: M <= 16, 16 < M <= 64, M > 64.
     assert counters["stats"]["unique_graphs"] <= 4
+
+
+def _op_call_graph(tokens: int, gated: bool, device: str = "cuda") -> torch.fx.GraphModule:
+    """A post-grad graph holding a call of our op itself (an eager-layer model compiled), after
+    our pass."""
+    from torch._inductor.pattern_matcher import fwd_only
+
+    def call(h, norm_w, gate_w, up_w, down_w):
+        up_w = up_w if gated else None
+        extra = {} if gated else {"gated": False, "activation": "gelu"}
+        return OP(h, norm_w, gate_w, up_w, down_w, None, None, None, h, 1e-5, **extra) * 2
+
+    with FakeTensorMode():
+        h = torch.empty(1, tokens, H, dtype=torch.bfloat16, device=device)
+        weights = [
+            torch.empty(s, dtype=torch.bfloat16, device=device)
+            for s in ((H,), (INTER, H), (INTER, H), (H, INTER))
+        ]
+        gm = fwd_only(call, [h, *weights])
+        FusionPass(FusionPlan(frozenset({"rmsnorm_mlp"})), stage="post_grad")(gm.graph)
+    return gm
+
+
+@pytest.mark.parametrize(
+    ("tokens", "gated", "launched", "mms"),
+    [
+        (16, True, ["gate_up_gemv_kernel", "down_gemv_kernel"], 0),  # ours wins: our launches
+        (kernels.MAX_PROFITABLE_TOKENS + 1, True, [], 3),  # Inductor's GEMMs win: the reference
+        (16, False, [], 2),  # non-gated: Inductor's on CUDA (should_fuse)
+    ],
+    ids=["gated-16", "gated-65", "non-gated-16"],
+)
+def test_op_calls_already_in_a_cuda_graph_are_lowered(tokens, gated, launched, mms):
+    """A call of the op itself becomes what a fused region becomes: no dispatcher call left."""
+    gm = _op_call_graph(tokens, gated)
+    assert not gm.graph.find_nodes(op="call_function", target=OP)
+    assert _launched(gm) == launched
+    assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.mm.default)) == mms
+
+
+def test_op_calls_elsewhere_stay_calls():
+    gm = _op_call_graph(16, True, device="cpu")
+    assert len(gm.graph.find_nodes(op="call_function", target=OP)) == 1
+    assert not _launched(gm)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [16, kernels.MAX_PROFITABLE_TOKENS + 1])
+def test_compiled_op_call_matches_the_eager_op(tokens):
+    from inductor_fusion.backend import inductor_fusion_backend
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * std).to(torch.bfloat16)
+
+    args = (randn(1, tokens, H), 1 + randn(H, std=0.1), randn(INTER, H, std=0.02),
+            randn(INTER, H, std=0.02), randn(H, INTER, std=0.02))  # fmt: skip
+
+    def call(h, norm_w, gate_w, up_w, down_w):
+        return OP(h, norm_w, gate_w, up_w, down_w, None, None, None, h, 1e-5)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend=inductor_fusion_backend, fullgraph=True)(*args)
+    assert rel_l2(compiled, call(*args)) < 1e-2

@@ -1,0 +1,155 @@
+"""Calls of our op already in a graph, lowered like the regions the patterns fuse.
+
+A graph can hold ``torch.ops.inductor_fusion.rmsnorm_mlp`` itself: a model whose layers were
+swapped for the eager layer (`inductor_fusion.layers.NormMLP`) and then compiled, or the eager
+layer's own compiled call (see ``layers._compiled_region``). Left as it is, the node is an extern
+call through the dispatcher, which plans and launches the kernels in Python on every call
+(about 285 µs of host time on the H200 machine, against ~60 µs for a lowered region). On CUDA
+this pass gives such a node what a fused region gets: our kernels as launches in Inductor's own
+code where they win (`patterns.norm_mlp.should_fuse`: gated MLPs, up to the shape's token bound),
+else the op's PyTorch reference as aten ops, so Inductor's GEMMs run the region. Elsewhere, and
+for what the kernels do not take, the node stays.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger("inductor_fusion")
+
+
+def _op() -> Any:
+    from inductor_fusion.triton_kernels import rmsnorm_mlp  # noqa: F401  (registers the op)
+
+    return torch.ops.inductor_fusion.rmsnorm_mlp.default
+
+
+def lower_op_calls(graph: torch.fx.Graph) -> int:
+    """Replaces each CUDA call of the op in ``graph`` (a post-grad graph); returns how many."""
+    op = _op()
+    nodes = graph.find_nodes(op="call_function", target=op)
+    lowered = 0
+    for node in nodes:
+        call = _bound_call(node)
+        if call is None:
+            continue
+        _replace(graph, node, call)
+        lowered += 1
+    if lowered:
+        graph.eliminate_dead_code()
+        graph.lint()
+        log.info("inductor_fusion: lowered %d call(s) of the rmsnorm_mlp op", lowered)
+    return lowered
+
+
+def _bound_call(node: torch.fx.Node) -> dict[str, Any] | None:
+    """The node's arguments by name (defaults filled in), or None if it stays an op call."""
+    from torch.fx.operator_schemas import normalize_function
+
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import supports
+
+    # By name, defaults filled in, from the op's schema (positional and keyword calls alike).
+    pair = normalize_function(
+        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
+    )
+    if pair is None:
+        return None
+    values = dict(pair.kwargs)
+    hidden = _fake(values["hidden"])
+    gate = _fake(values["gate_weight"])
+    if hidden is None or gate is None:
+        return None
+    if supports(hidden.dtype, hidden.device.type, hidden.shape[-1], gate.shape[0]) is not None:
+        return None
+    # Scalars the kernels take as constants; a graph input (e.g. a SymFloat eps) stays a call.
+    if not isinstance(values["eps"], float) or not isinstance(values["residual_scale"], float):
+        return None
+    return values
+
+
+def _fake(arg: Any) -> torch.Tensor | None:
+    val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+_TENSORS = (
+    "hidden",
+    "norm_weight",
+    "gate_weight",
+    "up_weight",
+    "down_weight",
+    "gate_bias",
+    "up_bias",
+    "down_bias",
+    "residual",
+    "norm_bias",
+)
+
+
+def _replace(graph: torch.fx.Graph, node: torch.fx.Node, call: dict[str, Any]) -> None:
+    from torch._inductor.pattern_matcher import fwd_only
+
+    from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import (
+        RegionSpec,
+        rmsnorm_mlp_lowered,
+        rmsnorm_mlp_reference,
+    )
+
+    spec = RegionSpec(
+        norm=call["norm"],
+        norm_weight_offset=float(call["norm_weight_offset"]),
+        norm_weight_fp32=call["norm_weight_fp32"],
+        activation=call["activation"],
+        gated=call["gated"],
+    )
+    names = [n for n in _TENSORS if isinstance(call[n], torch.fx.Node)]
+    inputs = [call[n] for n in names]
+    fakes = [_fake(n) for n in inputs]
+    eps, scale = call["eps"], call["residual_scale"]
+    region = RegionArgs(
+        hidden=fakes[0],
+        norm_weight=_fake(call["norm_weight"]),
+        gate_weight=_fake(call["gate_weight"]),
+        up_weight=_fake(call["up_weight"]),
+        down_weight=_fake(call["down_weight"]),
+        gate_bias=None,
+        up_bias=None,
+        down_bias=None,
+        eps=eps,
+    )
+    # Where our kernels win, their launches; elsewhere the reference, for Inductor to compile.
+    ours = should_fuse(region) is None
+
+    def region_fn(*tensors: torch.Tensor) -> torch.Tensor:
+        t = dict.fromkeys(_TENSORS)
+        t.update(zip(names, tensors, strict=True))
+        positional = [t[n] for n in _TENSORS[:9]]  # hidden ... residual, the op's order
+        if ours:
+            return rmsnorm_mlp_lowered(
+                *positional, eps, norm_bias=t["norm_bias"], residual_scale=scale, spec=spec
+            )
+        return rmsnorm_mlp_reference(
+            *positional[:5], gate_bias=t["gate_bias"], up_bias=t["up_bias"],
+            down_bias=t["down_bias"], residual=t["residual"], eps=eps, norm_bias=t["norm_bias"],
+            residual_scale=scale, spec=spec,
+        )  # fmt: skip
+
+    replacement = fwd_only(region_fn, fakes)
+    env: dict[torch.fx.Node, Any] = {}
+    placeholders = iter(replacement.graph.find_nodes(op="placeholder"))
+    with graph.inserting_before(node):
+        for arg in inputs:
+            env[next(placeholders)] = arg
+        for sub in replacement.graph.nodes:
+            if sub.op == "placeholder":
+                continue
+            if sub.op == "output":
+                result = torch.fx.map_arg(sub.args[0], env.__getitem__)
+                break
+            env[sub] = graph.node_copy(sub, env.__getitem__)
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)

@@ -241,8 +241,8 @@ class FusionPass(CustomGraphPass):
                 if self.report is not None:
                     self.report.record(region)
         if self.stage == "post_grad":
-            # Calls of our op the graph already held (an eager-layer model compiled, the eager
-            # layer's own compiled call) get what a fused region gets (`op_lowering`).
+            # Calls of our op the graph already held (an eager-layer model compiled) get what a
+            # fused region gets (`op_lowering`).
             lower_op_calls(graph)
             # The last stage: whatever looks like a region but matched no variant gets its INFO
             # line too (regions a check refused already have theirs, under the same key).

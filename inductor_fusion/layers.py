@@ -287,7 +287,6 @@ class NormMLP(nn.Module):
         self.spec, self.eps = region_spec(norm, mlp, where=where)
         self.layout = _mlp_layout(mlp)
         self._op_kwargs = self.spec.op_kwargs()  # once: asdict costs ~8 µs a call
-        self._op_key = tuple(self._op_kwargs.items())
         self.where = where
         self._told_mixed = False  # one log line per layer, not one per call
         # In the norm's place it shares the norm's state; without a norm it stands in the MLP's
@@ -389,20 +388,11 @@ class NormMLP(nn.Module):
         norm_weight = norm_bias = None
         if norm is not None:
             norm_weight, norm_bias = self._parameters["weight"], self._parameters.get("bias")
-        tensors = (
-            hidden, norm_weight, gate_weight, up_weight, down.weight, gate_bias, up_bias,
-            down.bias, norm_bias,
-        )  # fmt: skip
-        if hidden.device.type in COMPILED_DEVICES and not torch.compiler.is_compiling():
-            compiled = _compiled_region(self.eps, self._op_key)
-            if compiled is not None:
-                try:
-                    return compiled(*tensors)
-                except Exception as exc:  # e.g. no compiler toolchain: the op still works
-                    _compile_failed(self.eps, self._op_key, exc)
         return torch.ops.inductor_fusion.rmsnorm_mlp(
-            *tensors[:8], None, self.eps, norm_bias, **self._op_kwargs
-        )
+            hidden, norm_weight, gate_weight, up_weight, down.weight,
+            gate_bias, up_bias, down.bias, None, self.eps, norm_bias,
+            **self._op_kwargs,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         if self.norm is None:
@@ -410,55 +400,6 @@ class NormMLP(nn.Module):
         return (
             f"{type(self.norm).__name__} -> {type(self.mlp).__name__}, eps={self.eps}, {self.spec}"
         )
-
-
-# Devices where the layer runs the op through a compiled call (`_compiled_region`) rather than
-# the dispatcher. CUDA only: there the compiled call is our kernels' launches in Inductor's code
-# (`op_lowering`), about 60 µs of host time per region against ~285 µs for the op's own eager
-# path (plan + Triton's Python launcher, measured on the H200 machine). Elsewhere the op is the
-# PyTorch reference, which a compiled call would only wrap.
-COMPILED_DEVICES: tuple[str, ...] = ("cuda",)
-_broken: set[tuple[Any, ...]] = set()
-
-
-def _region_call(
-    hidden, norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias,
-    norm_bias, *, eps: float, op_key: tuple[tuple[str, Any], ...],
-):  # fmt: skip
-    return torch.ops.inductor_fusion.rmsnorm_mlp(
-        hidden, norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias,
-        down_bias, None, eps, norm_bias, **dict(op_key),
-    )  # fmt: skip
-
-
-@functools.cache
-def _compiled_region(eps: float, op_key: tuple[tuple[str, Any], ...]) -> Any:
-    """The op call compiled with our backend, one per (eps, spec): the post-grad pass lowers it
-    like a fused region (our launches from Inductor's wrapper up to the shape's token bound,
-    Inductor's GEMMs above), so the layer pays no dispatcher call, no Python planning and no
-    Triton Python launcher per call. Weights are inputs, so every layer of a model shares the
-    compiled graphs (one per token regime). The first call of each regime compiles (seconds;
-    Inductor's caches keep it for later processes)."""
-    if (eps, op_key) in _broken:
-        return None
-    from inductor_fusion.backend import inductor_fusion_backend
-
-    return torch.compile(
-        functools.partial(_region_call, eps=eps, op_key=op_key),
-        backend=inductor_fusion_backend,
-        fullgraph=True,
-    )
-
-
-def _compile_failed(eps: float, op_key: tuple[tuple[str, Any], ...], exc: Exception) -> None:
-    _broken.add((eps, op_key))
-    _compiled_region.cache_clear()
-    log.warning(
-        "inductor_fusion: the eager layer's compiled call failed (%s: %s); it calls the op "
-        "directly from now on",
-        type(exc).__name__,
-        exc,
-    )
 
 
 # The name of the first eager layer (Llama's RMSNorm -> MLP), kept for code written against it.

@@ -388,11 +388,18 @@ class NormMLP(nn.Module):
         norm_weight = norm_bias = None
         if norm is not None:
             norm_weight, norm_bias = self._parameters["weight"], self._parameters.get("bias")
-        return torch.ops.inductor_fusion.rmsnorm_mlp(
+        args = (
             hidden, norm_weight, gate_weight, up_weight, down.weight,
             gate_bias, up_bias, down.bias, None, self.eps, norm_bias,
-            **self._op_kwargs,
         )  # fmt: skip
+        if hidden.device.type in DIRECT_DEVICES and not torch.compiler.is_compiling():
+            # The op's own CUDA implementation, without the dispatcher: nothing here needs it
+            # (no autograd, no tracing), and it cost ~50 of the op's ~285 µs of host time per
+            # call on the H200 machine (perf/NOTES.md).
+            from inductor_fusion.triton_kernels.rmsnorm_mlp import _rmsnorm_mlp_cuda
+
+            return _rmsnorm_mlp_cuda(*args, **self._op_kwargs)
+        return torch.ops.inductor_fusion.rmsnorm_mlp(*args, **self._op_kwargs)
 
     def extra_repr(self) -> str:
         if self.norm is None:
@@ -400,6 +407,12 @@ class NormMLP(nn.Module):
         return (
             f"{type(self.norm).__name__} -> {type(self.mlp).__name__}, eps={self.eps}, {self.spec}"
         )
+
+
+# Devices where the layer calls the op's implementation directly rather than through the
+# dispatcher (see `NormMLP.forward`). Elsewhere the op's body is the PyTorch reference, and the
+# call stays an op call, visible to dispatch modes and profilers.
+DIRECT_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 # The name of the first eager layer (Llama's RMSNorm -> MLP), kept for code written against it.

@@ -551,3 +551,32 @@ def test_cuda_eager_layer_within_tolerance() -> None:
     from tiny_models import assert_within_tolerance
 
     assert_within_tolerance(fused, eager, fp64_logits(plain, ids))
+
+
+def test_direct_devices_skip_the_dispatcher_with_the_same_logits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA the layer calls the op's implementation itself (no dispatcher: no autograd or
+    tracing is involved there). Here the CPU stands in: the same logits, and no op call seen by
+    a dispatch mode; inside a compile the op is still traced as an op."""
+    import inductor_fusion.layers as layers
+
+    plain = tiny_model("llama")
+    model = copy.deepcopy(plain)
+    apply_kernel_config(model, {NAMES: EAGER})
+    expected, ops = logits_and_ops(model, token_ids())
+    assert ops == 2
+    monkeypatch.setattr(layers, "DIRECT_DEVICES", ("cpu",))
+    logits, ops = logits_and_ops(model, token_ids())
+    assert ops == 0 and torch.equal(logits, expected)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(token_ids())
+    targets = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.inductor_fusion.rmsnorm_mlp) == 2

@@ -392,7 +392,7 @@ def test_every_block_is_valid_and_round_trips():
         assert min(blocks.block_m, blocks.block_n, blocks.block_k) >= 16
         assert blocks.split_k >= 1
         assert _Blocks.parse(blocks.key()) == blocks
-    for _, table, _ in TABLES.values():
+    for _, _, table, _ in TABLES.values():
         for _, config in table:
             # The launchers ignore split_k where no kernel splits K: such a table entry would
             # not run the configuration it names.

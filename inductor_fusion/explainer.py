@@ -735,8 +735,8 @@ def _regimes(
         limit = max_profitable_tokens(hidden or 0, inter or 0)
         other = Regime(family, "cpu and other devices", "any", "our op (the PyTorch reference)")
         reason = supports(dtype, "cuda", hidden or 0, inter or 0)
-        if reason is None and family == "layernorm_mlp":
-            # Its rows are all non-gated MLPs, which should_fuse refuses on CUDA.
+        if reason is None and not any(r.spec.gated for r in registry.pattern_module(family).SHAPES):
+            # should_fuse refuses every non-gated MLP on CUDA.
             reason = "non-gated MLP (our kernels measured slower there)"
         if reason is not None:
             regimes += [Regime(family, "cuda", "any", f"left to Inductor: {reason}"), other]

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from inductor_fusion.triton_kernels.rmsnorm_mlp import LLAMA, RegionSpec
+from inductor_fusion.triton_kernels.rmsnorm_mlp import LLAMA, RegionSpec, _rmsnorm_mlp_cuda
 
 log = logging.getLogger("inductor_fusion")
 
@@ -396,8 +396,6 @@ class NormMLP(nn.Module):
             # The op's own CUDA implementation, without the dispatcher: nothing here needs it
             # (no autograd, no tracing), and it cost ~50 of the op's ~285 µs of host time per
             # call on the H200 machine (perf/NOTES.md).
-            from inductor_fusion.triton_kernels.rmsnorm_mlp import _rmsnorm_mlp_cuda
-
             return _rmsnorm_mlp_cuda(*args, **self._op_kwargs)
         return torch.ops.inductor_fusion.rmsnorm_mlp(*args, **self._op_kwargs)
 

@@ -2,8 +2,8 @@
 
 A graph can hold ``torch.ops.inductor_fusion.rmsnorm_mlp`` itself: a model whose layers were
 swapped for the eager layer (`inductor_fusion.layers.NormMLP`) and then compiled, or a user's
-own call of the op. Left as it is, the node is an extern call through the dispatcher, which plans and launches the kernels in Python on every call
-(about 285 µs of host time on the H200 machine, against ~60 µs for a lowered region). On CUDA
+own call of the op. Left as it is, the node is an extern call through the dispatcher, which
+plans and launches the kernels in Python on every call (about 285 µs of host time on the H200 machine, against ~60 µs for a lowered region). On CUDA
 this pass gives such a node what a fused region gets: our kernels as launches in Inductor's own
 code where they win (`patterns.norm_mlp.should_fuse`: gated MLPs, up to the shape's token bound),
 else the op's PyTorch reference as aten ops, so Inductor's GEMMs run the region. Elsewhere, and
@@ -74,18 +74,8 @@ def _fake(arg: Any) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
-_TENSORS = (
-    "hidden",
-    "norm_weight",
-    "gate_weight",
-    "up_weight",
-    "down_weight",
-    "gate_bias",
-    "up_bias",
-    "down_bias",
-    "residual",
-    "norm_bias",
-)
+# The op's keyword arguments that spell its `RegionSpec`; the rest are tensors and the scalars.
+_SPEC_KEYS = ("norm", "norm_weight_offset", "norm_weight_fp32", "activation", "gated")
 
 
 def _replace(graph: torch.fx.Graph, node: torch.fx.Node, call: dict[str, Any]) -> None:
@@ -98,44 +88,22 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, call: dict[str, Any]) -
         rmsnorm_mlp_reference,
     )
 
-    spec = RegionSpec(
-        norm=call["norm"],
-        norm_weight_offset=float(call["norm_weight_offset"]),
-        norm_weight_fp32=call["norm_weight_fp32"],
-        activation=call["activation"],
-        gated=call["gated"],
-    )
-    names = [n for n in _TENSORS if isinstance(call[n], torch.fx.Node)]
-    inputs = [call[n] for n in names]
+    spec = RegionSpec(**{k: call[k] for k in _SPEC_KEYS})
+    rest = {k: v for k, v in call.items() if k not in _SPEC_KEYS}
+    names = [k for k, v in rest.items() if isinstance(v, torch.fx.Node)]
+    inputs = [rest[k] for k in names]
     fakes = [_fake(n) for n in inputs]
-    eps, scale = call["eps"], call["residual_scale"]
     region = RegionArgs(
-        hidden=fakes[0],
-        norm_weight=_fake(call["norm_weight"]),
-        gate_weight=_fake(call["gate_weight"]),
-        up_weight=_fake(call["up_weight"]),
-        down_weight=_fake(call["down_weight"]),
-        gate_bias=None,
-        up_bias=None,
-        down_bias=None,
-        eps=eps,
-    )
+        **{k: _fake(rest[k]) for k in ("hidden", "norm_weight", "gate_weight", "up_weight")},
+        down_weight=_fake(rest["down_weight"]), gate_bias=None, up_bias=None, down_bias=None,
+        eps=rest["eps"],
+    )  # fmt: skip
     # Where our kernels win, their launches; elsewhere the reference, for Inductor to compile.
-    ours = should_fuse(region) is None
+    impl = rmsnorm_mlp_lowered if should_fuse(region) is None else rmsnorm_mlp_reference
 
     def region_fn(*tensors: torch.Tensor) -> torch.Tensor:
-        t = dict.fromkeys(_TENSORS)
-        t.update(zip(names, tensors, strict=True))
-        positional = [t[n] for n in _TENSORS[:9]]  # hidden ... residual, the op's order
-        if ours:
-            return rmsnorm_mlp_lowered(
-                *positional, eps, norm_bias=t["norm_bias"], residual_scale=scale, spec=spec
-            )
-        return rmsnorm_mlp_reference(
-            *positional[:5], gate_bias=t["gate_bias"], up_bias=t["up_bias"],
-            down_bias=t["down_bias"], residual=t["residual"], eps=eps, norm_bias=t["norm_bias"],
-            residual_scale=scale, spec=spec,
-        )  # fmt: skip
+        # Both take every argument by name: the tensors (None where absent) and the scalars.
+        return impl(**{**rest, **dict(zip(names, tensors, strict=True))}, spec=spec)
 
     replacement = fwd_only(region_fn, fakes)
     env: dict[torch.fx.Node, Any] = {}

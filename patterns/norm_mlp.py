@@ -478,9 +478,9 @@ def can_fuse(args: RegionArgs) -> str | None:
 def should_fuse(args: RegionArgs) -> str | None:
     """Profitability: None if fusing pays, else why not.
 
-    On CUDA the fused kernels win up to ``MAX_PROFITABLE_TOKENS`` tokens, fewer for shapes measured
-    otherwise (``max_profitable_tokens``) (they stream the weights
-    once, with the norm, activation and residual in their prologue/epilogues); above it the
+    On CUDA the fused kernels win up to ``max_profitable_tokens`` tokens (64, fewer for shapes
+    measured to lose earlier): they stream the weights once, with the norm, activation and
+    residual in their prologue/epilogues. Above it the
     region is compute-bound and Inductor's own code (cuBLAS GEMMs) is faster than our tiled
     kernels, so the region stays Inductor's (measured on an H200: perf/results/host). On the CPU
     our op is the eager reference and we still fuse, so that CPU runs exercise the same graphs as

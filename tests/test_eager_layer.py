@@ -64,6 +64,21 @@ def logits_and_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Ten
     return logits, counter.ops[OP]
 
 
+def traced_op_calls(model: torch.nn.Module) -> int:
+    """Calls of our op in the graphs a compile of ``model`` traces (run once, no grad)."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(token_ids())
+    targets = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    return targets.count(torch.ops.inductor_fusion.rmsnorm_mlp)
+
+
 def fused_paths(model: torch.nn.Module) -> list[str]:
     """Paths of the swapped norms; asserts each MLP beside one is a FusedAway and no other is."""
     modules = dict(model.named_modules())
@@ -394,17 +409,7 @@ def test_lora_adapters_added_after_the_swap_are_not_dropped() -> None:
 def test_torch_compile_on_top_fuses_nothing_twice(checkpoints: SimpleNamespace) -> None:
     model = load(checkpoints.llama, KernelConfig({NAMES: EAGER}))
     expected = logits_and_ops(model, token_ids())[0]
-    graphs: list[torch.fx.GraphModule] = []
-
-    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(token_ids())
-    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
-    assert ops.count(torch.ops.inductor_fusion.rmsnorm_mlp) == 2
+    assert traced_op_calls(model) == 2
 
     torch._dynamo.reset()
     inductor_fusion.reset_report()
@@ -569,14 +574,4 @@ def test_direct_devices_skip_the_dispatcher_with_the_same_logits(
     monkeypatch.setattr(layers, "DIRECT_DEVICES", ("cpu",))
     logits, ops = logits_and_ops(model, token_ids())
     assert ops == 0 and torch.equal(logits, expected)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(token_ids())
-    targets = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.inductor_fusion.rmsnorm_mlp) == 2
+    assert traced_op_calls(model) == 2

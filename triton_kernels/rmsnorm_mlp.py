@@ -31,6 +31,7 @@ import triton
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from inductor_fusion.triton_kernels import _launch_cache
 from inductor_fusion.triton_kernels import _rmsnorm_mlp_jit as _jit
 from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned as _tuned
 
@@ -501,9 +502,12 @@ class _Launch:
     num_warps: int
     num_stages: int
 
-    def run(self) -> None:
-        """Launches now (the eager path)."""
-        self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+    def run(self) -> Any:
+        """Launches now (the eager path); returns what Triton's launch returns (the compiled
+        kernel, which `_launch_cache` replays)."""
+        return self.kernel[self.grid](
+            **self.args, num_warps=self.num_warps, num_stages=self.num_stages
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,18 +542,10 @@ def _plan(
     """
     hidden_size = hidden.shape[-1]
     inter_size = gate_weight.shape[0]
-    # The kernels take strides, so a reshape view is fine; only an inner stride other than 1
-    # (e.g. a transposed view) would make every load a gather, and that one is copied.
-    x = hidden.reshape(-1, hidden_size)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _rows(hidden)
     m = x.shape[0]
     out = torch.empty((m, hidden_size), dtype=hidden.dtype, device=hidden.device)
-    res = None
-    if residual is not None:
-        res = residual.reshape(-1, hidden_size)
-        if res.stride(-1) != 1:
-            res = res.contiguous()
+    res = None if residual is None else _rows(residual)
     inter = torch.empty((m, inter_size), dtype=hidden.dtype, device=hidden.device)
     # fp32 must not silently become TF32: our tolerance rule compares with eager fp32. For 16-bit
     # inputs the setting has no effect; "ieee" is the spelling both Triton 3.6 and 3.9 accept.
@@ -603,17 +599,56 @@ def rmsnorm_mlp_triton(
     The eager path (the op's CUDA kernel). Runs on CUDA tensors, or on CPU tensors under
     ``TRITON_INTERPRET=1`` (tests). ``_config`` forces a launch configuration, so that tests
     can reach every kernel and branch.
+
+    The first call of a key (shapes, strides, dtypes, devices, alignments, scalars: see
+    `_launch_cache`) checks, plans and launches through Triton's JIT functions; later calls of the
+    same key replay the recorded launches on the new tensors, which skips all of that.
     """
     tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+    inputs = (hidden, *tensors, residual, norm_bias)
+    key = (*map(_launch_cache.tensor_key, inputs), eps, residual_scale, spec, _config)
+    cached = _EAGER_PLANS.get(key)
+    if cached is not None:
+        return cached(inputs)
+    # Checked on the caller's shapes, so that errors name them; the plan gets 2-D rows.
+    _check_args(hidden, *tensors, residual, norm_bias, spec)
+    x = _rows(hidden)
+    res = None if residual is None else _rows(residual)
     plan = _region_plan(
-        hidden, tensors, residual, eps, norm_bias, residual_scale, spec, tma=True, config=_config
+        x, tensors, res, eps, norm_bias, residual_scale, spec, tma=True, config=_config
     )
     if plan is None:
         return torch.empty_like(hidden)
     with _device_guard(hidden):
-        for launch in plan.launches:
-            launch.run()
+        compiled = [launch.run() for launch in plan.launches]
+    # A replay passes the caller's tensors where this call passed ``x`` and ``res``: only right
+    # if those are views of them (same data), not copies made for a unit inner stride; such keys
+    # are remembered as not replayable.
+    same_data = x.data_ptr() == hidden.data_ptr() and (
+        residual is None or res.data_ptr() == residual.data_ptr()
+    )
+    if not same_data:
+        _EAGER_PLANS.put(key, None)
+    elif key not in _EAGER_PLANS:
+        replay = _launch_cache.record(
+            plan.launches, compiled, (x, *tensors, res, norm_bias), plan.out, hidden.device,
+            out_shape=tuple(hidden.shape),
+        )  # fmt: skip
+        if replay is not None:  # else the inputs aliased; a later call of the key records
+            _EAGER_PLANS.put(key, replay)
     return plan.out.view(hidden.shape)
+
+
+# The eager op's recorded launches by key (`_launch_cache`); tests clear it to see first calls.
+_EAGER_PLANS = _launch_cache.LaunchCache()
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as 2-D rows with a unit inner stride (a view where the layout allows one)."""
+    rows = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+    # The kernels take strides, so a reshape view is fine; only an inner stride other than 1
+    # (e.g. a transposed view) would make every load a gather, and that one is copied.
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def rmsnorm_mlp_lowered(

@@ -244,10 +244,13 @@ def _mlp_spec(mlp: nn.Module, spec: RegionSpec, at: str, hidden: int | None = No
 
 def _projections(mlp: nn.Module, layout: _MLPLayout) -> tuple[Any, Any, Any]:
     """(gate, up or None, down) modules of ``mlp``."""
+    # From the children dict itself: nn.Module.__getattr__ is the slow path of attribute lookup
+    # (~1 µs each), and the eager layer runs this on every call.
+    children = mlp._modules
     return (
-        getattr(mlp, layout.gate),
-        getattr(mlp, layout.up) if layout.up else None,
-        getattr(mlp, layout.down),
+        children[layout.gate],
+        children[layout.up] if layout.up else None,
+        children[layout.down],
     )
 
 
@@ -323,7 +326,9 @@ class NormMLP(nn.Module):
         # input's dtype): the modules handle that, the op would raise.
         dtype = hidden.dtype
         tensors = [*self._parameters.values()]
-        tensors += [t for proj in projections if proj is not None for t in (proj.weight, proj.bias)]
+        for proj in projections:
+            if proj is not None:  # an nn.Linear (checked above): its weight and bias
+                tensors += proj._parameters.values()
         if all(t is None or t.dtype == dtype for t in tensors):
             return False
         if not self._told_mixed:  # the message is built on the rare path only
@@ -373,11 +378,12 @@ class NormMLP(nn.Module):
                 return mlp(hidden)
             norm.training = self.training
             return mlp(norm(hidden))
-        gate, up, down = projections
-        gate_weight, gate_bias = gate.weight, gate.bias
+        # nn.Linear's parameter dicts (``_runs_the_modules`` checked the type): no __getattr__.
+        gate, up, down = (None if p is None else p._parameters for p in projections)
+        gate_weight, gate_bias = gate["weight"], gate["bias"]
         up_weight = up_bias = None
         if up is not None:
-            up_weight, up_bias = up.weight, up.bias
+            up_weight, up_bias = up["weight"], up["bias"]
         elif self.layout.fused_gate_up:
             # Phi-3 chunks the projection's output in two along the features: gate, then up.
             # Row slices of the weight are contiguous views (no copy).
@@ -389,8 +395,8 @@ class NormMLP(nn.Module):
         if norm is not None:
             norm_weight, norm_bias = self._parameters["weight"], self._parameters.get("bias")
         args = (
-            hidden, norm_weight, gate_weight, up_weight, down.weight,
-            gate_bias, up_bias, down.bias, None, self.eps, norm_bias,
+            hidden, norm_weight, gate_weight, up_weight, down["weight"],
+            gate_bias, up_bias, down["bias"], None, self.eps, norm_bias,
         )  # fmt: skip
         if hidden.device.type in DIRECT_DEVICES and not torch.compiler.is_compiling():
             # The op's own CUDA implementation, without the dispatcher: nothing here needs it

@@ -12,7 +12,8 @@ with ``dynamic=False`` per M, every provider gets three numbers:
 Providers: ``compile`` (backend="inductor"), ``ours`` (our backend: Inductor's code with our
 kernels lowered into it, launched by Inductor's static launcher), ``ours_triton_launcher`` (the
 same through Triton's Python launcher, Inductor's default for user kernels), ``ours_op`` (our op
-called eagerly: the pre-lowering path's cost) and ``eager``.
+called eagerly through the dispatcher), ``eager_layer`` (our eager layer, `NormMLP`, in the norm's
+place: what ``KernelConfig``'s ":eager" runs) and ``eager``.
 
 Then the whole model: the demo's 4-layer Llama-3.2-1B-shaped model, batch 1 x M tokens, forward
 time without CUDA graphs (median of CUDA-event-timed calls: what default mode delivers) for eager /
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench
 from perf_common import error_text, log, rel_l2
 
-PROVIDERS = ("compile", "ours", "ours_triton_launcher", "ours_op", "eager")
+PROVIDERS = ("compile", "ours", "ours_triton_launcher", "ours_op", "eager_layer", "eager")
 # (name, backend): None is the eager model, "eager_layer" the eager model with our layer swapped in.
 MODEL_PROVIDERS = (
     ("eager", None),
@@ -53,6 +54,12 @@ EAGER_LAYER = {("RMSNorm", "MLP"): "inductor_fusion:rmsnorm_mlp:eager"}
 
 
 def provider(name: str, region: bench.Region):
+    if name == "eager_layer":
+        # The eager layer (`NormMLP`) in the norm's place, as KernelConfig's ":eager" puts it.
+        from inductor_fusion.layers import NormMLP
+
+        layer = NormMLP(region.norm, region.mlp)
+        return bench.region_function(layer, torch.nn.Identity(), region.kind.residual)
     if name == "ours_triton_launcher":
         import inductor_fusion
 
@@ -97,14 +104,14 @@ def graph_us(fn, x, calls: int = 20) -> float:
     return statistics.median(samples)
 
 
-def region_rows(shapes, tokens, calls: int) -> list[dict]:
+def region_rows(shapes, tokens, calls: int, providers=PROVIDERS) -> list[dict]:
     rows = []
     for shape in shapes:
         region = bench.build_region(shape, "cuda", seed=0)
         for m in tokens:
             x = torch.randn(m, shape.hidden, dtype=torch.bfloat16, device="cuda")
             ref = bench.reference_fp32(region, x)
-            for name in PROVIDERS:
+            for name in providers:
                 row = {"shape": shape.key, "m": m, "provider": name}
                 try:
                     fn = provider(name, region)
@@ -198,10 +205,15 @@ def main() -> int:
     parser.add_argument("--tokens", default="1,16,64,256,512,4096", help="region M ('' skips)")
     parser.add_argument("--model-tokens", default="1,16,256,512,4096")
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="region providers")
     args = parser.parse_args()
     shapes = [bench.Shape.parse(s) for s in args.shapes.split(",") if s]
     tokens = [int(t) for t in args.tokens.split(",") if t]
-    rows = region_rows(shapes, tokens, args.calls) if tokens else []
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown:
+        parser.error(f"unknown providers {sorted(unknown)}; known: {', '.join(PROVIDERS)}")
+    rows = region_rows(shapes, tokens, args.calls, providers) if tokens else []
     rows += model_rows([int(t) for t in args.model_tokens.split(",") if t])
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}

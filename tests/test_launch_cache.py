@@ -194,14 +194,22 @@ def test_cache_is_bounded(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_cuda_replay_launches_the_compiled_kernels_and_captures_in_a_graph():
-    """On CUDA the entry holds each launch's compiled kernel (the direct launch), and a replay
-    inside CUDA-graph capture records launches that a graph replay reruns on new inputs."""
+def test_cuda_replay_launches_the_compiled_kernels_and_captures_in_a_graph(monkeypatch):
+    """On CUDA the entry holds each launch's compiled kernel and a replay launches it directly,
+    never through JITFunction.run; a replay inside CUDA-graph capture records launches that a
+    graph replay reruns on new inputs."""
     case = dataclasses.replace(CASE, lead=(16,))
     inputs = make_inputs(case, "cuda", torch.bfloat16)
-    _call(inputs, case)
+    expected = _call(inputs, case)
     (plan,) = PLANS._plans.values()
     assert plan is not None and all(launch.compiled is not None for launch in plan.launches)
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("a replay went through JITFunction.run")
+
+    monkeypatch.setattr(type(plan.launches[0].kernel), "run", no_jit)
+    assert torch.equal(_call(inputs, case), expected)
+    monkeypatch.undo()
     static = make_inputs(dataclasses.replace(case, seed=5), "cuda", torch.bfloat16)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -216,14 +224,23 @@ def test_cuda_replay_launches_the_compiled_kernels_and_captures_in_a_graph():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_cuda_replay_honours_triton_launch_hooks(monkeypatch):
-    """With a launch hook set (a profiler), replays go through JITFunction.run, which calls it."""
+def test_cuda_replay_honours_triton_launch_hooks():
+    """With a launch hook set (a profiler's), replays call it with the kernel's launch metadata,
+    as JITFunction.run would; without one they build no metadata."""
     from triton import knobs
 
     case = dataclasses.replace(CASE, lead=(16,))
     inputs = make_inputs(case, "cuda", torch.float16)
     expected = _call(inputs, case)
+    assert _launch_cache._launch_hooks() is None
     seen = []
-    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: seen.append(1))
-    assert torch.equal(_call(inputs, case), expected)
-    assert len(seen) == 2  # gate/up and down
+
+    def hook(metadata):
+        seen.append(metadata["name"])
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert torch.equal(_call(inputs, case), expected)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert seen == ["gate_up_gemv_kernel", "down_gemv_kernel"]

@@ -27,7 +27,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 try:
     from triton import knobs as _knobs
-except ImportError:  # Triton before 3.4: no knobs, so no direct launches (see `_hooks_set`)
+except ImportError:  # Triton before 3.4 kept the hooks elsewhere: launch through the JIT there
     _knobs = None
 
 # Entries are a few hundred bytes; the bound only stops a caller that feeds ever-new shapes (a
@@ -65,20 +65,25 @@ class _CachedLaunch:
     num_warps: int
     num_stages: int
 
-    def launch(self, pool: list[Tensor], stream: Any) -> None:
+    def launch(self, pool: list[Tensor], stream: Any, hooks: tuple[Any, Any] | None) -> None:
         values = list(self.template)
         for position, source in self.fills:
             values[position] = pool[source]
         for d in self.descriptors:
             values[d.position] = _descriptor(pool[d.source], d.shape, d.strides, d.block_shape)
         compiled = self.compiled
-        if compiled is not None and stream is not None and not _hooks_set():
+        if compiled is not None and stream is not None:
             # What JITFunction.run ends with (Triton 3.6-3.9), minus its argument binding and
-            # specialisation: this compiled kernel *is* the one those would look up.
+            # specialisation: this compiled kernel *is* the one those would look up. Launch hooks
+            # (a profiler's) get the same metadata they would get there.
             gx, gy, gz = self.grid
+            enter, leave = hooks or (None, None)
+            metadata = None
+            if hooks is not None:
+                metadata = compiled.launch_metadata(self.grid, stream, *values)
             compiled.run(
-                gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                *values,
+                gx, gy, gz, stream, compiled.function, compiled.packed_metadata, metadata,
+                enter, leave, *values,
             )  # fmt: skip
             return
         kwargs = dict(zip(self.names, values, strict=True))
@@ -99,15 +104,16 @@ class CachedPlan:
         pool = list(inputs)
         for shape, dtype in self.buffers:
             pool.append(torch.empty(shape, dtype=dtype, device=device))
-        stream = None
+        stream = hooks = None
         if device.type == "cuda":
             index = device.index
             if torch.cuda.current_device() != index:
                 with torch.cuda.device(index):
                     return self(inputs)
             stream = _raw_stream(index)
+            hooks = _launch_hooks()
         for launch in self.launches:
-            launch.launch(pool, stream)
+            launch.launch(pool, stream, hooks)
         return pool[self.out]
 
 
@@ -238,23 +244,34 @@ def _parameter_names(kernel: Any) -> tuple[str, ...]:
 
 def _compiled(kernel: Any) -> Any:
     """The compiled kernel a JIT launch returned, if it has the launcher Triton 3.6-3.9 call
-    (``run``, ``function``, ``packed_metadata``); None makes the entry launch through the JIT
-    function (the interpreter, or a Triton whose launch protocol we have not checked)."""
-    if kernel is None:
+    (``run``, ``function``, ``packed_metadata``, ``launch_metadata``); None makes the entry
+    launch through the JIT function (the interpreter, or a Triton whose launch protocol we have
+    not checked)."""
+    if kernel is None or _knobs is None:
         return None
     if hasattr(kernel, "result"):  # an asynchronous compile's future
         kernel = kernel.result()
-    if not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+    attributes = ("run", "function", "packed_metadata", "launch_metadata")
+    if not all(hasattr(kernel, a) for a in attributes):
         return None
     return kernel
 
 
-def _hooks_set() -> bool:
-    # A launch hook (e.g. Triton's proton profiler) expects JITFunction.run's launch metadata.
-    if _knobs is None:
-        return True
+def _launch_hooks() -> tuple[Any, Any] | None:
+    """Triton's launch hooks (enter, exit) if any is set, else None (no metadata to build).
+
+    Triton 3.6-3.9 keep them as ``HookChain`` objects that are never None, and JITFunction.run
+    builds launch metadata and has the launcher call both chains on every launch, empty or not;
+    an empty chain here costs nothing."""
     runtime = _knobs.runtime
-    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if _hook_set(enter) or _hook_set(leave):
+        return enter, leave
+    return None
+
+
+def _hook_set(hook: Any) -> bool:
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _descriptor(

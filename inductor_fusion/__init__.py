@@ -25,6 +25,7 @@ from inductor_fusion.kernel_config import (
     fusion_config,
     register_fusable_modules,
 )
+from inductor_fusion.kernel_layer import kernel_layer
 from inductor_fusion.registry import pattern_names
 from inductor_fusion.report import FusedRegion, FusionReport, get_report, reset_report
 
@@ -49,6 +50,7 @@ __all__ = [
     "inductor_fusion_backend",
     "install",
     "installed",
+    "kernel_layer",
     "pattern_names",
     "register_fusable_modules",
     "reset_report",

@@ -784,6 +784,23 @@ class FusionKernelConfigMixin:
         _warn_hub_overlap(hub, ours)
         _install_load_hook()
 
+    def create_compatible_mapping(self, model: Any, compile: bool = False) -> Any:
+        """transformers' own, after undoing its loader's rewrite of local entries.
+
+        transformers 5.17-5.24 rewrite each kernel entry to ``(value, {"version": 1, ...})``
+        while loading (hub metadata), and with ``use_local_kernel=True`` this method then hands
+        that tuple to ``add_to_mapping_local``, which splits it as a ``"folder:Layer"`` string:
+        AttributeError on every device transformers lets through (it refuses cpu first). A local
+        entry needs the string alone, so e.g. ``inductor_fusion.kernel_layer()`` works through
+        this config where a plain ``transformers.KernelConfig`` fails (pinned by
+        tests/test_kernel_layer_repo.py)."""
+        if self.use_local_kernel:
+            self.kernel_mapping = {
+                key: value[0] if isinstance(value, tuple) and isinstance(value[0], str) else value
+                for key, value in self.kernel_mapping.items()
+            }
+        return super().create_compatible_mapping(model, compile=compile)  # type: ignore[misc]
+
     def fusion_plan(self, model: torch.nn.Module) -> FusionPlan | None:
         """The plan our entries give ``model`` (not attached)."""
         return resolve_entries(model, self.fusion_entries)

@@ -549,3 +549,18 @@ def test_our_config_unwraps_local_entries_before_transformers_reads_them(
     hub.kernel_mapping["RMSNorm"] = wrapped
     hub.create_compatible_mapping(None)
     assert seen["RMSNorm"] == wrapped
+
+
+def test_readme_snippet_builds_the_config() -> None:
+    """The README's route through transformers' flow, executed from the README: the config it
+    builds holds our layer's entry for transformers (the load itself needs CUDA: tests above)."""
+    import re
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("**transformers' own fusion flow.**", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, str(readme), "exec"), namespace)
+    config = namespace["config"]
+    assert isinstance(config, inductor_fusion.KernelConfig) and config.use_local_kernel
+    assert list(config.kernel_mapping.values()) == [inductor_fusion.kernel_layer()]

@@ -132,7 +132,7 @@ def region_rows(shapes, tokens, calls: int, providers=PROVIDERS) -> list[dict]:
     return rows
 
 
-def model_rows(tokens, reps: int = 20) -> list[dict]:
+def model_rows(tokens, reps: int = 20, providers=None) -> list[dict]:
     import inductor_fusion
     from inductor_fusion.demo import _build
 
@@ -143,6 +143,8 @@ def model_rows(tokens, reps: int = 20) -> list[dict]:
         with torch.no_grad():
             eager_logits = model(ids).logits
             for name, backend in MODEL_PROVIDERS:
+                if providers is not None and name not in providers:
+                    continue
                 row = {"model": "llama-1b-shape-4-layers", "m": m, "provider": name}
                 try:
                     if backend is None:
@@ -205,7 +207,9 @@ def main() -> int:
     parser.add_argument("--tokens", default="1,16,64,256,512,4096", help="region M ('' skips)")
     parser.add_argument("--model-tokens", default="1,16,256,512,4096")
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help="region providers")
+    parser.add_argument(
+        "--providers", default=",".join(PROVIDERS), help="providers of the region and model rows"
+    )
     args = parser.parse_args()
     shapes = [bench.Shape.parse(s) for s in args.shapes.split(",") if s]
     tokens = [int(t) for t in args.tokens.split(",") if t]
@@ -214,7 +218,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown providers {sorted(unknown)}; known: {', '.join(PROVIDERS)}")
     rows = region_rows(shapes, tokens, args.calls, providers) if tokens else []
-    rows += model_rows([int(t) for t in args.model_tokens.split(",") if t])
+    model_tokens = [int(t) for t in args.model_tokens.split(",") if t]
+    rows += model_rows(model_tokens, providers=providers) if model_tokens else []
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     (args.out / "host.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

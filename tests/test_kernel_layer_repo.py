@@ -24,7 +24,6 @@ import copy
 import json
 import re
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,8 +32,8 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from test_eager_layer import CountOps, logits_and_ops  # count the op calls of a forward
 from tiny_models import FAMILIES, assert_within_tolerance, fp64_logits, tiny_model, token_ids
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, KernelConfig
 from transformers.utils.import_utils import (
     KERNELS_MAX_VERSION,
@@ -183,22 +182,6 @@ def kernelize(model: torch.nn.Module, device: str) -> None:
     mapping = {"RMSNormMLP": {device: local_repository()}}
     with kernels.use_kernel_mapping(mapping, inherit_mapping=False):
         kernels.kernelize(model, device=device, mode=kernels.Mode.INFERENCE)
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def logits_and_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    with torch.no_grad(), CountOps() as counter:
-        logits = model(ids).logits
-    return logits, counter.ops[OP]
 
 
 def traced_op_calls(model: torch.nn.Module, ids: torch.Tensor) -> int:

@@ -12,6 +12,7 @@ for what the kernels do not take, the node stays.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -79,6 +80,7 @@ _SPEC_KEYS = ("norm", "norm_weight_offset", "norm_weight_fp32", "activation", "g
 
 
 def _replace(graph: torch.fx.Graph, node: torch.fx.Node, call: dict[str, Any]) -> None:
+    from torch._guards import detect_fake_mode
     from torch._inductor.pattern_matcher import fwd_only
 
     from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
@@ -105,7 +107,12 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, call: dict[str, Any]) -
         # Both take every argument by name: the tensors (None where absent) and the scalars.
         return impl(**{**rest, **dict(zip(names, tensors, strict=True))}, spec=spec)
 
-    replacement = fwd_only(region_fn, fakes)
+    # Inductor runs post-grad passes with the graph's fake mode set but not entered: the plan's
+    # buffers would be real (CUDA) tensors and the launch wrapper would meet fake tensors outside
+    # their mode. Tracing inside the mode keeps every tensor fake.
+    fake_mode = detect_fake_mode(fakes)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        replacement = fwd_only(region_fn, fakes)
     env: dict[torch.fx.Node, Any] = {}
     placeholders = iter(replacement.graph.find_nodes(op="placeholder"))
     with graph.inserting_before(node):

@@ -239,7 +239,9 @@ def _op_call_graph(tokens: int, gated: bool, device: str = "cuda") -> torch.fx.G
             for s in ((H,), (INTER, H), (INTER, H), (H, INTER))
         ]
         gm = fwd_only(call, [h, *weights])
-        FusionPass(FusionPlan(frozenset({"rmsnorm_mlp"})), stage="post_grad")(gm.graph)
+    # Outside the fake mode, as Inductor runs its post-grad passes: the nodes' values are fake
+    # tensors whose mode is not entered (a pass that traces must enter it itself).
+    FusionPass(FusionPlan(frozenset({"rmsnorm_mlp"})), stage="post_grad")(gm.graph)
     return gm
 
 

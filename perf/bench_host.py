@@ -110,7 +110,7 @@ def region_rows(shapes, tokens, calls: int, providers=PROVIDERS) -> list[dict]:
         region = bench.build_region(shape, "cuda", seed=0)
         for m in tokens:
             x = torch.randn(m, shape.hidden, dtype=torch.bfloat16, device="cuda")
-            ref = bench.reference_fp32(region, x)
+            ref = bench.reference(region, x)
             for name in providers:
                 row = {"shape": shape.key, "m": m, "provider": name}
                 try:

@@ -1,0 +1,63 @@
+"""The GPU harness under perf/ runs only on the device machine, a few minutes per session: a
+typo there costs a whole session's measurement (2026-12-03: ``bench.reference_fp32`` did not
+exist). This checks on CPU what can be checked without a GPU: every script imports, and every
+attribute it takes from a sibling perf module exists."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+PERF = Path(__file__).resolve().parent.parent / "perf"
+SCRIPTS = sorted(p for p in PERF.glob("*.py"))
+
+
+@pytest.fixture(scope="module")
+def perf_path():
+    sys.path.insert(0, str(PERF))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(PERF))
+
+
+def _sibling_uses(tree: ast.Module) -> set[tuple[str, str]]:
+    """(module, attribute) for each ``module.attribute`` where ``module`` is an imported sibling."""
+    siblings = {p.stem for p in SCRIPTS}
+    imported = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+        if alias.name in siblings
+    }
+    return {
+        (node.value.id, node.attr)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in imported
+    }
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_perf_script_imports_and_uses_what_exists(script: Path, perf_path) -> None:
+    module = importlib.import_module(script.stem)
+    tree = ast.parse(script.read_text())
+    missing = [
+        f"{mod}.{attr}"
+        for mod, attr in sorted(_sibling_uses(tree))
+        if not hasattr(importlib.import_module(mod), attr)
+    ]
+    assert not missing, f"{script.name} uses names its sibling modules lack: {missing}"
+    # Names it imports from a sibling exist too (``from perf_common import x``).
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in {p.stem for p in SCRIPTS}:
+            source = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(source, alias.name), f"{script.name}: {node.module}.{alias.name}"
+    assert module is not None

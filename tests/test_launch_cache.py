@@ -248,3 +248,46 @@ def test_cuda_replay_honours_triton_launch_hooks():
     assert len(seen) == 4
     assert [d["name"].split("[")[0] for d in seen[:2]] == ["rmsnorm_gate_up", "rmsnorm_mlp_down"]
     assert seen[:2] == seen[2:], "a replay's launch metadata differs from JITFunction.run's"
+
+
+def test_eager_calls_take_tma_from_a_thousand_rows():
+    """Host-bound eager calls take the pointer form of the "tma" tiles (`eager_tma` says why);
+    rows, not the leading shape, decide; the choice is part of the launch key."""
+    threshold = module.EAGER_TMA_MIN_ROWS
+    assert threshold == 1024
+    eager_tma = module.eager_tma
+    assert not eager_tma(torch.empty(threshold - 1, 8))
+    assert eager_tma(torch.empty(threshold, 8))
+    assert eager_tma(torch.empty(2, threshold // 2, 8))
+    assert not eager_tma(torch.empty(1, threshold - 1, 8))
+    assert not eager_tma(torch.empty(0, 8)) and not eager_tma(torch.empty(4, 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_eager_tma_only_from_a_thousand_rows_or_in_capture():
+    """On CUDA the "tma" configurations (the defaults from M=128) launch with TMA descriptors only
+    from EAGER_TMA_MIN_ROWS rows or under CUDA-graph capture; the pointer form computes the
+    same as the TMA form."""
+
+    def descriptors(case, capture=False):
+        """TMA descriptors per recorded plan, after a call (and a captured call) of ``case``."""
+        PLANS.clear()
+        inputs = make_inputs(case, "cuda", torch.bfloat16)
+        eager = _call(inputs, case)  # outside a capture: Triton compiles here
+        if capture:  # the same key captured: an entry of its own, with TMA
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = _call(inputs, case)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.allclose(out.float(), eager.float(), rtol=2e-2, atol=2e-2)
+        return sorted(sum(len(x.descriptors) for x in p.launches) for p in PLANS._plans.values())
+
+    small = dataclasses.replace(CASE, lead=(128,))
+    large = dataclasses.replace(CASE, lead=(module.EAGER_TMA_MIN_ROWS,))
+    assert module._graph_config(128, 72, 136, torch.bfloat16, False).gate_up.kind == "tma"
+    assert descriptors(small) == [0]
+    assert descriptors(large)[0] > 0
+    pointer, captured = descriptors(small, capture=True)
+    assert pointer == 0 and captured > 0

@@ -21,6 +21,9 @@ eager_layer / inductor / ours, and for the two eager providers also the forward'
 CUDA-graph replay. ``eager_layer`` is the model with our eager fused layer swapped in by
 ``KernelConfig`` (``"inductor_fusion:rmsnorm_mlp:eager"``, `inductor_fusion.layers`), no compile.
 
+Enqueue, wall and forward times are taken in ``--rounds`` interleaved rounds over the providers
+(see `interleaved`); the tables give the median and, in brackets, the range of the rounds.
+
 Data first (``host.json``), the tables last (``host.md``, also printed).
 
     python perf/bench_host.py --out /tmp/host
@@ -80,15 +83,12 @@ def enqueue_us(fn, x, calls: int) -> float:
 
 
 def wall_us(fn, x, calls: int) -> float:
-    samples = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn(x)
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(x)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def graph_us(fn, x, calls: int = 20) -> float:
@@ -104,35 +104,67 @@ def graph_us(fn, x, calls: int = 20) -> float:
     return statistics.median(samples)
 
 
-def region_rows(shapes, tokens, calls: int, providers=PROVIDERS) -> list[dict]:
+def interleaved(measures: dict, rounds: int) -> dict[str, list[float]]:
+    """``rounds`` samples of every measure, taken in turns (each round starts one provider later),
+    so that the host's drift (clocks, other tenants) hits all providers alike. On the H200 machine
+    one eager measure repeated minutes apart moved by 30% (2026-12-03): a single block per
+    provider cannot tell a 10% difference."""
+    names = list(measures)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(measures[name]())
+    return samples
+
+
+def spread(samples: list[float]) -> dict[str, float]:
+    """Median of the round samples, and their min and max (the noise a reader must allow)."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def region_rows(shapes, tokens, calls: int, providers=PROVIDERS, rounds: int = 7) -> list[dict]:
     rows = []
     for shape in shapes:
         region = bench.build_region(shape, "cuda", seed=0)
         for m in tokens:
             x = torch.randn(m, shape.hidden, dtype=torch.bfloat16, device="cuda")
             ref = bench.reference(region, x)
+            ready, block = {}, []
             for name in providers:
                 row = {"shape": shape.key, "m": m, "provider": name}
                 try:
                     fn = provider(name, region)
                     with torch.no_grad():
-                        out = fn(x)  # compiles
-                        row["rel_err"] = rel_l2(out, ref)
+                        row["rel_err"] = rel_l2(fn(x), ref)  # compiles
                         for _ in range(3):
                             fn(x)
-                        row["enqueue_us"] = enqueue_us(fn, x, calls)
-                        row["wall_us"] = wall_us(fn, x, calls)
                         row["graph_us"] = graph_us(fn, x)
+                    ready[name] = fn
                 except Exception as exc:  # a provider that fails is recorded, not fatal
                     row["error"] = error_text(exc)
+                    bench.recover()
+                block.append(row)
+            with torch.no_grad():
+                for what, measure in (("enqueue_us", enqueue_us), ("wall_us", wall_us)):
+                    samples = interleaved(
+                        {n: lambda f=f, m=measure, x=x: m(f, x, calls) for n, f in ready.items()},
+                        rounds,
+                    )
+                    for row in block:
+                        if row["provider"] in samples:
+                            stats = spread(samples[row["provider"]])
+                            row[what] = stats["median"]
+                            row[what + "_range"] = [stats["min"], stats["max"]]
+            for row in block:
                 log(json.dumps(row))
-                rows.append(row)
-                bench.recover()
+            rows += block
+            bench.recover()
             torch._dynamo.reset()
     return rows
 
 
-def model_rows(tokens, reps: int = 20, providers=None) -> list[dict]:
+def model_rows(tokens, reps: int = 20, providers=None, rounds: int = 7) -> list[dict]:
     import inductor_fusion
     from inductor_fusion.demo import _build
 
@@ -140,6 +172,7 @@ def model_rows(tokens, reps: int = 20, providers=None) -> list[dict]:
     rows = []
     for m in tokens:
         ids = torch.randint(0, model.config.vocab_size, (1, m), device="cuda")
+        ready, block = {}, []
         with torch.no_grad():
             eager_logits = model(ids).logits
             for name, backend in MODEL_PROVIDERS:
@@ -162,19 +195,49 @@ def model_rows(tokens, reps: int = 20, providers=None) -> list[dict]:
                     row["rel_vs_eager"] = rel_l2(logits, eager_logits)
                     if backend == "ours":
                         row["fused"] = inductor_fusion.get_report().count("rmsnorm_mlp")
-                    row["forward_ms"] = (
-                        bench._event_median_s(lambda f=fn, i=ids: f(i), 3, reps) * 1e3
-                    )
                     if backend in (None, "eager_layer"):
                         graph = bench.capture(lambda i, f=fn: f(i, use_cache=False).logits, ids, 1)
                         row["graph_ms"] = bench._event_median_s(graph.replay, 3, reps) * 1e3
+                        del graph
+                    ready[name] = fn
                 except Exception as exc:
                     row["error"] = error_text(exc)
-                log(json.dumps(row))
-                rows.append(row)
-                bench.recover()
+                    bench.recover()
+                block.append(row)
+            samples = interleaved(
+                {
+                    n: lambda f=f, i=ids: bench._event_median_s(lambda: f(i), 2, reps) * 1e3
+                    for n, f in ready.items()
+                },
+                rounds,
+            )
+        base = samples.get("eager")
+        for row in block:
+            if row["provider"] in samples:
+                mine = samples[row["provider"]]
+                stats = spread(mine)
+                row["forward_ms"] = stats["median"]
+                row["forward_ms_range"] = [stats["min"], stats["max"]]
+                row["forward_ms_rounds"] = mine
+                if base is not None:
+                    # Paired by round (measured back to back): the host's slow phases, which
+                    # come and go over seconds, cancel in the ratio but not in the medians.
+                    row["speedup_paired"] = statistics.median(
+                        b / t for b, t in zip(base, mine, strict=True)
+                    )
+            log(json.dumps(row))
+        rows += block
+        bench.recover()
         torch._dynamo.reset()
     return rows
+
+
+def _with_range(row: dict, key: str, digits: int) -> str:
+    """``median (min-max)`` of the interleaved rounds."""
+    if key not in row:
+        return "nan"
+    low, high = row.get(key + "_range", (row[key], row[key]))
+    return f"{row[key]:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def table(rows: list[dict]) -> str:
@@ -182,21 +245,23 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "shape" not in r:
             continue
-        cells = [f"{r.get(k, float('nan')):.1f}" for k in ("enqueue_us", "wall_us", "graph_us")]
+        cells = [_with_range(r, k, 1) for k in ("enqueue_us", "wall_us")]
+        cells.append(f"{r.get('graph_us', float('nan')):.1f}")
         err = f"{r['rel_err']:.2e}" if "rel_err" in r else r.get("error", "")[:60]
         lines.append(f"| {r['shape']} | {r['m']} | {r['provider']} | {' | '.join(cells)} | {err} |")
     lines += [
         "",
-        "| model | M | provider | forward ms | graph ms | fused | rel vs eager |",
-        "|---" * 7 + "|",
+        "| model | M | provider | forward ms | x eager (paired) | graph ms | fused | rel vs eager |",
+        "|---" * 8 + "|",
     ]
     for r in rows:
         if "model" not in r:
             continue
-        fwd = f"{r['forward_ms']:.3f}" if "forward_ms" in r else r.get("error", "")[:60]
+        fwd = _with_range(r, "forward_ms", 3) if "forward_ms" in r else r.get("error", "")[:60]
         graph = f"{r['graph_ms']:.3f}" if "graph_ms" in r else ""
         rel = f"{r['rel_vs_eager']:.2e}" if "rel_vs_eager" in r else ""
-        lines.append(f"| {r['model']} | {r['m']} | {r['provider']} | {fwd} | {graph} | {r.get('fused', '')} | {rel} |")  # fmt: skip
+        paired = f"{r['speedup_paired']:.3f}" if "speedup_paired" in r else ""
+        lines.append(f"| {r['model']} | {r['m']} | {r['provider']} | {fwd} | {paired} | {graph} | {r.get('fused', '')} | {rel} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -207,6 +272,7 @@ def main() -> int:
     parser.add_argument("--tokens", default="1,16,64,256,512,4096", help="region M ('' skips)")
     parser.add_argument("--model-tokens", default="1,16,256,512,4096")
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument(
         "--providers", default=",".join(PROVIDERS), help="providers of the region and model rows"
     )
@@ -217,9 +283,11 @@ def main() -> int:
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
         parser.error(f"unknown providers {sorted(unknown)}; known: {', '.join(PROVIDERS)}")
-    rows = region_rows(shapes, tokens, args.calls, providers) if tokens else []
+    rows = region_rows(shapes, tokens, args.calls, providers, args.rounds) if tokens else []
     model_tokens = [int(t) for t in args.model_tokens.split(",") if t]
-    rows += model_rows(model_tokens, providers=providers) if model_tokens else []
+    rows += (
+        model_rows(model_tokens, providers=providers, rounds=args.rounds) if model_tokens else []
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     (args.out / "host.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

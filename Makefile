@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 
-.PHONY: tune install demo test test-fast lint format bench bench-host bench-e2e bench-train clean
+.PHONY: tune install demo test test-fast lint format bench bench-tp bench-host bench-e2e bench-train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -37,6 +37,10 @@ format:
 # checks the script on a CPU): writes perf/results/{results.json,csv,md,png}.
 bench: $(STAMP)
 	$(PYTHON) perf/bench.py --out perf/results
+
+# One rank's region under tensor parallelism (Llama-3-8B over 2, 4, 8 GPUs), on one GPU.
+bench-tp: $(STAMP)
+	$(PYTHON) perf/bench.py --tp --out perf/results/tp_shard
 
 # Host cost without CUDA graphs (enqueue, wall) beside CUDA-graph GPU time, ours vs Inductor, and
 # the demo model's default-mode forward (needs CUDA): writes perf/results/host/host.{json,md}.

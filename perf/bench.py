@@ -9,6 +9,8 @@ The region is built from the real Hugging Face modules with random weights, one 
     neox      LayerNorm (bias) -> GPTNeoXMLP (GELU erf, not gated, biases),
               mlp + h (GPTNeoXLayer's sequential residual)                    family layernorm_mlp
     nemotron  NemotronLayerNorm1P -> NemotronMLP (ReLU^2, not gated)          family layernorm_mlp
+    llama_tp  Llama's, mlp(norm(h)) without the residual: one tensor-parallel rank's region
+              (``--tp``: Llama-3-8B's 4096x14336 split over 2, 4, 8 GPUs)      family rmsnorm_mlp
 
 Six providers run it:
 
@@ -113,6 +115,8 @@ DEFAULT_SHAPES = (
 )
 DEFAULT_TOKENS = "1,4,16,64,256,1024,4096"
 QUICK_SHAPES = "2048x8192"
+# --tp: one rank's region of Llama-3-8B under tensor parallelism on 2, 4 and 8 GPUs.
+TP_SHAPES = "llama_tp:4096x7168,llama_tp:4096x3584,llama_tp:4096x1792"
 QUICK_TOKENS = "1,64,1024"
 # --cpu-smoke: every kind at a tiny size (not multiples of the block sizes), fp32, on the CPU.
 SMOKE_SHAPES = "llama:80x176,gemma:80x176,phi3:80x176,neox:80x176,nemotron:80x176"
@@ -171,7 +175,9 @@ class Kind:
     linears: tuple[str, str | None, str]
     fused_gate_up: bool = False  # Phi-3: one [2I, H] gate_up_proj, chunked
     bias: bool = False  # MLP biases (GPTNeoXMLP always has them)
-    residual: str = "left"  # "left": h + mlp(norm(h)); "right": mlp(norm(h)) + h
+    # "left": h + mlp(norm(h)); "right": mlp(norm(h)) + h; "none": mlp(norm(h)) (a tensor-parallel
+    # shard: the all-reduce of the down projection's partial sums sits before the residual add)
+    residual: str = "left"
     norm_offset: float = 0.0  # the norm multiplies by weight + offset (Gemma, LayerNorm1P)
     op_spec: tuple[tuple[str, Any], ...] = ()  # the op's RegionSpec keywords (none: Llama's)
 
@@ -187,7 +193,7 @@ class Kind:
     @property
     def text(self) -> str:
         mlp = f"{self.mlp_cls}({self.norm_cls}(h))"
-        return f"h + {mlp}" if self.residual == "left" else f"{mlp} + h"
+        return {"left": f"h + {mlp}", "right": f"{mlp} + h"}.get(self.residual, mlp)
 
 
 KINDS = {
@@ -197,6 +203,14 @@ KINDS = {
             "llama", "rmsnorm_mlp", "llama", "LlamaConfig", "LlamaRMSNorm", "LlamaMLP",
             config=(("hidden_act", "silu"), ("mlp_bias", False)), eps=EPS,
             linears=("gate_proj", "up_proj", "down_proj"),
+        ),
+        # One rank's share of Llama's region under tensor parallelism (transformers' tp_plan
+        # "auto": gate/up column-wise, down row-wise): HxI/N, no residual add before the
+        # all-reduce. 4096x14336/N is Llama-3-8B on N GPUs (issue #13).
+        Kind(
+            "llama_tp", "rmsnorm_mlp", "llama", "LlamaConfig", "LlamaRMSNorm", "LlamaMLP",
+            config=(("hidden_act", "silu"), ("mlp_bias", False)), eps=EPS,
+            linears=("gate_proj", "up_proj", "down_proj"), residual="none",
         ),
         # Gemma-2-2B's sizes, written as Gemma 1 writes the region (Gemma 2 adds a post-norm).
         Kind(
@@ -385,7 +399,10 @@ def region_function(
     def region_right(h: Tensor) -> Tensor:
         return mlp(norm(h)) + h
 
-    return region if residual == "left" else region_right
+    def region_shard(h: Tensor) -> Tensor:
+        return mlp(norm(h))
+
+    return {"left": region, "right": region_right, "none": region_shard}[residual]
 
 
 class Skipped(Exception):
@@ -455,8 +472,10 @@ def _op_call(region: Region) -> Callable[[Tensor], Tensor]:
     norm_bias = getattr(region.norm, "bias", None)
     eps, spec = region.eps, dict(kind.op_spec)
 
+    residual = kind.residual != "none"
+
     def fused(h: Tensor) -> Tensor:
-        return op(h, *weights, h, eps, norm_bias, **spec)
+        return op(h, *weights, h if residual else None, eps, norm_bias, **spec)
 
     return fused
 
@@ -867,6 +886,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"smoke test: shapes {QUICK_SHAPES}, M {QUICK_TOKENS} (unless given), fewer repeats",
     )
     parser.add_argument(
+        "--tp",
+        action="store_true",
+        help=f"one rank's region under tensor parallelism: shapes {TP_SHAPES} (unless given)",
+    )
+    parser.add_argument(
         "--cpu-smoke",
         action="store_true",
         help=f"check the script on the CPU: fp32, shapes {SMOKE_SHAPES}, M {SMOKE_TOKENS}, "
@@ -899,6 +923,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     shapes_text = args.shapes or {
         "smoke": SMOKE_SHAPES, "quick": QUICK_SHAPES, "default": DEFAULT_SHAPES
     }[preset]  # fmt: skip
+    if args.tp and not args.shapes:
+        shapes_text = TP_SHAPES
     tokens_text = args.tokens or {
         "smoke": SMOKE_TOKENS, "quick": QUICK_TOKENS, "default": DEFAULT_TOKENS
     }[preset]  # fmt: skip

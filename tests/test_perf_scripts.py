@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PERF = Path(__file__).resolve().parent.parent / "perf"
 SCRIPTS = sorted(p for p in PERF.glob("*.py"))
@@ -61,3 +62,17 @@ def test_perf_script_imports_and_uses_what_exists(script: Path, perf_path) -> No
             for alias in node.names:
                 assert hasattr(source, alias.name), f"{script.name}: {node.module}.{alias.name}"
     assert module is not None
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tp", "neox"])
+def test_bench_op_call_computes_the_kinds_region(kind: str, perf_path) -> None:
+    """bench.py's direct op call computes what the kind's HF region computes (the tensor-parallel
+    shard's has no residual add: its all-reduce comes first), on the CPU, where the op's body is
+    the PyTorch reference."""
+    import bench
+
+    shape = bench.Shape.parse(f"{kind}:48x80")
+    region = bench.build_region(shape, "cpu", seed=0, dtype=torch.float32)
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(1))
+    expected = bench.region_function(region.norm, region.mlp, region.kind.residual)(x)
+    torch.testing.assert_close(bench._op_call(region)(x), expected, rtol=1e-5, atol=1e-5)

@@ -27,17 +27,18 @@ def perf_path():
 
 
 def _sibling_uses(tree: ast.Module) -> set[tuple[str, str]]:
-    """(module, attribute) for each ``module.attribute`` where ``module`` is an imported sibling."""
+    """(module, attribute) for each ``alias.attribute`` where ``alias`` names an imported sibling
+    (``import bench`` or ``import bench_e2e as e2e``)."""
     siblings = {p.stem for p in SCRIPTS}
     imported = {
-        alias.asname or alias.name
+        alias.asname or alias.name: alias.name
         for node in ast.walk(tree)
         if isinstance(node, ast.Import)
         for alias in node.names
         if alias.name in siblings
     }
     return {
-        (node.value.id, node.attr)
+        (imported[node.value.id], node.attr)
         for node in ast.walk(tree)
         if isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Name)
@@ -76,3 +77,27 @@ def test_bench_op_call_computes_the_kinds_region(kind: str, perf_path) -> None:
     x = torch.randn(3, 48, generator=torch.Generator().manual_seed(1))
     expected = bench.region_function(region.norm, region.mlp, region.kind.residual)(x)
     torch.testing.assert_close(bench._op_call(region)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_tp_runs_two_gloo_ranks(tmp_path: Path) -> None:
+    """perf/bench_tp.py waits for a multi-GPU machine (issue #13); its CPU smoke (2 gloo ranks,
+    the tiny Llama) runs the same code: every rank fuses every layer with ours and none with
+    Inductor, logits within the tolerance rule's bound, decode measured without recompiles."""
+    import json
+    import subprocess
+
+    command = [sys.executable, str(PERF / "bench_tp.py"), "--out", str(tmp_path), "--cpu-smoke"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    (run,) = data["runs"]
+    assert run["status"] == 0 and len(run["ranks"]) == 2
+    for rank in run["ranks"]:
+        by_provider = {r["provider"]: r for r in rank}
+        assert set(by_provider) == {"ours", "inductor"}
+        for provider, record in by_provider.items():
+            assert "error" not in record, record
+            assert record["fused"] == (data["meta"]["layers"] if provider == "ours" else 0)
+            assert record["rel_err"] <= record["bound"]
+            assert record["tok_s_b1"] > 0 and record["recompiles_b1"] == 0

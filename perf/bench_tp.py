@@ -17,7 +17,8 @@ and for Inductor, measures on every rank:
 Rank 0's numbers are the table (``results.md``); every rank's are in ``results.json``. Target of
 the issue: decode tok/s >= 1.05x Inductor at batch 16-64 on N = 2 and 4.
 
-    python perf/bench_tp.py --out /tmp/tp --gpus 2,4,8 --layers 8     # one device call
+    python perf/bench_tp.py --out /tmp/tp --gpus 2,4,8 --layers 8     # one device call (if the
+                                                                      # budget stops it: --gpus 8)
     python perf/bench_tp.py --out /tmp/tp --cpu-smoke                 # 2 gloo ranks, tiny model
 """
 
@@ -133,6 +134,9 @@ def worker(args: argparse.Namespace) -> None:
                 )
                 record[f"tok_s_b{batch}"] = cell["tok_s"]
                 record[f"recompiles_b{batch}"] = cell["graphs_timed"]
+                # Collectives inside the decode graph: did CUDA graphs stay on, in one graph?
+                record[f"cudagraph_skips_b{batch}"] = cell["cudagraph_skips"]
+                record[f"graph_breaks_b{batch}"] = cell["graph_breaks"]
         except Exception as exc:  # recorded; the other ranks meet the same error
             record["error"] = error_text(exc)
         records.append(record)

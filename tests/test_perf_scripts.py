@@ -101,3 +101,4 @@ def test_bench_tp_runs_two_gloo_ranks(tmp_path: Path) -> None:
             assert record["fused"] == (data["meta"]["layers"] if provider == "ours" else 0)
             assert record["rel_err"] <= record["bound"]
             assert record["tok_s_b1"] > 0 and record["recompiles_b1"] == 0
+            assert record["graph_breaks_b1"] == 0

@@ -588,47 +588,54 @@ def capture(fn: Callable[[Tensor], Tensor], x: Tensor, calls: int) -> torch.cuda
     return graph
 
 
+def interleaved(measures: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[Any]]:
+    """``rounds`` results of every measure, taken in turns, each round starting one provider
+    later, so that drift (clocks, other tenants on the host) hits all providers alike."""
+    names = list(measures)
+    samples: dict[str, list[Any]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(measures[name]())
+    return samples
+
+
 def time_graphs(
     graphs: dict[str, torch.cuda.CUDAGraph], plan: TimingPlan
 ) -> dict[str, list[list[float]]]:
     """µs per call: for each provider, one list of samples per round."""
-    names = list(graphs)
-    samples: dict[str, list[list[float]]] = {name: [] for name in names}
-    for r in range(plan.rounds):
-        shift = r % max(len(names), 1)
-        for name in names[shift:] + names[:shift]:
-            graph = graphs[name]
-            graph.replay()  # untimed: the first replay after another provider's
-            events = [
-                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                for _ in range(plan.replays_per_round)
-            ]
-            for start, end in events:
-                start.record()
-                graph.replay()
-                end.record()
-            torch.cuda.synchronize()
-            samples[name].append(
-                [start.elapsed_time(end) * 1e3 / plan.calls_per_graph for start, end in events]
-            )
-    return samples
+
+    def one_round(graph: torch.cuda.CUDAGraph) -> list[float]:
+        graph.replay()  # untimed: the first replay after another provider's
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(plan.replays_per_round)
+        ]
+        for start, end in events:
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) * 1e3 / plan.calls_per_graph for start, end in events]
+
+    return interleaved({n: lambda g=g: one_round(g) for n, g in graphs.items()}, plan.rounds)
 
 
 def time_calls(
     fns: dict[str, Callable[[Tensor], Tensor]], x: Tensor, plan: TimingPlan
 ) -> dict[str, list[list[float]]]:
     """--cpu-smoke: µs per call by wall clock, in the rounds and samples of `time_graphs`."""
-    samples: dict[str, list[list[float]]] = {name: [] for name in fns}
-    for _ in range(plan.rounds):
-        for name, fn in fns.items():
-            round_ = []
-            for _ in range(plan.replays_per_round):
-                start = time.perf_counter()
-                for _ in range(plan.calls_per_graph):
-                    fn(x)
-                round_.append((time.perf_counter() - start) * 1e6 / plan.calls_per_graph)
-            samples[name].append(round_)
-    return samples
+
+    def one_round(fn: Callable[[Tensor], Tensor]) -> list[float]:
+        round_ = []
+        for _ in range(plan.replays_per_round):
+            start = time.perf_counter()
+            for _ in range(plan.calls_per_graph):
+                fn(x)
+            round_.append((time.perf_counter() - start) * 1e6 / plan.calls_per_graph)
+        return round_
+
+    return interleaved({n: lambda f=f: one_round(f) for n, f in fns.items()}, plan.rounds)
 
 
 def _event_median_s(fn: Callable[[], Any], warmup: int, reps: int) -> float:

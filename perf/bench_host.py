@@ -22,7 +22,8 @@ CUDA-graph replay. ``eager_layer`` is the model with our eager fused layer swapp
 ``KernelConfig`` (``"inductor_fusion:rmsnorm_mlp:eager"``, `inductor_fusion.layers`), no compile.
 
 Enqueue, wall and forward times are taken in ``--rounds`` interleaved rounds over the providers
-(see `interleaved`); the tables give the median and, in brackets, the range of the rounds.
+(``bench.interleaved``: the H200 machine's host speed drifted by 30% between two measures of one
+provider minutes apart, 2026-12-03); the tables give the median and, in brackets, the range.
 
 Data first (``host.json``), the tables last (``host.md``, also printed).
 
@@ -104,20 +105,6 @@ def graph_us(fn, x, calls: int = 20) -> float:
     return statistics.median(samples)
 
 
-def interleaved(measures: dict, rounds: int) -> dict[str, list[float]]:
-    """``rounds`` samples of every measure, taken in turns (each round starts one provider later),
-    so that the host's drift (clocks, other tenants) hits all providers alike. On the H200 machine
-    one eager measure repeated minutes apart moved by 30% (2026-12-03): a single block per
-    provider cannot tell a 10% difference."""
-    names = list(measures)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(measures[name]())
-    return samples
-
-
 def spread(samples: list[float]) -> dict[str, float]:
     """Median of the round samples, and their min and max (the noise a reader must allow)."""
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
@@ -147,7 +134,7 @@ def region_rows(shapes, tokens, calls: int, providers=PROVIDERS, rounds: int = 7
                 block.append(row)
             with torch.no_grad():
                 for what, measure in (("enqueue_us", enqueue_us), ("wall_us", wall_us)):
-                    samples = interleaved(
+                    samples = bench.interleaved(
                         {n: lambda f=f, m=measure, x=x: m(f, x, calls) for n, f in ready.items()},
                         rounds,
                     )
@@ -204,7 +191,7 @@ def model_rows(tokens, reps: int = 20, providers=None, rounds: int = 7) -> list[
                     row["error"] = error_text(exc)
                     bench.recover()
                 block.append(row)
-            samples = interleaved(
+            samples = bench.interleaved(
                 {
                     n: lambda f=f, i=ids: bench._event_median_s(lambda: f(i), 2, reps) * 1e3
                     for n, f in ready.items()

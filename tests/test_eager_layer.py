@@ -64,8 +64,9 @@ def logits_and_ops(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Ten
     return logits, counter.ops[OP]
 
 
-def traced_op_calls(model: torch.nn.Module) -> int:
-    """Calls of our op in the graphs a compile of ``model`` traces (run once, no grad)."""
+def traced_op_calls(model: torch.nn.Module, ids: torch.Tensor | None = None) -> int:
+    """Calls of our op in the graphs a compile of ``model`` traces (run once on ``ids``, default
+    `token_ids()`, no grad)."""
     graphs: list[torch.fx.GraphModule] = []
 
     def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
@@ -74,7 +75,7 @@ def traced_op_calls(model: torch.nn.Module) -> int:
 
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, backend=capture)(token_ids())
+        torch.compile(model, backend=capture)(token_ids() if ids is None else ids)
     targets = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
     return targets.count(torch.ops.inductor_fusion.rmsnorm_mlp)
 

@@ -32,7 +32,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from test_eager_layer import CountOps, logits_and_ops  # count the op calls of a forward
+from test_eager_layer import CountOps, logits_and_ops, traced_op_calls  # our op's calls
 from tiny_models import FAMILIES, assert_within_tolerance, fp64_logits, tiny_model, token_ids
 from transformers import AutoConfig, AutoModelForCausalLM, KernelConfig
 from transformers.utils.import_utils import (
@@ -182,21 +182,6 @@ def kernelize(model: torch.nn.Module, device: str) -> None:
     mapping = {"RMSNormMLP": {device: local_repository()}}
     with kernels.use_kernel_mapping(mapping, inherit_mapping=False):
         kernels.kernelize(model, device=device, mode=kernels.Mode.INFERENCE)
-
-
-def traced_op_calls(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Calls of our op in the graphs a compile of ``model`` traces."""
-    graphs: list[torch.fx.GraphModule] = []
-
-    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(ids)
-    targets = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
-    return targets.count(torch.ops.inductor_fusion.rmsnorm_mlp)
 
 
 def assert_fused_layers(model: torch.nn.Module, *, kernelized: bool) -> None:

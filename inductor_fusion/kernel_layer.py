@@ -29,7 +29,8 @@ in 5.17, 5.22 and 5.24), before it builds the model:
   ``cpu`` there (its kernel device list has no cpu), so the flow completes on CUDA only; and
   there, 5.17 to 5.24 hand their own rewrite of the entry, ``(value, {"version": 1, ...})``, to
   ``add_to_mapping_local``, which splits it as a string (AttributeError) unless the tuple is
-  unwrapped to its string first (tests/test_kernel_layer_repo.py does, around the call).
+  unwrapped to its string first (`inductor_fusion.KernelConfig` does; a strict xfail in
+  tests/test_kernel_layer_repo.py pins the upstream bug).
 
 Keys. The layout stands where the norm stood, and the MLP's place holds an ``nn.Identity`` that
 cannot hold parameters, so the MLP's parameters have to move under the norm's path. The layout

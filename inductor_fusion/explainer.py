@@ -738,6 +738,8 @@ def _regimes(
         if reason is None and not any(r.spec.gated for r in registry.pattern_module(family).SHAPES):
             # should_fuse refuses every non-gated MLP on CUDA.
             reason = "non-gated MLP (our kernels measured slower there)"
+        if reason is None and limit <= 0:
+            reason = f"{hidden}x{inter} (our kernels measured slower at every token count)"
         if reason is not None:
             regimes += [Regime(family, "cuda", "any", f"left to Inductor: {reason}"), other]
             continue

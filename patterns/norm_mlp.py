@@ -506,10 +506,16 @@ def should_fuse(args: RegionArgs) -> str | None:
             "non-gated MLP on CUDA: our kernels measured slower than Inductor's for one "
             "up-projection"
         )
-    tokens = h.numel() // h.shape[-1]
+    hidden, inter = h.shape[-1], args.gate_weight.shape[0]
+    limit = max_profitable_tokens(hidden, inter)
+    if limit <= 0:  # checked before the token count, so that it adds no guard
+        return (
+            f"{hidden}x{inter}: our kernels measured slower than Inductor's code at every "
+            "token count for this shape"
+        )
+    tokens = h.numel() // hidden
     # bool() of a symbolic comparison guards on it: a graph with a dynamic token count is then
     # compiled for one side of the threshold, and the other side recompiles once.
-    limit = max_profitable_tokens(h.shape[-1], args.gate_weight.shape[0])
     if bool(tokens <= limit):
         return None
     return f"{tokens} tokens: above {limit} Inductor's code is faster than our kernels here"

@@ -241,6 +241,29 @@ def test_config_only_8b_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert elapsed < 30, f"{elapsed:.1f} s"
 
 
+@pytest.mark.parametrize(
+    ("inter", "cuda_line"),
+    [
+        (3584, "rmsnorm_mlp: cuda, 1-16 tokens: our fused GEMV kernels"),
+        (1792, "rmsnorm_mlp: cuda, any tokens: left to Inductor: 4096x1792 (our kernels"),
+    ],
+    ids=["tp4-shard", "tp8-shard"],
+)
+def test_regimes_follow_a_shapes_measured_bound(inter: int, cuda_line: str) -> None:
+    """One rank's Llama-3-8B region under tensor parallelism on 4 / 8 GPUs (measured bounds in
+    `_rmsnorm_mlp_tuned.PROFITABLE_TOKENS`): explain's regimes say what should_fuse does."""
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=inter,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    )
+    text = str(inductor_fusion.explain(config, dtype=torch.bfloat16))
+    assert cuda_line in text, text
+    assert "rmsnorm_mlp: cuda, 1-64 tokens" not in text
+
+
 def test_cli_json_on_a_checkpoint_folder(tmp_path: Path) -> None:
     tiny_model("qwen3").save_pretrained(tmp_path)
     result = subprocess.run(

@@ -70,6 +70,29 @@ TUNED_H200: dict[tuple, tuple[tuple[int, str, str, bool], ...]] = {
         (16, "gemv:16x128x128:w8s3", "gemv:16x64x64:w4s6k4", False),
         (64, "gemv:64x128x64:w8s4", "gemv:64x64x128:w4s4k2", False),
     ),
+    # One rank's region of Llama-3-8B under tensor parallelism on 2 / 4 / 8 GPUs (I = 14336 / N,
+    # kind llama_tp: no residual before the all-reduce), 2026-12-03, same versions
+    # (perf/results/tp_shard/tune.log). From M=32 the GEMV gate/up has few programs (I/64 for
+    # 1792 columns: 28 on 132 SMs): at M=64 the norm pre-pass + TMA gate/up ran 19.6-36.2 us
+    # against 41-43 for the best GEMV.
+    (4096, 7168): (
+        (1, "gemv:16x64x128:w8s4", "gemv:16x64x64:w4s6k4", False),
+        (16, "gemv:16x64x128:w8s4", "gemv:16x64x128:w4s4k2", False),
+        (32, "gemv:32x64x128:w8s4", "gemv:32x64x128:w8s4k2", False),
+        (64, "tma:64x64x128:w4s4g8", "gemv:64x64x128:w4s4k2", True),
+    ),
+    (4096, 3584): (
+        (1, "gemv:16x32x128:w8s4", "gemv:16x64x64:w4s6k4", False),
+        (16, "gemv:16x32x128:w8s4", "gemv:16x64x128:w4s4k2", False),
+        (32, "gemv:32x64x128:w8s4", "gemv:32x64x128:w8s4k2", False),
+        (64, "tma:64x64x128:w4s4g8", "gemv:64x64x128:w4s4k2", True),
+    ),
+    (4096, 1792): (
+        (1, "gemv:16x32x128:w8s4", "gemv:16x64x64:w4s6k4", False),
+        (16, "gemv:16x32x128:w8s4", "gemv:16x64x128:w4s4k2", False),
+        (32, "gemv:32x64x128:w8s4", "gemv:32x64x128:w8s4k2", False),
+        (64, "tma:64x64x128:w4s4g8", "gemv:64x64x128:w4s4k2", True),
+    ),
     # Families (2026-12-02T18:41, same versions; perf/results/families/tune.json). Gemma-2-2B:
     # the defaults' 64-wide gate/up tiles gave 144 programs on 132 SMs (a second, nearly empty
     # wave); 128-wide ones take M=1 from 50.6 to 40.8 us. M=64 keeps a GEMV (36.7 us gate/up;
@@ -100,7 +123,16 @@ TUNED_H200: dict[tuple, tuple[tuple[int, str, str, bool], ...]] = {
 # tuned: the largest token count compiled graphs fuse for them. Gemma-2-2B on the H200
 # (perf/results/families): 1.14-1.19x at M <= 32, 0.90x at 64; a graph with a symbolic M in
 # (16, 64] runs the M=64 configuration, so the bound is the regime edge at 16.
-PROFITABLE_TOKENS: dict[tuple[int, int], int] = {(2304, 9216): 16}
+#
+# One rank's Llama-3-8B region under tensor parallelism, tuned (perf/results/tp_shard): at 4 GPUs
+# (I = 3584) 1.09x up to 16 tokens, 0.96-0.97x at 32 and 64; at 8 GPUs (I = 1792) 0.64-0.81x at
+# every M (Inductor's GEMMs then read 7 MB per matrix, our GEMV gate/up has too few programs),
+# so there compiled graphs never fuse (0). 2 GPUs (I = 7168): 1.04-1.27x, the general bound.
+PROFITABLE_TOKENS: dict[tuple[int, int], int] = {
+    (2304, 9216): 16,
+    (4096, 3584): 16,
+    (4096, 1792): 0,
+}
 
 TUNED_BY_DEVICE: dict[str, dict[tuple, tuple[tuple[int, str, str, bool], ...]]] = {
     "NVIDIA H100 80GB HBM3": TUNED,

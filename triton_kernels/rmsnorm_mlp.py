@@ -399,7 +399,8 @@ def _tuned_configs(
 
 def max_profitable_tokens(hidden_size: int, intermediate_size: int) -> int:
     """The largest token count at which the fused region of this shape beats Inductor's code on
-    CUDA (``MAX_PROFITABLE_TOKENS`` unless a measurement says less; see ``_tuned``)."""
+    CUDA (``MAX_PROFITABLE_TOKENS`` unless a measurement says less; see ``_tuned``). 0: it lost
+    at every token count measured, so compiled graphs leave the shape to Inductor on CUDA."""
     return _tuned.PROFITABLE_TOKENS.get((hidden_size, intermediate_size), MAX_PROFITABLE_TOKENS)
 
 
@@ -646,20 +647,21 @@ _EAGER_PLANS = _launch_cache.LaunchCache()
 
 # From this many rows the eager op's "tma" configurations load through TMA descriptors; below it
 # they run their pointer-kernel form (same tiles and split-K), as compiled graphs always do.
-EAGER_TMA_MIN_ROWS = 1024
+EAGER_TMA_MIN_ROWS = 2048
 
 
 def eager_tma(hidden: Tensor) -> bool:
     """Whether an eager call on ``hidden`` uses TMA descriptors (where its configuration has them).
 
-    Why not always: an eager model is host-bound up to about a thousand tokens, and there the TMA
-    form lost although its kernels are faster. H200 machine, 2026-12-03, the 4-layer 1B-shaped
-    Llama, forward time without CUDA graphs, interleaved: with TMA 0.99x / 0.97x / 1.00x the
-    unfused model at M = 128 / 256 / 1024, with the pointer form 1.04x / 1.04x / 1.00x; the
-    host time the TMA form adds shows up in the ops *after* the layer (perf/NOTES.md), not in the
-    layer's own calls. The GPU time of the TMA form is 3-11% lower (graph replay), so it is kept
-    where the GPU is what counts: from ``EAGER_TMA_MIN_ROWS`` rows, and while a CUDA graph is
-    captured (a replay costs no host time).
+    Why not always: an eager model is host-bound up to a couple of thousand tokens, and there the
+    TMA form lost although its kernels are faster. H200 machine, 2026-12-03, the 4-layer
+    1B-shaped Llama, forward time without CUDA graphs against the unfused model, paired over 21
+    interleaved rounds: with TMA 0.99x at M = 1024 and 4096 tokens 1.07x, with the pointer form
+    1.03x at 1024 and 0.98x at 4096; at 2048 both 0.99x (earlier: TMA 0.97x, pointer 1.04x at
+    M = 256). The host time the TMA form adds shows up in the ops *after* the layer
+    (perf/NOTES.md), not in the layer's own calls. The GPU time of the TMA form is 3-11% lower
+    (graph replay), so it is kept where the GPU is what counts: from ``EAGER_TMA_MIN_ROWS`` rows,
+    and while a CUDA graph is captured (a replay costs no host time).
     """
     features = hidden.shape[-1]
     if features and hidden.numel() // features >= EAGER_TMA_MIN_ROWS:

@@ -508,13 +508,18 @@ def build_provider(name: str, region: Region) -> Callable[[Tensor], Tensor]:
     raise ValueError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
 
 
-def expected_regions(x: Tensor) -> int:
+def expected_regions(x: Tensor, region: Region) -> int:
     """1, or 0 where our profitability check (``should_fuse``) leaves the region to Inductor on
-    purpose: on CUDA above MAX_PROFITABLE_TOKENS tokens."""
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
+    purpose: on CUDA above the shape's measured bound (``max_profitable_tokens``), and for a
+    non-gated MLP."""
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import max_profitable_tokens
 
+    if x.device.type != "cuda":
+        return 1
+    if not region.kind.gated:
+        return 0
     tokens = x.numel() // x.shape[-1]
-    return 0 if x.device.type == "cuda" and tokens > MAX_PROFITABLE_TOKENS else 1
+    return int(tokens <= max_profitable_tokens(region.shape.hidden, region.shape.inter))
 
 
 def check_fused(family: str, expected: int) -> tuple[int, str | None]:
@@ -781,7 +786,7 @@ def run_block(
             rec["compile_s"] = first_call(name, fn, x)
             if name == "ours":
                 rec["fused"], rec["variant"] = check_fused(
-                    run.region.kind.family, expected_regions(x)
+                    run.region.kind.family, expected_regions(x, run.region)
                 )
             graphs[name] = capture(fn, x, plan.calls_per_graph) if x.is_cuda else fn
             rec.update(status="ok", calls_per_graph=plan.calls_per_graph)

@@ -79,6 +79,42 @@ def test_bench_op_call_computes_the_kinds_region(kind: str, perf_path) -> None:
     torch.testing.assert_close(bench._op_call(region)(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("spec", "tokens", "expected"),
+    [
+        ("llama:2048x8192", 64, 1),
+        ("llama:2048x8192", 65, 0),
+        ("llama_tp:4096x3584", 16, 1),
+        ("llama_tp:4096x3584", 32, 0),
+        ("llama_tp:4096x1792", 1, 0),
+        ("neox:2560x10240", 1, 0),
+    ],
+)
+def test_bench_expects_what_should_fuse_decides(spec, tokens, expected, perf_path) -> None:
+    """bench.py fails ``ours`` where it fused a different number of regions than expected: the
+    expectation must follow should_fuse's per-shape bounds (2026-12-03: the tensor-parallel
+    shards with a bound below 64 were reported as failures) and its refusal of non-gated MLPs."""
+    import types
+
+    import bench
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
+
+    shape = bench.Shape.parse(spec)
+    region = types.SimpleNamespace(shape=shape, kind=bench.KINDS[shape.kind])
+    h, i = shape.hidden, shape.inter
+    with FakeTensorMode():
+        x = torch.empty(1, tokens, h, device="cuda", dtype=torch.bfloat16)
+        weights = [torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in [(h,), (i, h)]]
+        up = torch.empty(i, h, device="cuda", dtype=torch.bfloat16) if region.kind.gated else None
+        down = torch.empty(h, i, device="cuda", dtype=torch.bfloat16)
+        assert bench.expected_regions(x, region) == expected
+        decided = should_fuse(RegionArgs(x, *weights, up, down, None, None, None, eps=1e-5))
+        assert (decided is None) == bool(expected), decided
+    assert bench.expected_regions(torch.empty(1, tokens, h), region) == 1  # CPU always fuses
+
+
 @pytest.mark.slow
 def test_bench_tp_runs_two_gloo_ranks(tmp_path: Path) -> None:
     """perf/bench_tp.py waits for a multi-GPU machine (issue #13); its CPU smoke (2 gloo ranks,

@@ -136,7 +136,8 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     def loader(cls: type, config: object, kernel_config: object) -> None:
         calls.loader.append(copy.deepcopy(kernel_config.kernel_mapping))
 
-    def kernelize(model: torch.nn.Module, mode: object = None) -> None:
+    # transformers 5.25 also passes device_map (and may pass more): accepted, not needed here.
+    def kernelize(model: torch.nn.Module, mode: object = None, **_: object) -> None:
         config = model.kernel_config
         calls.kernelize.append((dict(config.kernel_mapping), config.inherit_mapping))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from tiny_models import (
     tiny_model,
     token_ids,
 )
+from torch import Tensor
 
 import inductor_fusion
 from inductor_fusion.triton_kernels import rmsnorm_mlp_train as train_module
@@ -517,18 +519,55 @@ def test_dynamic_true_training_fuses_and_serves_other_lengths():
     assert _training_ops(report) == ["train_fp32_3d_residual_left"] * LAYERS
 
 
-@pytest.mark.slow
-def test_gradient_checkpointing_fuses_in_recompute_mode():
-    """HF gradient_checkpointing_enable() under compile: the checkpointed layers' regions fuse,
-    in recompute mode whatever the plan says (the user asked to keep only the layer inputs),
-    with eager-tolerance gradients."""
+def _kernels_route_attention() -> bool:
+    """Whether ``kernels`` wraps LlamaAttention.forward in its function routing: kernels >= 0.19,
+    which transformers >= 5.25 accepts, sets a context variable around the forward
+    (``_ACTIVE_KERNEL_FUNCS``). Inside a checkpointed layer that is a side effect Dynamo refuses
+    to trace: each layer graph-breaks and runs eagerly, so nothing in it fuses (torch 2.13,
+    transformers 5.25, kernels 0.19.1, 2026-12-03)."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    return "kernels" in Path(LlamaAttention.forward.__code__.co_filename).parts
+
+
+def _checkpointed_training_ops() -> tuple[list[str], torch.nn.Module, Tensor, Tensor, dict]:
     model = tiny_model("llama", torch.float32).train()
     model.gradient_checkpointing_enable()
     ids = token_ids()
     with fresh_compile(caches=False) as report:
         loss, grads = _loss_and_grads(model, ids, backend="inductor_fusion")
-    assert _training_ops(report) == ["train_fp32_3d_residual_left_recompute"] * LAYERS
+    return _training_ops(report), model, ids, loss, grads
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_fuses_in_recompute_mode():
+    """HF gradient_checkpointing_enable() under compile: the checkpointed layers' regions fuse,
+    in recompute mode whatever the plan says (the user asked to keep only the layer inputs),
+    with eager-tolerance gradients. Where ``kernels`` routes the attention's functions, with
+    the Dynamo setting the README gives for it (the routing's set/reset pair needs no replay in
+    the recompute; the gradients below check it)."""
+    flag = (
+        {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
+        if _kernels_route_attention()
+        else {}
+    )
+    with torch._dynamo.config.patch(**flag):
+        ops, model, ids, loss, grads = _checkpointed_training_ops()
+    assert ops == ["train_fp32_3d_residual_left_recompute"] * LAYERS
     _assert_training_within_tolerance(model, ids, loss, grads)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _kernels_route_attention(), reason="kernels does not route the attention")
+@pytest.mark.xfail(
+    strict=True,
+    reason="kernels' function routing sets a context variable inside checkpointed layers, which "
+    "Dynamo refuses to trace without skip_fwd_side_effects_in_bwd_under_checkpoint; strict: "
+    "passes (and so fails here) once kernels or torch lift it, and the README's note goes",
+)
+def test_gradient_checkpointing_fuses_without_the_dynamo_setting():
+    ops, *_ = _checkpointed_training_ops()
+    assert ops == ["train_fp32_3d_residual_left_recompute"] * LAYERS
 
 
 @pytest.mark.slow

@@ -2,13 +2,15 @@
 
 What each environment proves:
 
-- everywhere (CI: transformers 5.24 + kernels 0.17.2, which 5.24 treats as absent): the shipped
+- everywhere (CI until 2026-12-02: transformers 5.24 + kernels 0.17.2, which 5.24 treats as
+  absent; since 2026-12-03: 5.25 + kernels 0.19.1, accepted): the shipped
   repository and its metadata; `kernels` loading the layer offline; the layout against the
   modules it replaces; transformers' own fusion code (``register_kernel_replacements_and_fusions``,
   handed kernels' ``LocalLayerRepository`` where transformers' version gate hides it) building
   the fused model from an unchanged checkpoint; keys through load and save; ``kernels.kernelize``
   giving the layouts the layer's forward (on cpu); torch.compile on top;
-- where transformers accepts the installed kernels (5.17 + 0.16.x, 5.20-5.22 + 0.17.2):
+- where transformers accepts the installed kernels (5.17 + 0.16.x, 5.20-5.22 + 0.17.2,
+  5.25 + 0.19.1):
   ``from_pretrained(kernel_config=...)`` itself, which swaps, loads, then refuses device cpu;
 - on CUDA with such a pair (the GPU machine: transformers 5.17 + kernels 0.16.2): the whole flow.
 
@@ -367,7 +369,7 @@ def test_torch_compile_on_top_fuses_nothing_twice(
 @pytest.mark.xfail(
     strict=True,
     raises=AttributeError,
-    reason="transformers 5.17-5.24 split the (value, metadata) tuple its own loader writes "
+    reason="transformers 5.17-5.25 split the (value, metadata) tuple its own loader writes "
     "(see local_fusion_mapping_fix); an XPASS means the workaround can go",
 )
 def test_transformers_still_splits_its_own_tuple() -> None:

@@ -125,9 +125,9 @@ TUNED_H200: dict[tuple, tuple[tuple[int, str, str, bool], ...]] = {
 # (16, 64] runs the M=64 configuration, so the bound is the regime edge at 16.
 #
 # One rank's Llama-3-8B region under tensor parallelism, tuned (perf/results/tp_shard): at 4 GPUs
-# (I = 3584) 1.09x up to 16 tokens, 0.96-0.97x at 32 and 64; at 8 GPUs (I = 1792) 0.64-0.81x at
-# every M (Inductor's GEMMs then read 7 MB per matrix, our GEMV gate/up has too few programs),
-# so there compiled graphs never fuse (0). 2 GPUs (I = 7168): 1.04-1.27x, the general bound.
+# (I = 3584) 1.08x up to 16 tokens, 0.96-0.97x at 32 and 64; at 8 GPUs (I = 1792) 0.64-0.81x at
+# every M (our GEMV gate/up has too few column tiles to fill the SMs), so there compiled graphs
+# never fuse (0). 2 GPUs (I = 7168): 1.05-1.29x, the general bound.
 PROFITABLE_TOKENS: dict[tuple[int, int], int] = {
     (2304, 9216): 16,
     (4096, 3584): 16,

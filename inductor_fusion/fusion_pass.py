@@ -311,17 +311,16 @@ def normalize_joint_graph(graph: torch.fx.Graph) -> bool:
     placeholders = graph.find_nodes(op="placeholder")
     if not any(str(node.target).startswith("tangents") for node in placeholders):
         return False
-    from inductor_fusion.triton_kernels.rmsnorm_mlp_train import FUSED_TRAINING_ON_CUDA
+    from inductor_fusion.patterns.training import cuda_reason
 
-    if not FUSED_TRAINING_ON_CUDA and any(
+    reason = cuda_reason()
+    if reason is not None and any(
         isinstance(val := node.meta.get("val"), torch.Tensor) and val.device.type == "cuda"
         for node in placeholders
     ):
-        # Training regions on CUDA stay Inductor's until a GPU benchmark shows ours win
-        # (`norm_mlp.should_fuse` refuses them too). Until then a GPU training compile sees its
-        # joint graph exactly as Inductor would, and the training variants (traced forward +
-        # backward, so far run on the CPU's torch only) are not even built there.
-        log.info("inductor_fusion: training graph on CUDA left to Inductor (not yet measured)")
+        # No memory mode fuses on CUDA: a GPU training compile then sees its joint graph exactly
+        # as Inductor would, and the training variants are not even built.
+        log.info("inductor_fusion: training graph on CUDA left to Inductor: %s", reason)
         return False
     remove_noop_ops(graph)
     # In torch 2.11 and 2.13 (read in their sources); tolerated if a version lacks it, since the

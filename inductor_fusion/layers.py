@@ -30,8 +30,8 @@ When autograd records the region (grad mode on and the input or a weight requiri
 Llama's row (Llama-style RMSNorm, SiLU, separate gate/up, no biases) runs
 ``torch.ops.inductor_fusion.rmsnorm_mlp_train``, the op with our backward that compiled training
 steps use (`triton_kernels.rmsnorm_mlp_train`); it saves ``h``, the row statistic and gate/up,
-not the normalised activations. On CUDA that waits for the GPU benchmark as the compiled path
-does (``FUSED_TRAINING_ON_CUDA``).
+not the normalised activations. On CUDA it stays off (``FUSED_TRAINING_ON_CUDA``: its backward
+measured slower than the modules under torch.compile).
 
 Where no op can stand for the modules, `NormMLP` runs the original norm and MLP instead:
 - when autograd records any other region (the inference op has no autograd formula), or Llama's

@@ -50,7 +50,8 @@ FAMILIES: dict[str, PatternFamily] = {
             pattern_module="inductor_fusion.patterns.rmsnorm_mlp",
             op_modules=(
                 "inductor_fusion.triton_kernels.rmsnorm_mlp",
-                "inductor_fusion.triton_kernels.rmsnorm_mlp_train",  # training regions
+                "inductor_fusion.triton_kernels.silu_mul",  # training regions
+                "inductor_fusion.triton_kernels.rmsnorm_mlp_train",  # the eager layer
             ),
             roles=("norm", "mlp"),
             description=(

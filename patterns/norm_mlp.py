@@ -25,8 +25,8 @@ whose programs each see only part of a row.
 
 Rows marked ``training`` (Llama's) also get training variants: traced forward + backward
 (``joint_fwd_bwd``) and matched in a training compile's joint graph, where the replacement is the
-training region (``rmsnorm_mlp_train_compiled``): its forward as plain aten ops for Inductor,
-its backward our backward op, which reads only what the memory mode saves.
+region's own math with the memory mode's checkpoint tags (`training`): the backward recomputes
+what is one pointwise pass away instead of keeping it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from inductor_fusion.patterns.training import trace_region
 from inductor_fusion.report import FusedRegion
 from inductor_fusion.triton_kernels.rmsnorm_mlp import RegionSpec
 
@@ -163,10 +164,13 @@ class Shape:
         )
 
 
-def _autocast_mlp(x: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
+def _autocast_mlp(
+    x: torch.Tensor, a: dict[str, Any], lowp: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """LlamaMLP under torch.autocast: each linear casts its own operands to the autocast dtype
-    (the norm's output is cast twice, once per projection); SiLU and the product stay in it."""
-    lowp = torch.bfloat16  # the cast's dtype is a wildcard of the pattern (`search_pattern`)
+    (the norm's output is cast twice, once per projection); SiLU and the product stay in it.
+    The search's ``lowp`` is a wildcard of the pattern (`search_pattern`); a replacement passes
+    the matched one."""
     gate = F.linear(x.to(lowp), a["gate_weight"].to(lowp))
     up = F.linear(x.to(lowp), a["up_weight"].to(lowp))
     return F.linear(F.silu(gate) * up, a["down_weight"].to(lowp))
@@ -248,12 +252,15 @@ class Variant:
         return tuple(names)
 
     def search(self, **a: Any) -> torch.Tensor:
+        return self._region(a, torch.bfloat16)
+
+    def _region(self, a: dict[str, Any], lowp: torch.dtype) -> torch.Tensor:
         norm = NORMS[self.row.norm]
         x = a["hidden"]
         if norm.fn is not None:
             extra = (a["norm_bias"],) if norm.bias else ()
             x = norm.fn(x, a["norm_weight"], *extra, a["eps"])
-        out = _autocast_mlp(x, a) if self.autocast else mlp(self.row, x, a, self.bias)
+        out = _autocast_mlp(x, a, lowp) if self.autocast else mlp(self.row, x, a, self.bias)
         if self.residual == "left":
             return a["hidden"] + out
         if self.residual == "right":
@@ -301,17 +308,12 @@ class Variant:
         )
 
     def _replace_training(self, a: dict[str, Any]) -> torch.Tensor:
-        """The training region (`rmsnorm_mlp_train_compiled`): traced by `joint_fwd_bwd`, its
-        forward becomes plain aten ops for Inductor and its backward our backward op, reading
-        only what the memory mode saves. The mode is the one `_check` chose for this match
-        (`_training_mode`), just before the matcher traces this."""
-        from inductor_fusion.triton_kernels.rmsnorm_mlp_train import rmsnorm_mlp_train_compiled
-
-        return rmsnorm_mlp_train_compiled(
-            a["hidden"], a["norm_weight"], a["gate_weight"], a["up_weight"], a["down_weight"],
-            a["eps"], self.residual != "none", _training_mode.get() == "recompute",
-            _autocast_dtype.get() if self.autocast else None,
-        )  # fmt: skip
+        """A training region is replaced by its own math, traced forward + backward with the
+        memory mode's checkpoint tags (`training.trace_region`): Inductor compiles the same
+        kernels as without us and only what the backward reads changes. The autocast dtype is
+        the one `_check` read off this match (`_autocast_dtype`), just before the matcher
+        traces this."""
+        return self._region(a, _autocast_dtype.get() or torch.bfloat16)
 
     def example_inputs(self) -> list[Any]:
         # Distinct sizes (M=6, H=32, I=48) so no two dims are confused while tracing; values and
@@ -423,6 +425,7 @@ class RegionArgs:
     residual_scale: Any = 1.0
     other: torch.Tensor | None = None  # the second tensor of a parallel residual
     training: bool = False  # a training variant's match: the region's backward is replaced too
+    memory: str = "default"  # a training match's memory mode (`training.MEMORY_MODES`)
 
 
 def can_fuse(args: RegionArgs) -> str | None:
@@ -492,12 +495,10 @@ def should_fuse(args: RegionArgs) -> str | None:
     if h.device.type != "cuda":
         return None
     if args.training:
-        from inductor_fusion.triton_kernels.rmsnorm_mlp_train import FUSED_TRAINING_ON_CUDA
+        from inductor_fusion.patterns.training import cuda_reason
 
-        # Our forward code plus our backward op, not yet timed on a GPU (see the switch).
-        if not FUSED_TRAINING_ON_CUDA:
-            return "training regions are not fused on CUDA until the GPU benchmark shows a win"
-        return None
+        # Inductor's own kernels with another saved set: pays where its memory mode measured so.
+        return cuda_reason(args.memory)
     if args.up_weight is None:
         # GPT-NeoX, Starcoder2, Nemotron: one up-projection. Our GEMV then streams one matrix
         # per tile; tuned on an H200 it still ran 0.84-0.95x Inductor's code at M <= 64
@@ -573,11 +574,13 @@ def _check(
             values["gate_weight"] = gate_up
     values.pop("eps", None)
     values.pop("residual_scale", None)
+    mode = _region_memory_mode(match, family) if variant.training else "default"
     args = RegionArgs(
         **{name: values.get(name) for name in _TENSOR_FIELDS},
         eps=_matched_eps(match) if "eps" in variant.argnames else 0.0,
         residual_scale=_matched_scale(match) if variant.residual == "scaled" else 1.0,
         training=variant.training,
+        memory=mode,
     )
     if variant.row.post_norm and _post_norm_reason(match) is not None:
         # Not this row's region (e.g. the MLP half of Llama's): no INFO line, it is no candidate.
@@ -604,7 +607,6 @@ def _check(
         roles = {"norm": [n for n in traced if n.target in _NORM_TARGETS], **roles}
     name = variant.name
     if variant.training:
-        mode = _region_memory_mode(match, family)
         # Read by the replacement, which the matcher traces right after this check approves.
         _training_mode.set(mode)
         _autocast_dtype.set(autocast)
@@ -614,7 +616,9 @@ def _check(
 
 
 _TENSOR_FIELDS = tuple(
-    n for n in RegionArgs.__dataclass_fields__ if n not in ("eps", "residual_scale", "training")
+    n
+    for n in RegionArgs.__dataclass_fields__
+    if n not in ("eps", "residual_scale", "training", "memory")
 )
 
 
@@ -936,7 +940,8 @@ def register(
                 _positional(variant.search, variant.argnames),
                 _positional(variant.replace, variant.argnames),
                 variant.example_inputs(),
-                _trace_fn(variant),
+                # The replacement's trace; the search's is `search_pattern`'s.
+                trace_region(_training_mode.get) if variant.training else _trace_fn(variant),
                 pass_,
                 extra_check=functools.partial(
                     _check, variant=variant, family=family, on_match=on_match

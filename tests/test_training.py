@@ -633,25 +633,34 @@ def test_toggles_apply_to_training_regions(monkeypatch):
     _assert_training_within_tolerance(model, ids, loss, grads)
 
 
-def test_training_regions_are_refused_on_cuda_and_fused_elsewhere():
-    """should_fuse: a training region on CUDA stays Inductor's (until the GPU benchmark of
-    the fused backward shows a win); on the CPU it fuses. Inference regions are unaffected."""
+def test_training_regions_fuse_on_cuda_only_in_the_measured_modes(monkeypatch):
+    """should_fuse: a training region on CUDA fuses only in the memory modes of
+    `training.CUDA_MODES` (those measured to pay); on the CPU it fuses in every mode. Inference
+    regions are unaffected."""
     import dataclasses
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from inductor_fusion.patterns import training
     from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
 
-    def args(device: str, training: bool) -> RegionArgs:
+    def args(device: str, training: bool, memory: str = "default") -> RegionArgs:
         with FakeTensorMode():
             t = [
                 torch.empty(s, device=device) for s in [(1, 3, 8), (8,), (12, 8), (12, 8), (8, 12)]
             ]
-        return RegionArgs(*t, None, None, None, eps=1e-5, training=training)
+        return RegionArgs(*t, None, None, None, eps=1e-5, training=training, memory=memory)
 
-    assert "training regions are not fused on CUDA" in should_fuse(args("cuda", True))
+    monkeypatch.setattr(training, "CUDA_MODES", frozenset({"default"}))
+    assert should_fuse(args("cuda", True)) is None
+    assert "'recompute' are left to Inductor on CUDA" in should_fuse(
+        args("cuda", True, "recompute")
+    )
+    monkeypatch.setattr(training, "CUDA_MODES", frozenset())
+    assert "left to Inductor on CUDA" in should_fuse(args("cuda", True))
     assert should_fuse(args("cuda", False)) is None
-    assert should_fuse(args("cpu", True)) is None
+    for memory in training.MEMORY_MODES:
+        assert should_fuse(args("cpu", True, memory)) is None
     assert dataclasses.replace(args("cpu", True), training=False).training is False
 
 
@@ -671,8 +680,8 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as
     compiled(ids, labels=ids).loss.backward()
 report = inductor_fusion.get_report()
 print(json.dumps({{
-    "backward_ops": sum(e.count for e in prof.key_averages()
-                        if e.key == "inductor_fusion::rmsnorm_mlp_train_backward"),
+    "activation_ops": sum(e.count for e in prof.key_averages()
+                          if e.key == "inductor_fusion::silu_mul"),
     "reported": report.count("rmsnorm_mlp"),
     "from_cache": report.count_from_cache(),
     "variants": sorted(r.variant for r in report),
@@ -708,7 +717,7 @@ def test_training_cache_hit_runs_and_reports_the_fused_regions(tmp_path):
     cache = str(tmp_path / "inductor-cache")
     first = _train_child(cache, {})
     assert first == {
-        "backward_ops": LAYERS,
+        "activation_ops": LAYERS,
         "reported": LAYERS,
         "from_cache": 0,
         "variants": ["train_fp32_3d_residual_left"] * LAYERS,

@@ -29,8 +29,9 @@ backward runs `train_backward_triton` (the SwiGLU backward in a GEMM epilogue an
 RMSNorm backward, ``_rmsnorm_mlp_train_jit``). The forward op runs the reference everywhere (our
 fused forward kernels do not write the gate/up pre-activations the backward needs).
 
-In a compiled graph the training patterns use `rmsnorm_mlp_train_compiled` instead: the same
-forward as plain aten ops, which Inductor fuses like its own code, and the same backward op.
+This op is the eager layer's (`inductor_fusion.layers`). Compiled training graphs do not use it:
+their regions keep Inductor's own forward and backward with another saved set
+(`inductor_fusion.patterns.training`), where Inductor fuses and plans the whole backward.
 
 Importing this module registers the two ops and their autograd formula, and nothing else.
 """
@@ -47,20 +48,17 @@ __all__ = [
     "FUSED_TRAINING_ON_CUDA",
     "rmsnorm_mlp_train",
     "rmsnorm_mlp_train_backward",
-    "rmsnorm_mlp_train_compiled",
     "train_backward_reference",
     "train_backward_triton",
     "train_forward_reference",
 ]
 
 
-# Whether training regions use these ops on CUDA. A fused training step is Inductor's (or
-# eager's) forward plus our backward op, whose Triton kernels have not been timed on a GPU yet: a
-# fused step slower than the unfused one would be a defect, so until `perf/bench_train.py` shows a
-# win on the GPU, CUDA training regions stay unfused, in every path that reads this switch:
-# the joint-graph pass (`fusion_pass.normalize_joint_graph`), the patterns' `should_fuse`, and
-# the eager layer (`inductor_fusion.layers`). Elsewhere (the CPU) the ops run their references
-# and training regions fuse, so CPU runs exercise the graphs and gradients a GPU run would.
+# Whether the eager layer (`inductor_fusion.layers`) trains through these ops on CUDA. Their
+# backward (Triton kernels beside torch.mm) measured 0.85-0.92x torch.compile's and raised the
+# peak 1.5x on an H200 (perf/NOTES.md, 2026-12-02), so on CUDA the layer trains through the HF
+# modules. Elsewhere (the CPU) the ops run their references. Compiled training graphs have their
+# own switch (`inductor_fusion.patterns.training.CUDA_MODES`).
 FUSED_TRAINING_ON_CUDA = False
 
 
@@ -378,61 +376,3 @@ def _backward(ctx: Any, grad_out: Tensor | None, *_unused: Tensor | None) -> tup
 
 
 rmsnorm_mlp_train.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _CompiledRegion(torch.autograd.Function):
-    """The region as a training pattern's replacement writes it into a joint graph.
-
-    The forward is the reference's plain aten ops, not the forward op: traced into the joint
-    graph, they are Inductor's to fuse and plan like its own code (its norm kernel, its GEMMs,
-    its SiLU-mul), where an opaque op call would run them unfused, one launch each. The backward
-    is the backward op, and what it reads (`_setup_context`'s choice: ``h``, ``rstd`` and, in the
-    default mode, gate/up) is all the partitioner has to save; the normalised activations stay
-    unsaved, since nothing in the backward reads them.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: Tensor,
-        norm_weight: Tensor,
-        gate_weight: Tensor,
-        up_weight: Tensor,
-        down_weight: Tensor,
-        eps: float,
-        residual: bool,
-        recompute: bool,
-        compute_dtype: torch.dtype | None,
-    ) -> Tensor:
-        out, rstd, gate, up = train_forward_reference(
-            hidden, norm_weight, gate_weight, up_weight, down_weight, eps, residual, recompute,
-            compute_dtype,
-        )  # fmt: skip
-        ctx.save_for_backward(
-            hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up
-        )
-        ctx.residual, ctx.recompute, ctx.compute_dtype = residual, recompute, compute_dtype
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
-        return _backward(ctx, grad_out)
-
-
-def rmsnorm_mlp_train_compiled(
-    hidden: Tensor,
-    norm_weight: Tensor,
-    gate_weight: Tensor,
-    up_weight: Tensor,
-    down_weight: Tensor,
-    eps: float,
-    residual: bool,
-    recompute: bool,
-    compute_dtype: torch.dtype | None = None,
-) -> Tensor:
-    """`rmsnorm_mlp_train`'s ``out`` with the same gradients, for tracing into a compiled
-    graph (see `_CompiledRegion`); eager callers use the op."""
-    return _CompiledRegion.apply(
-        hidden, norm_weight, gate_weight, up_weight, down_weight, eps, residual, recompute,
-        compute_dtype,
-    )  # fmt: skip

@@ -2,14 +2,13 @@
 
 Why a policy and not a backward kernel: at the token counts training runs (M = B x S, thousands),
 the region's forward + backward is nine GEMMs (three forward, six backward) and a few pointwise
-passes. Measured on an H200 (perf/results/train), Inductor's code for it runs at 83-92 % of the
-bf16 GEMM roof: cuBLAS does the GEMMs and Inductor's norm and SiLU kernels are at their byte
-floor. Our earlier backward (an opaque op: a Triton GEMM with the SwiGLU backward in its
-epilogue, our RMSNorm backward, torch.mm for the rest) lost 8-15 % in time and raised the peak
-1.5x, because Inductor could neither fuse nor plan the memory inside it. What Inductor does not
-choose well is *what to save*: its partitioner keeps the normalised rows ``n`` ([M, H]) and the
-activation ``silu(g)`` or ``silu(g) * u`` ([M, I]) beside the gate/up projections, although both
-are one pointwise pass away from values the backward has anyway.
+passes; cuBLAS does the GEMMs and Inductor's norm and SiLU kernels stream their bytes once. Our
+earlier backward (an opaque op: a Triton GEMM with the SwiGLU backward in its epilogue, our
+RMSNorm backward, torch.mm for the rest) measured 0.85-0.92x torch.compile with a 1.5x peak on
+an H200 (perf/NOTES.md, 2026-12-02), because Inductor could neither fuse nor plan the memory
+inside it. What Inductor does not choose well is *what to save*: its partitioner keeps the
+normalised rows ``n`` ([M, H]) and the activation ``silu(g) * u`` ([M, I]) beside the gate/up
+projections, although both are one pointwise pass away from values the backward has anyway.
 
 So a training region's replacement is its own math (the same aten ops: Inductor generates and
 fuses exactly the kernels of an unfused compile, every number equals its), traced forward +
@@ -86,7 +85,7 @@ def tag_saved(graph: torch.fx.Graph, mode: str) -> int:
 
     if mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {mode!r}; expected one of {MEMORY_MODES}")
-    region = _Region.of(graph)
+    region = _Region(graph)
     tagged = 0
     for node in region.forward:
         if node not in region.interior or node is region.down:
@@ -115,7 +114,7 @@ def recompute_activation_apart(graph: torch.fx.Graph) -> bool:
 
     from inductor_fusion.triton_kernels import silu_mul  # noqa: F401  (registers the op)
 
-    region = _Region.of(graph)
+    region = _Region(graph)
     act = region.down.args[0]
     users = [u for u in act.users if u in region.backward]
     pair = _silu_mul_operands(_through_views(act), region.projections)
@@ -205,28 +204,24 @@ class _Region:
         self.projections = [m for m in matmuls if m is not self.down]
         self.interior = _ancestors(down) & from_input
 
-    @classmethod
-    def of(cls, graph: torch.fx.Graph) -> _Region:
-        return cls(graph)
-
 
 def _descendants(roots: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
-    seen: set[torch.fx.Node] = set()
-    stack = list(roots)
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
+    return _closure(roots, lambda node: node.users)
 
 
 def _ancestors(roots: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
+    return _closure(roots, lambda node: node.all_input_nodes)
+
+
+def _closure(
+    roots: Iterable[torch.fx.Node], step: Callable[[torch.fx.Node], Iterable[torch.fx.Node]]
+) -> set[torch.fx.Node]:
+    """Every node reached from ``roots`` by ``step`` (the roots only if reached again)."""
     seen: set[torch.fx.Node] = set()
     stack = list(roots)
     while stack:
-        for parent in stack.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
+        for node in step(stack.pop()):
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
     return seen

@@ -127,9 +127,13 @@ def recompute_activation_apart(graph: torch.fx.Graph) -> bool:
     vals = [n.meta.get("val") for n in pair]
     if all(isinstance(v, torch.Tensor) for v in vals):
         from torch._guards import detect_fake_mode
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
         with detect_fake_mode(vals) or contextlib.nullcontext():
             node.meta["val"] = torch.ops.inductor_fusion.silu_mul.default(*vals)
+        # torch 2.11's pattern matcher asserts that a replacement node with a tensor "val" also
+        # has "tensor_meta" (2.13 copies whichever it finds).
+        node.meta["tensor_meta"] = _extract_tensor_metadata(node.meta["val"])
     # A node that depends on forward values only: without the tag the partitioner could run it
     # in the forward and save its output, the very tensor this avoids keeping.
     node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE

@@ -82,6 +82,22 @@ def test_the_weight_gradient_reads_its_own_activation_op(lowp, ndim):
     (user,) = node.users
     assert user.target == torch.ops.aten.mm.default  # dy^T @ silu(g) * u
     assert graph.find_nodes(op="call_function", target=torch.ops.aten.exp.default)
+    val = node.meta["val"]
+    assert (
+        val.shape == node.args[0].meta["val"].shape and val.dtype == node.args[0].meta["val"].dtype
+    )
+
+
+def test_the_traced_replacement_carries_the_metadata_the_matcher_copies():
+    """torch 2.11's pattern matcher asserts that each replacement node with a tensor "val" also
+    has "tensor_meta" (its GPU run failed on the inserted op without it)."""
+    variant = next(v for v in norm_mlp.variants() if v.training and v.lowp and v.ndim == 3)
+    fn = norm_mlp._positional(variant.search, variant.argnames)
+    gm = training.trace_region(lambda: "default")(fn, variant.example_inputs())
+    nodes = [n for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert any(n.target == SILU_MUL for n in nodes)
+    missing = [n.name for n in nodes if n.op == "call_function" and "tensor_meta" not in n.meta]
+    assert not missing
 
 
 def test_other_activations_keep_the_forward_nodes():

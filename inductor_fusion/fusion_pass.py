@@ -245,8 +245,13 @@ class FusionPass(CustomGraphPass):
             # fused region gets (`op_lowering`).
             lower_op_calls(graph)
             # The last stage: whatever looks like a region but matched no variant gets its INFO
-            # line too (regions a check refused already have theirs, under the same key).
-            for name in sorted(self.plan.patterns):
+            # line too (regions a check refused already have theirs, under the same key). Not in
+            # a backward graph: regions are matched in the joint graph, and what looks like one
+            # there is a fused training region's recomputed forward (its `recompute` mode).
+            backward = any(
+                str(p.target).startswith("tangents") for p in graph.find_nodes(op="placeholder")
+            )
+            for name in () if backward else sorted(self.plan.patterns):
                 scan = getattr(registry.pattern_module(name), "unmatched_candidates", None)
                 for keys, paths, message in scan(graph) if scan is not None else ():
                     # Regions the plan keeps out have their line already (or want none).

@@ -8,6 +8,9 @@ this pass gives such a node what a fused region gets: our kernels as launches in
 code where they win (`patterns.norm_mlp.should_fuse`: gated MLPs, up to the shape's token bound),
 else the op's PyTorch reference as aten ops, so Inductor's GEMMs run the region. Elsewhere, and
 for what the kernels do not take, the node stays.
+
+Training regions' ``silu_mul`` calls (`inductor_fusion.patterns.training`) get the same on CUDA:
+the op's kernel as a launch in Inductor's code instead of a dispatcher call per backward.
 """
 
 from __future__ import annotations
@@ -28,20 +31,36 @@ def _op() -> Any:
 
 
 def lower_op_calls(graph: torch.fx.Graph) -> int:
-    """Replaces each CUDA call of the op in ``graph`` (a post-grad graph); returns how many."""
+    """Replaces each CUDA call of our ops in ``graph`` (a post-grad graph); returns how many."""
     op = _op()
-    nodes = graph.find_nodes(op="call_function", target=op)
     lowered = 0
-    for node in nodes:
+    for node in graph.find_nodes(op="call_function", target=op):
         call = _bound_call(node)
         if call is None:
             continue
         _replace(graph, node, call)
         lowered += 1
-    if lowered:
+    activations = _lower_silu_mul(graph)
+    if lowered or activations:
         graph.eliminate_dead_code()
         graph.lint()
+    if lowered:
         log.info("inductor_fusion: lowered %d call(s) of the rmsnorm_mlp op", lowered)
+    return lowered + activations
+
+
+def _lower_silu_mul(graph: torch.fx.Graph) -> int:
+    from inductor_fusion.triton_kernels import silu_mul
+
+    lowered = 0
+    for node in graph.find_nodes(
+        op="call_function", target=torch.ops.inductor_fusion.silu_mul.default
+    ):
+        fakes = [_fake(arg) for arg in node.args]
+        if any(f is None or f.device.type != "cuda" or not silu_mul.takes(f) for f in fakes):
+            continue  # the op's own kernels (the reference outside CUDA) run it
+        _inline(graph, node, silu_mul.silu_mul_lowered, list(node.args), fakes)
+        lowered += 1
     return lowered
 
 
@@ -80,9 +99,6 @@ _SPEC_KEYS = ("norm", "norm_weight_offset", "norm_weight_fp32", "activation", "g
 
 
 def _replace(graph: torch.fx.Graph, node: torch.fx.Node, call: dict[str, Any]) -> None:
-    from torch._guards import detect_fake_mode
-    from torch._inductor.pattern_matcher import fwd_only
-
     from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
     from inductor_fusion.triton_kernels.rmsnorm_mlp import (
         RegionSpec,
@@ -107,12 +123,26 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, call: dict[str, Any]) -
         # Both take every argument by name: the tensors (None where absent) and the scalars.
         return impl(**{**rest, **dict(zip(names, tensors, strict=True))}, spec=spec)
 
+    _inline(graph, node, region_fn, inputs, fakes)
+
+
+def _inline(
+    graph: torch.fx.Graph,
+    node: torch.fx.Node,
+    fn: Any,
+    inputs: list[torch.fx.Node],
+    fakes: list[torch.Tensor | None],
+) -> None:
+    """Replaces ``node`` with the nodes of ``fn`` traced on ``fakes`` (the values of ``inputs``)."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.pattern_matcher import fwd_only
+
     # Inductor runs post-grad passes with the graph's fake mode set but not entered: the plan's
     # buffers would be real (CUDA) tensors and the launch wrapper would meet fake tensors outside
     # their mode. Tracing inside the mode keeps every tensor fake.
     fake_mode = detect_fake_mode(fakes)
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        replacement = fwd_only(region_fn, fakes)
+        replacement = fwd_only(fn, fakes)
     env: dict[torch.fx.Node, Any] = {}
     placeholders = iter(replacement.graph.find_nodes(op="placeholder"))
     with graph.inserting_before(node):

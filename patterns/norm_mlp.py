@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from inductor_fusion.patterns import training
 from inductor_fusion.patterns.training import trace_region
 from inductor_fusion.report import FusedRegion
 from inductor_fusion.triton_kernels.rmsnorm_mlp import RegionSpec
@@ -1014,7 +1015,7 @@ def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[Any, 
     found = []
     for rsqrt in graph.find_nodes(op="call_function", target=torch.ops.aten.rsqrt.default):
         mean = _statistic_mean(rsqrt)
-        if mean is None:
+        if mean is None or training.in_fused_region(rsqrt):  # fused in the joint graph
             continue
         matmuls = _downstream(rsqrt, _MLP_TARGETS, depth=8)
         if len(matmuls) < 2 or not _products_meet(matmuls):

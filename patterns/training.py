@@ -73,6 +73,13 @@ def trace_region(mode: Callable[[], str]) -> Callable[..., torch.fx.GraphModule]
     return trace
 
 
+def in_fused_region(node: torch.fx.Node) -> bool:
+    """Whether ``node`` came from a fused training region (a forward or backward graph after the
+    partitioner): it carries our checkpoint tag, which the partitioner keeps, and no
+    ``ac_graph_id``, which torch.utils.checkpoint sets beside each of its own tags."""
+    return node.meta.get("recompute") is not None and "ac_graph_id" not in node.meta
+
+
 def tag_saved(graph: torch.fx.Graph, mode: str) -> int:
     """Sets the checkpoint tags of ``mode`` (see the module docstring) on a traced training
     region, whose first placeholder is the region's input; returns how many nodes it tagged.

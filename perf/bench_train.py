@@ -244,6 +244,10 @@ def _step_rows(device, dtype, layers, small, name, seq, batches, iters) -> list[
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     rows: list[dict[str, Any]] = []
     capacity = torch.cuda.mem_get_info()[1] if device == "cuda" else 0
+    # Once per provider: the batch dimension turns dynamic at the first batch that differs from
+    # the first one compiled with this code (perhaps by the provider before), and later batches
+    # compile nothing, so the count is what this provider's compiles fused.
+    inductor_fusion.reset_report()
     for batch in batches:
         largest = batch is None
         if largest:  # the largest that fits: peak(B) = a + b B, fitted on the last two
@@ -257,11 +261,11 @@ def _step_rows(device, dtype, layers, small, name, seq, batches, iters) -> list[
             row: dict[str, Any] = {"model": f"llama-1b-shape-{layers}-layers", "provider": name,
                                    "batch": attempt, "seq": seq, "largest": largest}  # fmt: skip
             try:
-                inductor_fusion.reset_report()
                 ids = torch.randint(0, config.vocab_size, (attempt, seq), device=device)
 
                 def step(ids=ids, model=model, optimizer=optimizer) -> torch.Tensor:
-                    loss = model(ids, labels=ids).loss
+                    # No KV cache in training (its updates would also recompile each layer).
+                    loss = model(ids, labels=ids, use_cache=False).loss
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

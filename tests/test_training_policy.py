@@ -142,3 +142,60 @@ def test_silu_mul_opcheck():
     gate, up = torch.randn(5, 7), torch.randn(5, 7)
     torch.library.opcheck(SILU_MUL, (gate, up))
     assert torch.equal(SILU_MUL(gate, up), silu_mul_reference(gate, up))
+
+
+def _silu_mul_graph(device: str, dynamic: bool) -> tuple[torch.fx.GraphModule, object]:
+    """A post-grad graph holding one ``silu_mul`` call on fake tensors of ``device`` (the batch
+    symbolic with ``dynamic``), as a training backward holds it, after our op lowering."""
+    from torch._dynamo.source import ConstantSource
+    from torch._inductor.pattern_matcher import fwd_only
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from inductor_fusion.op_lowering import lower_op_calls
+
+    shape_env = ShapeEnv() if dynamic else None
+    rows: object = 6
+    if dynamic:
+        symbol = shape_env.create_symbol(6, ConstantSource("m"), dynamic_dim=DimDynamic.DYNAMIC)
+        rows = shape_env.create_symintnode(symbol, hint=6)
+    with FakeTensorMode(shape_env=shape_env):
+        gate, up = (torch.empty(rows, 352, dtype=torch.bfloat16, device=device) for _ in "gu")
+        gm = fwd_only(lambda g, u: SILU_MUL(g, u) * 2, [gate, up])
+    lowered = lower_op_calls(gm.graph)
+    gm.recompile()
+    return gm, lowered
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_cuda_silu_mul_becomes_a_launch_in_inductors_code(dynamic):
+    """On CUDA the op call is a functional launch of its kernel (Inductor launches it from its
+    own code: no dispatcher call per backward), a dynamic batch included."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    hop = torch.ops.higher_order.triton_kernel_wrapper_functional
+    gm, lowered = _silu_mul_graph("cuda", dynamic)
+    assert lowered == 1
+    assert not gm.graph.find_nodes(op="call_function", target=SILU_MUL)
+    (launch,) = gm.graph.find_nodes(op="call_function", target=hop)
+    kernel = kernel_side_table.get_kernel(launch.kwargs["kernel_idx"])
+    assert getattr(kernel, "fn", kernel).__name__ == "silu_mul_kernel"
+    assert launch.kwargs["tensors_to_clone"] == ["out_ptr"]
+
+
+def test_cpu_silu_mul_stays_the_op():
+    gm, lowered = _silu_mul_graph("cpu", False)
+    assert lowered == 0 and len(gm.graph.find_nodes(op="call_function", target=SILU_MUL)) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter check")
+def test_lowered_silu_mul_computes_the_op():
+    """The functional launch traced on CPU tensors and run (the kernel under Triton's
+    interpreter) computes the reference; a size off the block."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from inductor_fusion.triton_kernels.silu_mul import silu_mul_lowered
+
+    gate, up = torch.randn(3, 2100), torch.randn(3, 2100)
+    gm = make_fx(silu_mul_lowered)(gate, up)
+    assert rel_l2(gm(gate, up), silu_mul_reference(gate, up)) < 1e-6

@@ -26,7 +26,8 @@ which a static cache always does; the variant name a compile reports starts with
 torch picks there (e.g. ``flash_attention_for_cpu_mask``), written here as ``mask``.
 
 What it explains is an inference (no_grad) compile; training compiles fuse in the joint graph
-(README: Training), which this does not trace.
+(README: Training), which this does not trace: its regime lines say per memory mode whether a
+family's training regions fuse on CUDA.
 Regions it cannot see: a residual add that the model writes outside the decoder layer (e.g. after
 a tensor-parallel all-reduce, where the compile fuses the region without its residual).
 """
@@ -38,7 +39,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -750,7 +751,31 @@ def _regimes(
             ),
             other,
         ]
-    return tuple(regimes)
+    return tuple(regimes) + tuple(_training_regimes(fusing))
+
+
+def _training_regimes(families: Iterable[str]) -> list[Regime]:
+    """How training compiles treat each norm -> MLP family on CUDA (per memory mode)."""
+    from inductor_fusion.patterns import training
+
+    out = []
+    for family in families:
+        if family == ATTENTION_FAMILY:
+            continue
+        forms = [r.name or "llama" for r in registry.pattern_module(family).SHAPES if r.training]
+        if not forms:
+            out.append(Regime(family, "any device", "training", "no training variant: unfused"))
+            continue
+        for mode in training.MEMORY_MODES:
+            reason = training.cuda_reason(mode)
+            runs = (
+                f"memory={mode!r}: Inductor's kernels with our memory policy, for regions of "
+                f"the {', '.join(forms)} form (other forms stay unfused; README: Training)"
+                if reason is None
+                else f"memory={mode!r}: left to Inductor: {reason}"
+            )
+            out.append(Regime(family, "cuda, training", "any", runs))
+    return out
 
 
 def _relative(path: str, layer: str) -> str:

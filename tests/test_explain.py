@@ -264,6 +264,24 @@ def test_regimes_follow_a_shapes_measured_bound(inter: int, cuda_line: str) -> N
     assert "rmsnorm_mlp: cuda, 1-64 tokens" not in text
 
 
+def test_training_regimes_follow_the_cuda_switch(monkeypatch) -> None:
+    """explain says per memory mode whether training regions fuse on CUDA, as should_fuse does
+    (`training.CUDA_MODES`), and names the form that has training variants."""
+    from inductor_fusion.patterns import training
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    text = str(inductor_fusion.explain(config))
+    for mode in training.MEMORY_MODES:
+        assert (
+            f"rmsnorm_mlp: cuda, training, any tokens: memory={mode!r}: Inductor's kernels "
+            "with our memory policy, for regions of the llama form"
+        ) in text, text
+    monkeypatch.setattr(training, "CUDA_MODES", frozenset({"recompute"}))
+    text = str(inductor_fusion.explain(config))
+    assert "memory='default': left to Inductor: training regions in memory mode" in text, text
+    assert "memory='recompute': Inductor's kernels" in text
+
+
 def test_cli_json_on_a_checkpoint_folder(tmp_path: Path) -> None:
     tiny_model("qwen3").save_pretrained(tmp_path)
     result = subprocess.run(

@@ -351,16 +351,19 @@ def _training_ops(report_regions):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("memory", ["default", "recompute"])
-def test_training_compile_fuses_every_layer_with_eager_gradients(family, memory):
+def test_training_compile_fuses_every_layer_with_eager_gradients(family, memory, caplog):
     """model.train(), fp32: every decoder layer's region fuses in the joint graph (the pass's
-    own count), in the memory mode asked for; loss and every gradient within the rule."""
+    own count), in the memory mode asked for, and no log line calls a fused region unfused (the
+    post-grad scan once took a fused region's forward for an unmatched one); loss and every
+    gradient within the rule."""
     model = tiny_model(family, torch.float32).train()
     ids = token_ids()
     # caches=False: the count must come from the pass running (see fresh_compile).
-    with fresh_compile(caches=False) as report:
+    with fresh_compile(caches=False) as report, caplog.at_level(logging.INFO, "inductor_fusion"):
         loss, grads = _loss_and_grads(
             model, ids, backend="inductor_fusion", options={"inductor_fusion": {"memory": memory}}
         )
+    assert "not fused" not in caplog.text, caplog.text
     suffix = "" if memory == "default" else f"_{memory}"
     assert _training_ops(report) == [f"train_fp32_3d_residual_left{suffix}"] * LAYERS
     assert sorted(report.paths("rmsnorm_mlp", "norm")) == layer_paths("post_attention_layernorm")
@@ -823,12 +826,17 @@ def test_inference_compiles_never_build_the_training_pass():
     assert built == families
 
 
-def test_cuda_training_graphs_are_left_to_inductor_before_any_matching(caplog):
-    """The joint pass leaves a CUDA training graph exactly as Inductor would see it (no
-    normalisation, no training variants built or tried); a CPU one is normalised for matching."""
+def test_cuda_training_graphs_are_left_to_inductor_before_any_matching(caplog, monkeypatch):
+    """With no memory mode fusing on CUDA, the joint pass leaves a CUDA training graph exactly as
+    Inductor would see it (no normalisation, no training variants built or tried); a CPU one is
+    normalised for matching, and so is a CUDA one in the shipped setting."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from inductor_fusion.fusion_pass import normalize_joint_graph
+    from inductor_fusion.patterns import training
+
+    shipped = training.CUDA_MODES
+    monkeypatch.setattr(training, "CUDA_MODES", frozenset())
 
     def joint_graph(device: str) -> torch.fx.Graph:
         graph = torch.fx.Graph()
@@ -853,3 +861,5 @@ def test_cuda_training_graphs_are_left_to_inductor_before_any_matching(caplog):
     cpu = joint_graph("cpu")
     assert normalize_joint_graph(cpu) is True
     assert not any(n.target == torch.ops.aten.alias.default for n in cpu.nodes)
+    monkeypatch.setattr(training, "CUDA_MODES", shipped)
+    assert normalize_joint_graph(joint_graph("cuda")) is True

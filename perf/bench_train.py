@@ -370,6 +370,49 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(data: dict[str, Any], path: Path) -> None:
+    """results.png: per region row, time and peak vs compile; the model's tokens/s and peak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regions = [r for r in data["rows"] if "m" in r and "ms" in r]
+    base = {(r["hidden"], r["m"]): r for r in regions if r["provider"] == "compile"}
+    keys = list(base)
+    names = [p for p in dict.fromkeys(r["provider"] for r in regions) if p != "compile"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        rows = {(r["hidden"], r["m"]): r for r in regions if r["provider"] == name}
+        for ax, field in ((axes[0], "ms"), (axes[1], "peak_mib")):
+            ratio = [
+                (base[k][field] / rows[k][field] if field == "ms" else rows[k][field] / base[k][field])
+                if k in rows and rows[k].get(field) and base[k].get(field) else 0
+                for k in keys
+            ]  # fmt: skip
+            ax.bar([j + i * width for j in range(len(keys))], ratio, width, label=name)
+    labels = [f"H={h}\nM={m}" for h, m in keys]
+    for ax, title in ((axes[0], "region speed-up vs compile"), (axes[1], "region peak vs compile")):
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], labels, fontsize=7)
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    model = [r for r in data["rows"] if "m" not in r and "tokens_per_s" in r]
+    for r in model:
+        marker = "*" if r.get("largest") else "o"
+        axes[2].scatter(r["peak_gib"], r["tokens_per_s"] / 1e3, marker=marker, s=60,
+                        label=f"{r['provider']} B={r['batch']}")  # fmt: skip
+    axes[2].set_xlabel("peak GiB")
+    axes[2].set_ylabel("k tokens/s")
+    axes[2].set_title("whole model (* = largest batch)")
+    axes[2].legend(fontsize=6)
+    fig.suptitle(f"Training, {data['device']}, {data['dtype']}, {data['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("perf/results/train"))
@@ -383,7 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=None, help="region HxI list, e.g. 2048x8192")
     parser.add_argument("--providers", default=None, help="region providers (default all)")
     parser.add_argument("--model-providers", default=None, help="model providers (default all)")
+    parser.add_argument("--report", type=Path, help="only rewrite results.md/png from this JSON")
     args = parser.parse_args(argv)
+    if args.report:
+        data = json.loads(args.report.read_text())
+        perf_common.write_report(data, args.report.parent, markdown=markdown, plot=plot)
+        return 0
     perf_common.configure_compiler()
     from inductor_fusion.patterns import training
 
@@ -430,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         layers = 2 if args.cpu_smoke else args.layers
         batch, seq = (2, 16) if args.cpu_smoke else (args.batch, 2048)
         save(model_rows(device, dtype, layers, batch, seq, iters, args.cpu_smoke))
-    (args.out / "results.md").write_text(markdown(data))
+    perf_common.write_report(data, args.out, markdown=markdown, plot=plot)
     print(markdown(data))
     return 0
 

@@ -27,6 +27,14 @@ TINY_CONFIG = dict(
 )
 
 
+# The dtypes a compile of ours handles (others explain nothing useful).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
 def load_config(model: str) -> Any:
     """A transformers config from a checkpoint folder, a config JSON or a class/type name."""
     import transformers
@@ -35,12 +43,12 @@ def load_config(model: str) -> Any:
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise SystemExit(f"{model}: no config.json in this folder")
+            raise UsageError(f"{model}: no config.json in this folder")
         return AutoConfig.from_pretrained(path, local_files_only=True)
     if path.is_file():
         data = json.loads(path.read_text())
         if "model_type" not in data:
-            raise SystemExit(f"{model}: the config JSON has no model_type")
+            raise UsageError(f"{model}: the config JSON has no model_type")
         return AutoConfig.for_model(**data)
     model_class = getattr(transformers, model, None)
     config_class = getattr(model_class, "config_class", None)
@@ -51,20 +59,33 @@ def load_config(model: str) -> Any:
         try:
             config = AutoConfig.for_model(model)
         except ValueError:
-            raise SystemExit(
+            raise UsageError(
                 f"{model}: not a folder, a config JSON, a transformers model class or a model type"
             ) from None
+    _make_tiny(config.get_text_config())
+    return config
+
+
+def _make_tiny(config: Any) -> None:
+    """TINY_CONFIG's sizes on a default config (a composite model's text config: that is where
+    its decoder layers are), and special token ids that fit the tiny vocabulary (Phi-3's default
+    ``pad_token_id`` is 32000: the embedding would refuse it)."""
     defaults = config.to_dict()
     for key, value in TINY_CONFIG.items():
         if key in defaults:
             setattr(config, key, value)
-    return config
+    vocab = getattr(config, "vocab_size", None)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(vocab, int) and isinstance(value, int) and value >= vocab:
+            setattr(config, key, vocab - 1)
 
 
 def explain_main(argv: list[str]) -> int:
     import torch
 
     from inductor_fusion.explainer import explain
+    from inductor_fusion.registry import pattern_names
 
     parser = argparse.ArgumentParser(
         prog="python -m inductor_fusion explain",
@@ -72,13 +93,22 @@ def explain_main(argv: list[str]) -> int:
     )
     parser.add_argument("model", help="checkpoint folder, config JSON, or model class/type name")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--dtype", help="e.g. bfloat16 (default: the config's, else float32)")
+    parser.add_argument("--dtype", help="one of " + ", ".join(DTYPES) + " (default: the config's)")
     parser.add_argument("--patterns", help="comma-separated patterns, as the backend option")
     parser.add_argument("--disable", default="", help="comma-separated patterns to switch off")
     args = parser.parse_args(argv)
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
+    for option in ("patterns", "disable"):
+        value = getattr(args, option)
+        names = [n.strip() for n in (value or "").split(",") if n.strip()]
+        unknown = [n for n in names if n not in pattern_names()]
+        if unknown:
+            raise UsageError(
+                f"--{option}: unknown pattern {unknown[0]!r}; valid names: "
+                + ", ".join(pattern_names())
+            )
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        parser.error(f"--dtype {args.dtype}: not a torch dtype")
     explanation = explain(
         load_config(args.model), patterns=args.patterns, disable=args.disable, dtype=dtype
     )
@@ -94,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except UsageError as exc:
+        print(f"python -m inductor_fusion {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

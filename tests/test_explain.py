@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from test_families import CASES
-from tiny_models import TINY, fresh_compile, layer_paths, tiny_model, token_ids
+from tiny_models import FAMILIES, TINY, fresh_compile, layer_paths, tiny_model, token_ids
 from transformers import CompileConfig, LlamaConfig
 
 import inductor_fusion
@@ -388,3 +388,36 @@ def test_layers_of_an_unregistered_model_are_found_by_their_children(
         (str(i), name, roles) for i in range(LAYERS)
     ]
     assert {c.variant for c in regions if c.fuses} == {variant}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_cli_explains_every_family_by_its_model_type(model_type: str, capsys) -> None:
+    """Each family's bare model type gets a tiny config (its text config for composite models,
+    special token ids inside the tiny vocabulary) and explains without error."""
+    from inductor_fusion.__main__ import TINY_CONFIG, load_config, main
+
+    config = load_config(model_type)
+    layers = config.get_text_config().num_hidden_layers
+    assert layers == TINY_CONFIG["num_hidden_layers"]
+    assert main(["explain", model_type]) == 0
+    out = capsys.readouterr().out
+    assert "candidate region(s) fuse" in out
+    assert f"model.layers.{layers}:" not in out and f"language_model.layers.{layers}:" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dtype", "bogus"], "--dtype 'bogus': expected one of float32, bfloat16, float16"),
+        (["--patterns", "rmsnorm_mpl"], "--patterns: unknown pattern 'rmsnorm_mpl'; valid names: "),
+        (["--disable", "rmsnorm_mlp,x"], "--disable: unknown pattern 'x'; valid names: "),
+    ],
+)
+def test_cli_input_errors_are_one_line_and_exit_2(argv, message, capsys) -> None:
+    from inductor_fusion.__main__ import main
+
+    assert main(["explain", "llama", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert main(["explain", "no-such-model"]) == 2
+    assert "no-such-model: not a folder" in capsys.readouterr().err

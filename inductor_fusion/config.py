@@ -232,6 +232,22 @@ def env_disable(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     return _parse_list(environ.get(ENV_DISABLE, ""), source=ENV_DISABLE, empty_ok=True)
 
 
+ENV_PREFIX = "INDUCTOR_FUSION_"
+
+
+def check_env_names(environ: Mapping[str, str] | None = None) -> None:
+    """An ``INDUCTOR_FUSION_*`` variable we do not read is a typo (``INDUCTOR_FUSION_PATTERN``
+    would otherwise be ignored without a word): a ValueError naming the ones we read."""
+    environ = os.environ if environ is None else environ
+    known = (ENV_PATTERNS, ENV_DISABLE)
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise ValueError(
+            f"unknown environment variable {unknown[0]}; inductor_fusion reads "
+            f"{' and '.join(known)}"
+        )
+
+
 def resolve_plan(
     *,
     options: FusionOptions | None = None,
@@ -240,6 +256,7 @@ def resolve_plan(
 ) -> FusionPlan:
     """Resolves all toggle sources into one frozen plan (precedence: see the module docstring)."""
     options = options or FusionOptions()
+    check_env_names(environ)
     # Parse both environment variables first so a typo is reported even when unused.
     from_env = env_patterns(environ)
     killed = env_disable(environ)

@@ -158,3 +158,14 @@ def test_plan_key_is_deterministic_and_distinguishes_toggles():
     assert a.key() != FusionPlan(frozenset()).key()
     scoped = FusionPlan(ALL, scopes={"rmsnorm_mlp": (("x", "y"),)})
     assert scoped.key() != a.key()
+
+
+def test_env_misspelt_variable_is_an_error_naming_the_real_ones():
+    """INDUCTOR_FUSION_PATTERN (singular) would be ignored without a word."""
+    with pytest.raises(ValueError, match="unknown environment variable INDUCTOR_FUSION_PATTERN;"):
+        resolve_plan(environ={"INDUCTOR_FUSION_PATTERN": "rmsnorm_mlp"})
+    with pytest.raises(
+        ValueError, match="reads INDUCTOR_FUSION_PATTERNS and INDUCTOR_FUSION_DISABL"
+    ):
+        resolve_plan(environ={"INDUCTOR_FUSION_DISABLED": "all"})
+    assert resolve_plan(environ={"OTHER_INDUCTOR_FUSION_X": "1"}).patterns == ALL

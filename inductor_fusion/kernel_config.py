@@ -272,11 +272,18 @@ def register_fusable_modules(model_class: type, modules: Mapping[str, str]) -> N
             "register_fusable_modules: expected a non-empty mapping of layer name -> module glob, "
             f"got {modules!r}"
         )
+    known = sorted({n for p in registry.pattern_names() for n in layer_names(p)})
     for name, glob in modules.items():
         if not isinstance(name, str) or not name or not isinstance(glob, str) or not glob:
             raise ValueError(
                 f"register_fusable_modules({model_class.__name__}): entry {name!r}: {glob!r} must "
                 "map a non-empty layer name to a non-empty module glob"
+            )
+        # KernelConfig keys name only these: any other name could never be looked up.
+        if name not in known:
+            raise ValueError(
+                f"register_fusable_modules({model_class.__name__}): unknown layer name {name!r}; "
+                f"KernelConfig keys use {', '.join(known)}"
             )
     _FUSABLE.setdefault(model_class, {}).update(modules)
 
@@ -354,6 +361,19 @@ def _mentions_ours(value: Any) -> bool:
 
 def _parse_value(key: Any, value: Any) -> tuple[str, bool, bool] | None:
     """(pattern, enabled, eager) for a value of ours, None for transformers' values."""
+    if value is None or isinstance(value, (bool, int, float)):
+        # No kernel mapping takes a number: transformers would fail on it much later.
+        raise TypeError(
+            f"KernelConfig entry {key!r}: {value!r}: expected a string value such as "
+            f"'{FUSION_PREFIX}:<pattern>' (or transformers' 'org/repo:layer')"
+        )
+    if isinstance(value, str) and not _is_ours(value):
+        bare = value.partition(":")[0].strip()
+        if bare in registry.FAMILIES:  # our pattern name without our prefix
+            raise ValueError(
+                f"KernelConfig entry {key!r}: {value!r}: our entries are prefixed: did you mean "
+                f"'{FUSION_PREFIX}:{value.strip()}'?"
+            )
     if not isinstance(value, str):
         if _mentions_ours(value):
             raise TypeError(

@@ -262,6 +262,15 @@ def test_hub_kernels_on_our_modules_warn() -> None:
         ({NAMES: {"cuda": ON}}, TypeError, "our entries take one string value"),
         ({NAMES: (ON, {"version": 1})}, TypeError, "our entries take one string value"),
         ({INLINE: ON, NAMES: OFF}, ValueError, "turn rmsnorm_mlp both on and off"),
+        # Would reach transformers and fail there, far from the typo.
+        ({NAMES: "rmsnorm_mlp"}, ValueError, "did you mean 'inductor_fusion:rmsnorm_mlp'?"),
+        (
+            {NAMES: "rmsnorm_mlp:recompute"},
+            ValueError,
+            "did you mean 'inductor_fusion:rmsnorm_mlp:recompute'?",
+        ),
+        ({NAMES: 3}, TypeError, "expected a string value such as 'inductor_fusion:<pattern>'"),
+        ({HUB_KEY: None}, TypeError, "expected a string value"),
     ],
 )
 def test_bad_entries_fail_at_construction(mapping: dict, error: type, message: str) -> None:
@@ -328,6 +337,8 @@ def test_registration_from_outside_the_class_overrides_inherited_names() -> None
         (LlamaForCausalLM, {}, TypeError),
         (LlamaForCausalLM, {"MLP": ""}, ValueError),
         (LlamaForCausalLM, {"": MLP}, ValueError),
+        # A misspelt layer name could never be looked up by a KernelConfig key.
+        (LlamaForCausalLM, {"RMSNrom": MLP}, ValueError),
     ],
 )
 def test_register_rejects_bad_input(model_class: object, modules: dict, error: type) -> None:

@@ -66,16 +66,8 @@ class InductorFusionBackend:
         options: Mapping[str, Any] | None = None,
     ) -> None:
         options = dict(options or {})
-        ours = options.pop(fusion_config.OPTIONS_KEY, None)
-        self.fusion_options = fusion_config.FusionOptions.from_value(ours)
-        if patterns is not None or disable:
-            # Parsed as the options are: lists of names, or one (comma-separated) string.
-            given = fusion_config.FusionOptions(patterns=patterns, disable=disable)
-            self.fusion_options = fusion_config.FusionOptions(
-                patterns=given.patterns if patterns is not None else self.fusion_options.patterns,
-                disable=(*self.fusion_options.disable, *given.disable),
-                memory=self.fusion_options.memory,
-            )
+        self.fusion_options = fusion_config.FusionOptions.merged(options, patterns, disable)
+        options.pop(fusion_config.OPTIONS_KEY, None)
         self.inductor_patches = inductor_config_patches(mode, options)
         self.report = FusionReport()
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,26 @@ class FusionOptions:
             patterns=value.get("patterns"),
             disable=value.get("disable", ()),
             memory=value.get("memory"),
+        )
+
+    @classmethod
+    def merged(
+        cls,
+        options: Mapping[str, Any],
+        patterns: Sequence[str] | str | None = None,
+        disable: Sequence[str] | str = (),
+    ) -> FusionOptions:
+        """What `inductor_fusion.backend` and `install` take: ``options[OPTIONS_KEY]`` with the
+        call's own ``patterns`` (replacing the options') and ``disable`` (added to them); the
+        options' memory mode is kept. The one merge both entry points use."""
+        ours = cls.from_value(options.get(OPTIONS_KEY))
+        if patterns is None and not disable:
+            return ours
+        given = cls(patterns=patterns, disable=disable)
+        return cls(
+            patterns=given.patterns if patterns is not None else ours.patterns,
+            disable=(*ours.disable, *given.disable),
+            memory=ours.memory,
         )
 
 

@@ -206,13 +206,8 @@ def install(
     from torch._inductor import config as inductor_config
 
     options = dict(options or {})
-    ours = FusionOptions.from_value(options.pop(fusion_config.OPTIONS_KEY, None))
-    if patterns is not None or disable:
-        given = FusionOptions(patterns=patterns, disable=disable)
-        ours = FusionOptions(
-            patterns=given.patterns if patterns is not None else ours.patterns,
-            disable=(*ours.disable, *given.disable),
-        )
+    ours = FusionOptions.merged(options, patterns, disable)
+    options.pop(fusion_config.OPTIONS_KEY, None)
     patches = inductor_config_patches(None, options)
     # As our backend does (see there), unless the caller chose.
     if hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):

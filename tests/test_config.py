@@ -169,3 +169,30 @@ def test_env_misspelt_variable_is_an_error_naming_the_real_ones():
     ):
         resolve_plan(environ={"INDUCTOR_FUSION_DISABLED": "all"})
     assert resolve_plan(environ={"OTHER_INDUCTOR_FUSION_X": "1"}).patterns == ALL
+
+
+@pytest.mark.parametrize("entry", ["backend", "install"])
+def test_both_entry_points_merge_arguments_and_options_alike(entry):
+    """patterns/disable arguments beside options["inductor_fusion"]: the arguments' patterns
+    replace the options', disables add up, and the options' memory mode is kept (install()
+    once dropped it)."""
+    import inductor_fusion
+
+    options = {"inductor_fusion": {"memory": "recompute", "disable": ["gqa_decode"]}}
+    kwargs = dict(patterns=["rmsnorm_mlp", "layernorm_mlp"], disable="layernorm_mlp")
+    if entry == "backend":
+        merged = inductor_fusion.backend(**kwargs, options=options).fusion_options
+    else:
+        installation = inductor_fusion.install(**kwargs, options=options)
+        try:
+            merged = installation.options
+        finally:
+            inductor_fusion.uninstall()
+    assert merged.patterns == ("rmsnorm_mlp", "layernorm_mlp")
+    assert merged.disable == ("gqa_decode", "layernorm_mlp")
+    assert set(merged.memory.values()) == {"recompute"}
+    plan = resolve_plan(options=merged, environ={})
+    assert (
+        plan.patterns == frozenset({"rmsnorm_mlp"})
+        and plan.memory_mode("rmsnorm_mlp") == "recompute"
+    )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import warnings
 import weakref
@@ -45,6 +46,8 @@ from inductor_fusion.backend import inductor_config_patches
 from inductor_fusion.config import FusionOptions, FusionPlan
 from inductor_fusion.fusion_pass import STAGES, FusionPass, specialize_eps_inputs
 from inductor_fusion.report import FusionReport, get_report
+
+log = logging.getLogger("inductor_fusion")
 
 
 @dataclass
@@ -71,6 +74,7 @@ class InstalledPass(CustomGraphPass):
 
     def _current(self) -> FusionPass:
         """This compile's FusionPass (a new object per call: the state is the compile's)."""
+        self.installation.used = True  # a compile (or a cache lookup: uuid()) reached us
         state = self.installation.state()
         return FusionPass(
             state.plan,
@@ -102,6 +106,7 @@ class Installation:
 
     def __init__(self, options: FusionOptions, patches: Mapping[str, Any]) -> None:
         self.options = options
+        self.used = False  # whether any compile reached our passes while installed
         self.patches = dict(patches)  # Inductor options set globally with the passes
         self.report = FusionReport()
         self.saved: dict[str, Any] = {}
@@ -214,6 +219,16 @@ def install(
         patches.setdefault("static_launch_user_defined_triton_kernels", True)
     # A cache hit runs compiled code without any pass: the ops it calls must exist.
     registry.import_op_modules(registry.pattern_names())
+    # Frames Dynamo compiled and still holds (torch._dynamo.reset() clears them).
+    tracker = getattr(torch._dynamo.convert_frame, "output_codes", None)
+    frames = len(getattr(tracker, "seen", ()))
+    if frames:
+        # Code Dynamo compiled before keeps its graphs: the call runs them, not a new compile.
+        log.warning(
+            "inductor_fusion.install: Dynamo already holds %d compiled frame(s); code compiled "
+            "before install() keeps its unfused graphs until torch._dynamo.reset()",
+            frames,
+        )
     installation = Installation(ours, patches)
     with _install_lock:
         for key in (*patches, *STAGES.values()):
@@ -242,6 +257,13 @@ def uninstall() -> bool:
         if not _installations:
             return False
         installation = _installations.pop()
+        if not installation.used:
+            # torch.compile compiles at the first call: one made after uninstall() is unfused.
+            log.warning(
+                "inductor_fusion.uninstall: nothing was compiled while installed, so nothing "
+                "fused (torch.compile compiles at the first call: call the compiled model before "
+                "uninstall(), or inside `with inductor_fusion.installed():`)"
+            )
         callbacks = torch._dynamo.callback_handler
         if installation.finish_compiles in callbacks.end_callbacks:
             callbacks.remove_end_callback(installation.finish_compiles)

@@ -197,3 +197,29 @@ def test_plain_torch_compile_fuses_with_toggles_and_kernel_config(
         with torch.no_grad():
             torch.compile(model)(ids)
         assert len(report) == 0
+
+
+def test_a_lazy_compile_after_uninstall_and_an_earlier_compile_each_get_a_warning(caplog) -> None:
+    """torch.compile compiles at the first call: a call after uninstall() fuses nothing, and code
+    Dynamo compiled before install() keeps its graphs. Each case says so in one log line; a
+    compile while installed says nothing."""
+    import logging
+
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="inductor_fusion"):
+        inductor_fusion.install()
+        compiled = torch.compile(lambda x: x * 2)
+        inductor_fusion.uninstall()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "nothing was compiled while installed" in line and "before uninstall()" in line
+    compiled(torch.ones(3))  # compiles now, with plain Inductor
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inductor_fusion"), inductor_fusion.installed():
+        torch.compile(lambda x: x + 2)(torch.ones(3))
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "Dynamo already holds" in line and "torch._dynamo.reset()" in line
+    torch._dynamo.reset()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inductor_fusion"), inductor_fusion.installed():
+        torch.compile(lambda x: x + 3)(torch.ones(3))
+    assert not caplog.records

@@ -190,9 +190,20 @@ def attention_args(sdpa: torch.fx.Node) -> AttentionArgs | str | None:
 def should_fuse(args: AttentionArgs) -> str | None:
     """Profitability: packing pays at decode, where the copies and n_rep-fold reads dominate."""
     tokens = _val(args.query).shape[2]
-    if isinstance(tokens, int) and tokens <= MAX_QUERY_TOKENS:
+    if isinstance(tokens, int):
+        if tokens <= MAX_QUERY_TOKENS:
+            return None
+        return f"{tokens} query tokens: packing is for decode (at most {MAX_QUERY_TOKENS})"
+    # A dynamic query length (e.g. drafts of several lengths under prompt-lookup decoding): bool()
+    # guards on the bound, so the packed graph serves every length up to it and a longer one
+    # recompiles once, unpacked (as the norm -> MLP regimes do).
+    if bool(tokens <= MAX_QUERY_TOKENS):
         return None
-    return f"{tokens} query tokens: packing is for decode (at most {MAX_QUERY_TOKENS})"
+    hint = tokens.node.shape_env.size_hint(tokens.node.expr)
+    return (
+        f"a dynamic query length ({tokens}, {hint} tokens in this call) above "
+        f"{MAX_QUERY_TOKENS}: packing is for decode"
+    )
 
 
 def _sdpa_node(match: Any) -> torch.fx.Node:

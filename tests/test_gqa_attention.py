@@ -251,3 +251,25 @@ def test_kernel_config_selects_attention_modules(tmp_path, key):
     assert report.count("rmsnorm_mlp") == 0
     paths = {r.path("attention") for r in report if r.pattern == "gqa_decode"}
     assert paths == {"model.layers.1.self_attn"}, report.summary()
+
+
+def test_dynamic_query_length_stays_packed_up_to_the_bound(caplog):
+    """A symbolic query length guards on the decode bound: one packed graph serves every length
+    up to it; a longer one recompiles unpacked, and its log line names the length as dynamic
+    (not as if it were a number of tokens)."""
+    module = Attention(n_rep=2)
+    # The second length makes Dynamo recompile with the query length dynamic (only that size
+    # changed), as a second draft length does.
+    compiled = torch.compile(module, backend="inductor_fusion")
+    with fresh_compile(caches=False) as report, caplog.at_level(logging.INFO, "inductor_fusion"):
+        for q in (3, 5, 2, MAX_QUERY_TOKENS):
+            inputs = _inputs(1, 2, 2, q, 40, 8, "bool", torch.float32, "cpu")
+            torch.testing.assert_close(compiled(*inputs), module(*inputs), atol=1e-5, rtol=1e-5)
+        # The static graph and one dynamic graph, both packed; the dynamic one served 5, 2, 16.
+        assert report.count("gqa_decode") == 2
+        inputs = _inputs(1, 2, 2, MAX_QUERY_TOKENS + 4, 40, 8, "bool", torch.float32, "cpu")
+        torch.testing.assert_close(compiled(*inputs), module(*inputs), atol=1e-5, rtol=1e-5)
+    assert report.count("gqa_decode") == 2
+    lines = [r.getMessage() for r in caplog.records if "gqa_decode not fused" in r.getMessage()]
+    assert len(lines) == 1 and "a dynamic query length (s" in lines[0], lines
+    assert f"{MAX_QUERY_TOKENS + 4} tokens in this call" in lines[0]

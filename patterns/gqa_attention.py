@@ -112,9 +112,13 @@ _NOT_REPEAT_KV = "not a repeat_kv copy"
 
 def _repeat_kv_source(node: Any) -> tuple[torch.fx.Node, int] | str:
     """``reshape(clone(expand(unsqueeze(x, 2))))`` as transformers' repeat_kv writes it: (x, n_rep),
-    or why ``node`` is not that."""
+    or why ``node`` is not that. With one key/value head (multi-query attention) the reshape of
+    the expanded cache is a view (a stride-0 head dimension): no ``clone``, the same region."""
     chain = []
-    for target in (_VIEWS, (torch.ops.aten.clone.default,), (torch.ops.aten.expand.default,)):
+    steps = (_VIEWS, (torch.ops.aten.clone.default,), (torch.ops.aten.expand.default,))
+    for i, target in enumerate(steps):
+        if i == 1 and getattr(node, "target", None) == torch.ops.aten.expand.default:
+            continue  # the MQA form: no copy
         if not isinstance(node, torch.fx.Node) or node.target not in target:
             return _NOT_REPEAT_KV
         chain.append(node)
@@ -122,7 +126,7 @@ def _repeat_kv_source(node: Any) -> tuple[torch.fx.Node, int] | str:
     if not isinstance(node, torch.fx.Node) or node.target != torch.ops.aten.unsqueeze.default:
         return _NOT_REPEAT_KV
     source = node.args[0]
-    x, expanded, out = (_val(n) for n in (source, chain[2], chain[0]))
+    x, expanded, out = (_val(n) for n in (source, chain[-1], chain[0]))
     if not all(isinstance(t, torch.Tensor) for t in (x, expanded, out)):
         return "no tensor metadata"
     if x.dim() != 4 or node.args[1] not in (2, -3) or expanded.dim() != 5:

@@ -176,9 +176,18 @@ def test_repeat_kv_used_elsewhere_keeps_its_copy():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_generate_packs_every_layer_and_keeps_tokens(family):
-    model = tiny_model(family)
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("llama", {}),
+        ("qwen3", {}),
+        # Multi-query attention (Gemma-2B's layout): repeat_kv's reshape is a view, no clone.
+        ("llama", {"num_key_value_heads": 1}),
+    ],
+    ids=["llama", "qwen3", "llama-mqa"],
+)
+def test_generate_packs_every_layer_and_keeps_tokens(family, overrides):
+    model = tiny_model(family, **overrides)
     ids = token_ids(batch=2, seq=5)
 
     def generate(backend):

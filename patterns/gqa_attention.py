@@ -203,7 +203,7 @@ def should_fuse(args: AttentionArgs) -> str | None:
     # recompiles once, unpacked (as the norm -> MLP regimes do).
     if bool(tokens <= MAX_QUERY_TOKENS):
         return None
-    hint = tokens.node.shape_env.size_hint(tokens.node.expr)
+    hint = getattr(tokens.node, "hint", None)  # the example's length (None if unbacked)
     return (
         f"a dynamic query length ({tokens}, {hint} tokens in this call) above "
         f"{MAX_QUERY_TOKENS}: packing is for decode"

@@ -84,8 +84,8 @@ def _make_tiny(config: Any) -> None:
 def explain_main(argv: list[str]) -> int:
     import torch
 
+    from inductor_fusion.config import parse_names
     from inductor_fusion.explainer import explain
-    from inductor_fusion.registry import pattern_names
 
     parser = argparse.ArgumentParser(
         prog="python -m inductor_fusion explain",
@@ -101,13 +101,11 @@ def explain_main(argv: list[str]) -> int:
         raise UsageError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
     for option in ("patterns", "disable"):
         value = getattr(args, option)
-        names = [n.strip() for n in (value or "").split(",") if n.strip()]
-        unknown = [n for n in names if n not in pattern_names()]
-        if unknown:
-            raise UsageError(
-                f"--{option}: unknown pattern {unknown[0]!r}; valid names: "
-                + ", ".join(pattern_names())
-            )
+        if value is not None:
+            try:  # the backend's own parsing: names, "all", "none", and its messages
+                parse_names(value, source=f"--{option}", empty_text_ok=option == "disable")
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
     dtype = getattr(torch, args.dtype) if args.dtype else None
     explanation = explain(
         load_config(args.model), patterns=args.patterns, disable=args.disable, dtype=dtype

@@ -246,12 +246,10 @@ class FusionPass(CustomGraphPass):
             lower_op_calls(graph)
             # The last stage: whatever looks like a region but matched no variant gets its INFO
             # line too (regions a check refused already have theirs, under the same key). Not in
-            # a backward graph: regions are matched in the joint graph, and what looks like one
-            # there is a fused training region's recomputed forward (its `recompute` mode).
-            backward = any(
-                str(p.target).startswith("tangents") for p in graph.find_nodes(op="placeholder")
-            )
-            for name in () if backward else sorted(self.plan.patterns):
+            # a backward graph: regions are matched in the joint graph, so what looks like one
+            # there is a forward recomputed (by a checkpoint or our `recompute` mode) whose
+            # region the forward graph already reported or fused.
+            for name in () if _has_tangents(graph) else sorted(self.plan.patterns):
                 scan = getattr(registry.pattern_module(name), "unmatched_candidates", None)
                 for keys, paths, message in scan(graph) if scan is not None else ():
                     # Regions the plan keeps out have their line already (or want none).
@@ -299,6 +297,12 @@ class FusionPass(CustomGraphPass):
         return digest.hexdigest()
 
 
+def _has_tangents(graph: torch.fx.Graph) -> bool:
+    """Whether ``graph`` takes output gradients: a joint graph, or a backward one after the
+    partitioner (AOT autograd names those inputs ``tangents_*``)."""
+    return any(str(p.target).startswith("tangents") for p in graph.find_nodes(op="placeholder"))
+
+
 def normalize_joint_graph(graph: torch.fx.Graph) -> bool:
     """Brings a training compile's joint graph into the form `joint_fwd_bwd` traces patterns in.
 
@@ -313,9 +317,9 @@ def normalize_joint_graph(graph: torch.fx.Graph) -> bool:
     from torch._inductor.fx_passes import joint_graph
     from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
-    placeholders = graph.find_nodes(op="placeholder")
-    if not any(str(node.target).startswith("tangents") for node in placeholders):
+    if not _has_tangents(graph):
         return False
+    placeholders = graph.find_nodes(op="placeholder")
     from inductor_fusion.patterns.training import cuda_reason
 
     reason = cuda_reason()

@@ -59,6 +59,8 @@ def _lower_silu_mul(graph: torch.fx.Graph) -> int:
         fakes = [_fake(arg) for arg in node.args]
         if any(f is None or f.device.type != "cuda" or not silu_mul.takes(f) for f in fakes):
             continue  # the op's own kernels (the reference outside CUDA) run it
+        if isinstance(n := fakes[0].numel(), int) and n == 0:
+            continue  # no launch for an empty grid; the op's CUDA kernel returns the reference
         _inline(graph, node, silu_mul.silu_mul_lowered, list(node.args), fakes)
         lowered += 1
     return lowered

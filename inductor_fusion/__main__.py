@@ -1,6 +1,7 @@
 """``python -m inductor_fusion <command>``.
 
     python -m inductor_fusion explain MODEL [--json] [--dtype bfloat16] [--patterns ...] [--disable ...]
+    python -m inductor_fusion kernel-repo [PATTERN]
 
 MODEL is a local checkpoint folder (only its config.json is read), a config JSON file, or a
 transformers model class or model type (``LlamaForCausalLM``, ``qwen3``), which gets a tiny
@@ -114,7 +115,33 @@ def explain_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"explain": explain_main}
+def kernel_repo_main(argv: list[str]) -> int:
+    """Where our `kernels` layer repository is, and how a plain transformers.KernelConfig names it."""
+    import importlib
+
+    # The package exports the function kernel_layer, which hides the module of that name.
+    kernel_layer = importlib.import_module("inductor_fusion.kernel_layer")
+
+    parser = argparse.ArgumentParser(
+        prog="python -m inductor_fusion kernel-repo",
+        description="Our kernels layer repository: the LOCAL_KERNELS entry that loads it without "
+        "the hub, and the KernelConfig value that names it.",
+    )
+    parser.add_argument("pattern", nargs="?", default="rmsnorm_mlp")
+    args = parser.parse_args(argv)
+    if args.pattern not in kernel_layer.KERNEL_LAYERS:
+        raise UsageError(
+            f"{args.pattern!r}: kernel layers exist for: {', '.join(kernel_layer.KERNEL_LAYERS)}"
+        )
+    entry = kernel_layer.local_kernels_entry(args.pattern)
+    # Shell-ready: LOCAL_KERNELS entries are joined with ':'; an existing value is kept.
+    print(f'export LOCAL_KERNELS="{entry}${{LOCAL_KERNELS:+:$LOCAL_KERNELS}}"')
+    print(f"# KernelConfig value: {kernel_layer.hub_style_value(args.pattern)!r}")
+    print(f"# with use_local_kernel=True instead: {kernel_layer.kernel_layer(args.pattern)!r}")
+    return 0
+
+
+COMMANDS = {"explain": explain_main, "kernel-repo": kernel_repo_main}
 
 
 def main(argv: list[str] | None = None) -> int:

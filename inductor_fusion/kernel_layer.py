@@ -56,6 +56,17 @@ op cannot stand for them (autograd outside the training op's reach, autocast, mi
 projection that is no longer a plain ``nn.Linear``: see that module). The layer takes RMSNorms
 only, as ``"inductor_fusion:rmsnorm_mlp"`` does.
 
+A hub-style name, for a config that names no Python object (a JSON file, a serving config) and a
+plain ``transformers.KernelConfig`` without `inductor_fusion.install()`: ``kernels`` (0.19)
+resolves a repository id through the ``LOCAL_KERNELS`` environment variable
+(``<org>/<name>=<folder>``) before it asks the hub, and skips the hub's publisher-trust check for
+it. `local_kernels_entry` gives that assignment for our folder and `hub_style_value` the entry's
+value (``"inductor-fusion/rmsnorm-mlp:RMSNormMLP"``); ``python -m inductor_fusion kernel-repo``
+prints both. transformers needs the ``/`` of an ``org/name`` id there. Without the variable the
+name goes to the hub, where no such repository exists: the error then is the hub's (a trust or
+cache message), which is why `inductor_fusion.KernelConfig` and ``install()`` convert our own
+``"inductor_fusion:<pattern>"`` values before transformers sees them.
+
 Importing this module imports neither transformers, `kernels`, nor our op: transformers'
 ``WeightRenaming`` is built when transformers reads the mapping, and the op when a layout is built.
 """
@@ -68,10 +79,23 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["KERNEL_LAYERS", "RMSNormMLP", "RMSNormMLPLayout", "kernel_layer", "repository_path"]
+__all__ = [
+    "HUB_STYLE_IDS",
+    "KERNEL_LAYERS",
+    "RMSNormMLP",
+    "RMSNormMLPLayout",
+    "hub_style_value",
+    "kernel_layer",
+    "local_kernels_entry",
+    "repository_path",
+]
 
 # Pattern name -> the kernel layer class its repository exports.
 KERNEL_LAYERS: Mapping[str, str] = {"rmsnorm_mlp": "RMSNormMLP"}
+
+# Pattern name -> the repository id ``LOCAL_KERNELS`` maps to our folder (module docstring). Not a
+# hub repository: the id only has to be an ``org/name`` that no hub kernel is published under.
+HUB_STYLE_IDS: Mapping[str, str] = {"rmsnorm_mlp": "inductor-fusion/rmsnorm-mlp"}
 
 # The norm the layout replaces in the models transformers' fusion targets (Llama, Mistral,
 # Qwen2/3, Phi-3, Granite); the checkpoint rename must name it (module docstring).
@@ -109,6 +133,21 @@ def kernel_layer(name: str = "rmsnorm_mlp") -> str:
             "the separator of the layer name; install inductor-fusion under a path without one"
         )
     return f"{path}:{KERNEL_LAYERS[name]}"
+
+
+def local_kernels_entry(name: str = "rmsnorm_mlp") -> str:
+    """``"<id>=<folder>"``: one entry of the ``LOCAL_KERNELS`` variable (entries are joined with
+    ``:``) that makes ``kernels`` load `hub_style_value`'s repository from this package."""
+    folder = kernel_layer(name).rpartition(":")[0]  # checked: no ':' in the folder
+    return f"{HUB_STYLE_IDS[name]}={folder}"
+
+
+def hub_style_value(name: str = "rmsnorm_mlp") -> str:
+    """``"<id>:<Layer>"``: the value of a plain ``transformers.KernelConfig`` entry (no
+    ``use_local_kernel``) that loads our layer for ``name`` once `local_kernels_entry` is in
+    ``LOCAL_KERNELS``."""
+    repository_path(name)  # the same errors as kernel_layer for a name without a layer
+    return f"{HUB_STYLE_IDS[name]}:{KERNEL_LAYERS[name]}"
 
 
 class _MLPUnderNorm:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,34 +19,6 @@ from inductor_fusion import records, registry
 from inductor_fusion.report import FusionReport, get_report
 
 log = logging.getLogger("inductor_fusion")
-
-
-def inductor_config_patches(mode: str | None, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Inductor config for ``mode``/``options``, validated as ``backend="inductor"`` validates."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor import list_mode_options
-
-    patches: dict[str, Any] = {}
-    if mode and mode != "default":
-        patches.update(list_mode_options(mode))
-    known = inductor_config.get_config_copy()
-    for key, value in (options or {}).items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise RuntimeError(
-                f"Unexpected optimization option {key!r} for backend 'inductor_fusion'; "
-                f"our own options go under options[{fusion_config.OPTIONS_KEY!r}]"
-            )
-        value_type = inductor_config.get_type(name)
-        # As backend="inductor" checks (torch's _TorchCompileInductorWrapper.apply_options):
-        # generic types (Optional, unions, lists) cannot be isinstance-checked and are let through.
-        if typing.get_origin(value_type) is None and not isinstance(value, value_type):
-            raise RuntimeError(
-                f"Unexpected type of attr {key}, got {type(value).__name__} should be "
-                f"{type(known[name]).__name__}"
-            )
-        patches[name] = value
-    return patches
 
 
 class InductorFusionBackend:
@@ -68,7 +39,7 @@ class InductorFusionBackend:
         options = dict(options or {})
         self.fusion_options = fusion_config.FusionOptions.merged(options, patterns, disable)
         options.pop(fusion_config.OPTIONS_KEY, None)
-        self.inductor_patches = inductor_config_patches(mode, options)
+        self.inductor_patches = fusion_config.inductor_config_patches(mode, options)
         self.report = FusionReport()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -294,3 +295,31 @@ def resolve_plan(
         )
     plan = plan.without(options.disable, source="options.disable")
     return plan.without(killed, source=ENV_DISABLE)
+
+
+def inductor_config_patches(mode: str | None, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Inductor config for ``mode``/``options``, validated as ``backend="inductor"`` validates."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
+
+    patches: dict[str, Any] = {}
+    if mode and mode != "default":
+        patches.update(list_mode_options(mode))
+    known = inductor_config.get_config_copy()
+    for key, value in (options or {}).items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise RuntimeError(
+                f"Unexpected optimization option {key!r} for backend 'inductor_fusion'; "
+                f"our own options go under options[{OPTIONS_KEY!r}]"
+            )
+        value_type = inductor_config.get_type(name)
+        # As backend="inductor" checks (torch's _TorchCompileInductorWrapper.apply_options):
+        # generic types (Optional, unions, lists) cannot be isinstance-checked and are let through.
+        if typing.get_origin(value_type) is None and not isinstance(value, value_type):
+            raise RuntimeError(
+                f"Unexpected type of attr {key}, got {type(value).__name__} should be "
+                f"{type(known[name]).__name__}"
+            )
+        patches[name] = value
+    return patches

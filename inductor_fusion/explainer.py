@@ -26,7 +26,7 @@ which a static cache always does; the variant name a compile reports starts with
 torch picks there (e.g. ``flash_attention_for_cpu_mask``), written here as ``mask``.
 
 What it explains is an inference (no_grad) compile; training compiles fuse in the joint graph
-(README: Training), which this does not trace: its regime lines say per memory mode whether a
+(docs/training.md), which this does not trace: its regime lines say per memory mode whether a
 family's training regions fuse on CUDA.
 Regions it cannot see: a residual add that the model writes outside the decoder layer (e.g. after
 a tensor-parallel all-reduce, where the compile fuses the region without its residual).
@@ -34,12 +34,13 @@ a tensor-parallel all-reduce, where the compile fuses the region without its res
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,7 +180,7 @@ class Explanation:
         sizes = f"hidden {self.hidden_size}, intermediate {self.intermediate_size}"
         lines = [
             f"inductor_fusion explain: {self.model} ({self.dtype}, {sizes})",
-            f"plan: {self.plan}; inference graphs (training: see the README's Training section)",
+            f"plan: {self.plan}; inference graphs (training: see docs/training.md)",
         ]
         lines += [f"  {r.family}: {r.device}, {r.tokens} tokens: {r.runs}" for r in self.regimes]
         lines += [str(c) for c in self.candidates]
@@ -517,19 +518,16 @@ class _AttentionStandIn(torch.nn.Module):
         return self.output, None
 
 
-class _Rejections(logging.Handler):
-    """Collects (family, one-line reason) that our patterns log for matched regions they leave
-    unfused: ``"<family> not fused (<variant>): <reason>"``."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.INFO)
-        self.reasons: list[tuple[str, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage().removeprefix("inductor_fusion: ")
-        family, _, rest = message.partition(" not fused ")
-        if rest:
-            self.reasons.append((family, rest.partition("): ")[2] or rest))
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Keeps the matchers' INFO lines (a rejection each) out of the user's log: explaining a
+    model is not compiling it."""
+    previous = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = previous
 
 
 def _trace_layer(layer: torch.nn.Module, attention: str | None, guess: str) -> _Traced:
@@ -540,7 +538,7 @@ def _trace_layer(layer: torch.nn.Module, attention: str | None, guess: str) -> _
     from torch.func import functional_call
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from inductor_fusion.fusion_pass import _PassRun, _running
+    from inductor_fusion.pass_state import PassRun, running
 
     # A shallow copy with its own children dict: the caller's model is never modified.
     stand_in = _AttentionStandIn()
@@ -583,35 +581,30 @@ def _trace_layer(layer: torch.nn.Module, attention: str | None, guess: str) -> _
             f"({type(error).__name__}: {error})",
         )
     gm.graph.eliminate_dead_code()  # e.g. the input norm, whose output only attention read
-    rejections = _Rejections()
-    log.addHandler(rejections)
-    level = log.level
-    log.setLevel(min(level or logging.WARNING, logging.INFO))
-    log.propagate, propagate = False, log.propagate
-    try:
-        # Every norm -> MLP family, whatever the plan, so that one trace serves every plan (the
-        # plan is applied per candidate). Their regions never overlap (a norm kind each; an MLP
-        # fed by a norm is never mlp_postnorm's), so a family switched off hides no other, and
-        # the structural guess may go first: the others' patterns (seconds to register) are
-        # needed only where it neither fuses nor refuses the region.
-        for family in dict.fromkeys((guess, *NORM_MLP_FAMILIES)):
-            prepare = getattr(registry.pattern_module(family), "prepare_graph", None)
-            if prepare is not None:
-                prepare(gm.graph)
-            run = _PassRun(plan=FusionPlan(frozenset({family}), source="explain"), regions=[])
-            with _running(run):
-                registry.matcher_pass(family).apply(gm.graph)
-            if run.regions:
-                return _Traced(family, run.regions[0].variant, None)
-            if rejections.reasons:
-                break
-    finally:
-        log.removeHandler(rejections)
-        log.setLevel(level)
-        log.propagate = propagate
-    if rejections.reasons:
-        family, reason = rejections.reasons[0]
-        return _Traced(family if family in NORM_MLP_FAMILIES else None, None, reason)
+    # The structured rejections of the runs, not their INFO lines: the explanation is the same
+    # whatever the logging configuration.
+    first = None
+    # Every norm -> MLP family, whatever the plan, so that one trace serves every plan (the
+    # plan is applied per candidate). Their regions never overlap (a norm kind each; an MLP
+    # fed by a norm is never mlp_postnorm's), so a family switched off hides no other, and
+    # the structural guess may go first: the others' patterns (seconds to register) are
+    # needed only where it neither fuses nor refuses the region.
+    for family in dict.fromkeys((guess, *NORM_MLP_FAMILIES)):
+        prepare = getattr(registry.pattern_module(family), "prepare_graph", None)
+        if prepare is not None:
+            prepare(gm.graph)
+        run = PassRun(plan=FusionPlan(frozenset({family}), source="explain"))
+        with running(run), _quiet(log):
+            registry.matcher_pass(family).apply(gm.graph)
+        if run.regions:
+            return _Traced(family, run.regions[0].variant, None)
+        if run.rejections:
+            first = run.rejections[0]
+            break
+    if first is not None:
+        return _Traced(
+            first.family if first.family in NORM_MLP_FAMILIES else None, None, first.reason
+        )
     return _Traced(None, None, None)
 
 
@@ -770,7 +763,7 @@ def _training_regimes(families: Iterable[str]) -> list[Regime]:
             reason = training.cuda_reason(mode)
             runs = (
                 f"memory={mode!r}: Inductor's kernels with our memory policy, for regions of "
-                f"the {', '.join(forms)} form (other forms stay unfused; README: Training)"
+                f"the {', '.join(forms)} form (other forms stay unfused; docs/training.md)"
                 if reason is None
                 else f"memory={mode!r}: left to Inductor: {reason}"
             )

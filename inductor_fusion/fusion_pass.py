@@ -13,16 +13,12 @@ It is installed at two points of the same compile, each chaining what the user h
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import functools
 import hashlib
 import importlib
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,114 +28,17 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from inductor_fusion import registry
 from inductor_fusion.config import FusionPlan
+from inductor_fusion.graph_paths import (
+    canonicalize_joint_graph,
+    has_tangents,
+    normalize_module_path,
+)
 from inductor_fusion.op_lowering import lower_op_calls
+from inductor_fusion.pass_state import PassRun, on_reject, running
 from inductor_fusion.records import CompileRecords
 from inductor_fusion.report import FusedRegion, FusionReport, get_report
 
 log = logging.getLogger("inductor_fusion")
-
-
-@dataclass
-class _PassRun:
-    """State of one pass invocation, visible to the patterns' checks through a context var."""
-
-    plan: FusionPlan
-    regions: list[FusedRegion]
-    rejected: set[object] = dataclasses.field(default_factory=set)
-
-
-_current_run: contextvars.ContextVar[_PassRun | None] = contextvars.ContextVar(
-    "inductor_fusion_pass_run", default=None
-)
-
-
-@contextlib.contextmanager
-def _running(run: _PassRun) -> Iterator[None]:
-    token = _current_run.set(run)
-    try:
-        yield
-    finally:
-        _current_run.reset(token)
-
-
-def on_match(region: FusedRegion) -> bool:
-    """Called by a pattern after its own legality/profitability checks passed.
-
-    Decides whether the current plan allows the region where it is (module globs) and, if so,
-    records it. Inductor replaces exactly the matches whose check returned True, so the records
-    equal the replacements.
-    """
-    run = _current_run.get()
-    if run is None:  # A matcher applied outside our pass: never fuse behind the user's back.
-        return False
-    if not run.plan.allows(region.pattern, dict(region.paths)):
-        on_reject(
-            region.paths,
-            f"{region} not fused: outside the places the plan allows ({run.plan.source})",
-        )
-        return False
-    run.regions.append(region)
-    return True
-
-
-def memory_mode(pattern: str) -> str:
-    """The memory mode the current plan gives ``pattern``'s training regions ("default" or
-    "recompute"); read by a training replacement while it is traced."""
-    run = _current_run.get()
-    return "default" if run is None else run.plan.memory_mode(pattern)
-
-
-def on_reject(region_key: object, message: str) -> None:
-    """Logs why a matched region stays unfused: one line per region, although the region's
-    larger and smaller variants (with and without the residual add) are each tried."""
-    run = _current_run.get()
-    if run is not None and region_key in run.rejected:
-        return
-    if run is not None:
-        run.rejected.add(region_key)
-    log.info("inductor_fusion: %s", message)
-
-
-# --- module paths ------------------------------------------------------------------------------
-
-# Dynamo names the root object after the frame's local (L['self'], L['args'][0], L['model']...)
-# or, for a model held in a module-level global, after the global (G['m'], or G.m in some
-# versions' module stacks). Either way the path starts below that object.
-_ROOT = re.compile(r"^[LG](?:\[[^\]]*\]|\.[A-Za-z_]\w*)(?:\[[^\]]*\])*")
-_ITEM = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
-_MODULES = re.compile(r"\._modules\[(?:'([^']*)'|\"([^\"]*)\")\]")
-
-
-@functools.lru_cache(maxsize=4096)
-def normalize_module_path(raw: str) -> str:
-    """``L['self'].model.layers[0]._modules['mlp']`` or ``G['m']._modules['model']...`` ->
-    ``model.layers.0.mlp``."""
-    path = _ROOT.sub("", raw)
-    path = _MODULES.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
-    path = _ITEM.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
-    return path.lstrip(".")
-
-
-def innermost_module(node: torch.fx.Node) -> str | None:
-    """Path of the innermost nn.Module the node was traced in, or None without metadata."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    raw = list(stack.values())[-1][0]
-    return normalize_module_path(raw)
-
-
-def common_module(paths: Sequence[str | None]) -> str | None:
-    """Longest dotted prefix shared by all paths (None if any is unknown)."""
-    if not paths or any(p is None for p in paths):
-        return None
-    split = [p.split(".") for p in paths if p is not None]
-    prefix: list[str] = []
-    for parts in zip(*split, strict=False):
-        if len(set(parts)) != 1:
-            break
-        prefix.append(parts[0])
-    return ".".join(prefix) or None
 
 
 # --- the pass ----------------------------------------------------------------------------------
@@ -223,8 +122,8 @@ class FusionPass(CustomGraphPass):
             prepare = getattr(registry.pattern_module(name), "prepare_graph", None)
             if prepare is not None:
                 prepare(graph)
-            run = _PassRun(plan=self.plan, regions=[], rejected=self.rejected)
-            with _running(run):
+            run = PassRun(plan=self.plan, rejected=self.rejected)
+            with running(run):
                 # A training graph: the families' training variants first (built on the first
                 # such graph), then the others, for regions there that need no gradient.
                 replaced = registry.matcher_pass(name, training=True).apply(graph) if joint else 0
@@ -249,15 +148,15 @@ class FusionPass(CustomGraphPass):
             # a backward graph: regions are matched in the joint graph, so what looks like one
             # there is a forward recomputed (by a checkpoint or our `recompute` mode) whose
             # region the forward graph already reported or fused.
-            for name in () if _has_tangents(graph) else sorted(self.plan.patterns):
+            for name in () if has_tangents(graph) else sorted(self.plan.patterns):
                 scan = getattr(registry.pattern_module(name), "unmatched_candidates", None)
                 for keys, paths, message in scan(graph) if scan is not None else ():
                     # Regions the plan keeps out have their line already (or want none).
                     allowed = self.plan.allows(name, dict(paths))
                     if allowed and not any(key in self.rejected for key in keys):
                         self.rejected.update(keys[1:])
-                        with _running(_PassRun(plan=self.plan, regions=[], rejected=self.rejected)):
-                            on_reject(keys[0], message)
+                        with running(PassRun(plan=self.plan, rejected=self.rejected)):
+                            on_reject(keys[0], name, message, message)
         if self.records is not None:
             # Also when nothing fused: that this stage ran says it was not served from a cache.
             self.records.add(self.stage, fused)
@@ -297,46 +196,25 @@ class FusionPass(CustomGraphPass):
         return digest.hexdigest()
 
 
-def _has_tangents(graph: torch.fx.Graph) -> bool:
-    """Whether ``graph`` takes output gradients: a joint graph, or a backward one after the
-    partitioner (AOT autograd names those inputs ``tangents_*``)."""
-    return any(str(p.target).startswith("tangents") for p in graph.find_nodes(op="placeholder"))
-
-
 def normalize_joint_graph(graph: torch.fx.Graph) -> bool:
-    """Brings a training compile's joint graph into the form `joint_fwd_bwd` traces patterns in.
-
-    Our pass runs first among the joint-graph passes, before Inductor's own ``remove_noop_ops``
-    and ``early_patterns``, and `joint_fwd_bwd` applies both to the training patterns it traces.
-    Without them the ``alias`` nodes AOT autograd leaves between a forward value and its use in
-    the backward (e.g. of the norm's ``rsqrt``) keep every training pattern from matching. Both
-    run right after our pass anyway, so running them first changes no number. Graphs without
-    tangents (inference) and CUDA training graphs are left as they are. Returns whether the graph
-    is a joint one to match training variants in.
-    """
-    from torch._inductor.fx_passes import joint_graph
-    from torch._inductor.fx_passes.post_grad import remove_noop_ops
-
-    if not _has_tangents(graph):
+    """Whether ``graph`` is a joint graph to match training variants in; if so, brought into the
+    form they were traced in (`graph_paths.canonicalize_joint_graph`). Graphs without tangents
+    (inference) and CUDA training graphs while training is switched off there are left as they
+    are."""
+    if not has_tangents(graph):
         return False
-    placeholders = graph.find_nodes(op="placeholder")
     from inductor_fusion.patterns.training import cuda_reason
 
     reason = cuda_reason()
     if reason is not None and any(
         isinstance(val := node.meta.get("val"), torch.Tensor) and val.device.type == "cuda"
-        for node in placeholders
+        for node in graph.find_nodes(op="placeholder")
     ):
         # No memory mode fuses on CUDA: a GPU training compile then sees its joint graph exactly
         # as Inductor would, and the training variants are not even built.
         log.info("inductor_fusion: training graph on CUDA left to Inductor: %s", reason)
         return False
-    remove_noop_ops(graph)
-    # In torch 2.11 and 2.13 (read in their sources); tolerated if a version lacks it, since the
-    # patterns get this same normalisation (`norm_mlp.search_pattern`).
-    early_patterns = getattr(joint_graph, "early_patterns", None)
-    if early_patterns is not None:
-        early_patterns.apply(graph)
+    canonicalize_joint_graph(graph)
     return True
 
 
@@ -376,12 +254,3 @@ def specialize_eps_inputs() -> tuple[tuple[str, float], ...]:
         value = guard_float(shape_env.create_symfloatnode(sym, hint=hint))
         specialized.append((normalize_module_path(names[0]), value))
     return tuple(sorted(specialized))
-
-
-def region_paths(
-    roles: Mapping[str, Sequence[torch.fx.Node]],
-) -> tuple[tuple[str, str | None], ...]:
-    """Module path per role: the common module of the nodes a pattern attributes to it."""
-    return tuple(
-        (role, common_module([innermost_module(n) for n in nodes])) for role, nodes in roles.items()
-    )

@@ -42,7 +42,6 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from inductor_fusion import config as fusion_config
 from inductor_fusion import records, registry
-from inductor_fusion.backend import inductor_config_patches
 from inductor_fusion.config import FusionOptions, FusionPlan
 from inductor_fusion.fusion_pass import STAGES, FusionPass, specialize_eps_inputs
 from inductor_fusion.report import FusionReport, get_report
@@ -213,7 +212,7 @@ def install(
     options = dict(options or {})
     ours = FusionOptions.merged(options, patterns, disable)
     options.pop(fusion_config.OPTIONS_KEY, None)
-    patches = inductor_config_patches(None, options)
+    patches = fusion_config.inductor_config_patches(None, options)
     # As our backend does (see there), unless the caller chose.
     if hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
         patches.setdefault("static_launch_user_defined_triton_kernels", True)

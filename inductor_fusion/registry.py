@@ -149,15 +149,15 @@ _build_lock = threading.Lock()
 def _built_pass(name: str, training: bool = False) -> PatternMatcherPass:
     from torch._inductor.pattern_matcher import PatternMatcherPass
 
-    from inductor_fusion import fusion_pass
+    from inductor_fusion import pass_state
 
     suffix = ".training" if training else ""
     matcher = PatternMatcherPass(pass_name=f"inductor_fusion.{name}{suffix}")
     module = pattern_module(name)
     if not training:
-        module.register(matcher, on_match=fusion_pass.on_match)
+        module.register(matcher, on_match=pass_state.on_match)
     elif hasattr(module, "register_training"):  # families without training variants: empty
-        module.register_training(matcher, on_match=fusion_pass.on_match)
+        module.register_training(matcher, on_match=pass_state.on_match)
     return matcher
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from inductor_fusion.graph_paths import region_paths
+from inductor_fusion.pass_state import on_reject
 from inductor_fusion.report import FusedRegion
 
 NAME = "gqa_decode"
@@ -215,15 +217,13 @@ def _sdpa_node(match: Any) -> torch.fx.Node:
 
 
 def _check(match: Any, *, on_match: Callable[[FusedRegion], bool]) -> bool:
-    from inductor_fusion.fusion_pass import on_reject, region_paths
-
     sdpa = _sdpa_node(match)
     args = attention_args(sdpa)
     if args is None:  # no candidate: no line for it
         return False
     reason = args if isinstance(args, str) else should_fuse(args)
     if reason is not None:
-        on_reject(sdpa.name, f"{NAME} not fused ({sdpa.name}): {reason}")
+        on_reject(sdpa.name, NAME, reason, f"{NAME} not fused ({sdpa.name}): {reason}")
         return False
     variant = sdpa.target.overloadpacket.__name__.removeprefix("_scaled_dot_product_")
     variant += "_mask" if args.mask is not None else "_nomask"

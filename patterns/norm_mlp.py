@@ -42,6 +42,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from inductor_fusion.graph_paths import (
+    canonicalize_joint_graph,
+    innermost_module,
+    normalize_module_path,
+    region_paths,
+)
+from inductor_fusion.pass_state import memory_mode, on_reject
 from inductor_fusion.patterns import training
 from inductor_fusion.patterns.training import trace_region
 from inductor_fusion.report import FusedRegion
@@ -128,7 +135,7 @@ class Shape:
     mlp: str  # one of MLPS
     residuals: tuple[str, ...]  # the residual forms registered, from RESIDUALS
     biases: tuple[bool, ...] = (False,)  # MLP biases registered (mlp_bias / use_bias)
-    models: str = ""  # who writes it, for messages and the README
+    models: str = ""  # who writes it, for messages and the docs
     # The MLP's output goes through a second norm before the residual add (OLMo-2). A row with
     # no norm in front needs it: matched only where the MLP reads the residual stream and a norm
     # takes its output (`_post_norm_reason`), so it never takes the MLP half of a region whose
@@ -564,8 +571,6 @@ _MLP_TARGETS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 def _check(
     match: Any, *, variant: Variant, family: str, on_match: Callable[[FusedRegion], bool]
 ) -> bool:
-    from inductor_fusion.fusion_pass import on_reject, region_paths
-
     values = {name: _value(match.kwargs.get(name)) for name in variant.argnames}
     if variant.row.mlp == "fused":
         gate_up = values.pop("gate_weight")
@@ -598,7 +603,7 @@ def _check(
         # The graph keeps Inductor's unfused code there; say why, once per region (keyed by
         # its first projection, which every variant of the region shares).
         key = next((n.name for n in match.nodes if n.target in _MLP_TARGETS), variant)
-        on_reject(key, f"{family} not fused ({variant.name}): {reason}")
+        on_reject(key, family, reason, f"{family} not fused ({variant.name}): {reason}")
         return False
     # A training match also spans the region's backward, whose nodes carry no module stack:
     # the roles' paths come from the forward nodes.
@@ -666,8 +671,6 @@ def _region_memory_mode(match: Any, family: str) -> str:
     region (HF ``gradient_checkpointing_enable()``, ``torch.utils.checkpoint``): there the user
     asked to keep nothing but the layer's input, and the default mode would save gate/up."""
     from torch.utils.checkpoint import CheckpointPolicy
-
-    from inductor_fusion.fusion_pass import memory_mode
 
     recompute = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
     if any(node.meta.get("recompute") in recompute for node in match.nodes):
@@ -771,7 +774,7 @@ def specialize_eps(graph: torch.fx.Graph) -> int:
         if not (isinstance(mean, torch.fx.Node) and mean.target == torch.ops.aten.mean.dim):
             continue
         # The add itself may be new (AOT's scalar tensorification); the mean was traced in the norm.
-        value = _module_float(eps, innermost_module_path(mean))
+        value = _module_float(eps, innermost_module(mean))
         if value is None:
             continue  # Not provably this module's eps: the region is reported unfused.
         add.args = (mean, value, *add.args[2:])
@@ -794,7 +797,7 @@ def specialize_residual_scales(graph: torch.fx.Graph) -> int:
     for mul in graph.find_nodes(op="call_function", target=torch.ops.aten.mul.Tensor):
         if len(mul.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in mul.args):
             continue
-        module = innermost_module_path(mul) or innermost_module_path(mul.args[0])
+        module = innermost_module(mul) or innermost_module(mul.args[0])
         value = _module_float(mul.args[1], module, attributes=_SCALE_ATTRIBUTES)
         if value is not None:
             mul.args = (mul.args[0], value)
@@ -810,8 +813,6 @@ def _module_float(
     of ``module`` or a module enclosing it, specialized with a guard; else None."""
     from torch.fx.experimental.symbolic_shapes import guard_float
     from torch.utils._sympy.symbol import SymT, symbol_is_type
-
-    from inductor_fusion.fusion_pass import normalize_module_path
 
     source = arg
     while isinstance(source, torch.fx.Node) and source.target == _CAST:
@@ -883,11 +884,9 @@ def search_pattern(variant: Variant) -> Any:
     trace = _trace_fn(variant)
     gm = trace(_positional(variant.search, variant.argnames), variant.example_inputs())
     if variant.training:
-        from inductor_fusion.fusion_pass import normalize_joint_graph
-
         # The same normalisation our pass gives joint graphs before matching, whatever this
         # torch's joint_fwd_bwd applies itself (versions differ: early_patterns, pointless_view).
-        normalize_joint_graph(gm.graph)
+        canonicalize_joint_graph(gm.graph)
     for node in gm.graph.nodes:
         wildcard = node.target in (*_RESHAPES, _EXPAND, _DIV_SCALAR) or (
             node.target == _CAST and node.args[1] != torch.float32
@@ -1025,7 +1024,7 @@ def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[Any, 
         while isinstance(source, torch.fx.Node) and source.target == _CAST:
             source = source.args[0]
         dtype = getattr(_value(source), "dtype", None)
-        path = innermost_module_path(rsqrt)
+        path = innermost_module(rsqrt)
         hint = (
             f"unsupported dtype {dtype}"
             if dtype is not None and dtype not in _SUPPORTED_DTYPES
@@ -1039,18 +1038,6 @@ def unmatched_candidates(graph: torch.fx.Graph, family: str) -> list[tuple[Any, 
         paths = region_paths({"norm": [rsqrt], "mlp": region_mms})
         found.append((keys, paths, f"{family} candidate at {path or '?'} not fused: {hint}"))
     return found
-
-
-def region_paths(roles: dict[str, list[torch.fx.Node]]) -> tuple[tuple[str, str | None], ...]:
-    from inductor_fusion.fusion_pass import region_paths as paths
-
-    return paths(roles)
-
-
-def innermost_module_path(node: torch.fx.Node) -> str | None:
-    from inductor_fusion.fusion_pass import innermost_module
-
-    return innermost_module(node)
 
 
 def _statistic_mean(rsqrt: torch.fx.Node) -> torch.fx.Node | None:

@@ -9,9 +9,9 @@ from torch._dynamo.backends.registry import lookup_backend
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import inductor_fusion
-from inductor_fusion.backend import inductor_config_patches
-from inductor_fusion.config import ENV_DISABLE, ENV_PATTERNS, FusionPlan
-from inductor_fusion.fusion_pass import FusionPass, normalize_module_path
+from inductor_fusion.config import ENV_DISABLE, ENV_PATTERNS, FusionPlan, inductor_config_patches
+from inductor_fusion.fusion_pass import FusionPass
+from inductor_fusion.graph_paths import normalize_module_path
 
 pytestmark = pytest.mark.slow
 

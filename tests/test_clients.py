@@ -57,7 +57,7 @@ def evaluate_and_train(output_dir: Path) -> tuple[float, int, list[float], int]:
     regions fused while training. Evaluation comes first: transformers 5.24 compiles the model
     for an evaluate() called before any training (prepare_model(evaluation_mode=True)), while an
     evaluate() after train() runs the uncompiled model."""
-    # The README's Trainer snippet, as tested:
+    # docs/clients.md's Trainer snippet, as tested here (test_docs executes the page's own):
     args = TrainingArguments(
         output_dir=str(output_dir),
         torch_compile=True,  # backend "inductor": with install(), it fuses
@@ -109,7 +109,7 @@ def test_accelerate_dynamo_backend_fuses() -> None:
     with torch.no_grad():
         eager = model(ids).logits
     with fresh_compile(caches=False) as report, inductor_fusion.installed():
-        # The README's accelerate snippet, as tested:
+        # docs/clients.md's accelerate snippet, as tested here (test_docs runs the page's too):
         accelerator = Accelerator(dynamo_backend="inductor", cpu=True)
         model = accelerator.prepare(model)
         with torch.no_grad():
@@ -139,21 +139,23 @@ def treat_cpu_as_cuda(monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module) -
 def test_generate_compiles_with_its_default_config_and_fuses(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The explicit-StaticCache form (``cache=`` / ``past_key_values=`` by version) runs in
+    tests/test_docs.py, from docs/clients.md."""
     model, ids = tiny_model("llama"), token_ids(batch=1, seq=5)
     treat_cpu_as_cuda(monkeypatch, model)
 
     def run() -> Generated:
         with torch.no_grad():
-            # The README's generate snippet, as tested (no compile_config anywhere):
+            # docs/clients.md's generate snippets, as tested (no compile_config anywhere):
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=8,
                 min_new_tokens=8,
                 do_sample=False,
-                cache_implementation="static",
                 return_dict_in_generate=True,
                 output_logits=True,
+                cache_implementation="static",
             )
         return Generated(out.sequences, torch.stack(out.logits))
 

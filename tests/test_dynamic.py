@@ -150,7 +150,7 @@ def test_globs_that_pair_do_not_warn():
 
 
 def test_normalize_module_path_roots():
-    from inductor_fusion.fusion_pass import normalize_module_path
+    from inductor_fusion.graph_paths import normalize_module_path
 
     for raw in (
         "L['self'].model.layers[0]._modules['mlp']",

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from doc_snippets import snippet
 from tiny_models import fp64_logits, rel_l2, tiny_model, token_ids
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
@@ -31,7 +32,6 @@ NAMES = ("RMSNorm", "MLP")
 INLINE = (("RMSNorm", "model.layers.*.post_attention_layernorm"), ("MLP", "model.layers.*.mlp"))
 LAYER0 = (("RMSNorm", "model.layers.0.post_attention_layernorm"), ("MLP", "model.layers.0.mlp"))
 OP = "inductor_fusion.rmsnorm_mlp.default"
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -536,11 +536,11 @@ def test_bad_eager_values_fail_at_construction(value: str, message: str) -> None
         KernelConfig({key: value})
 
 
-def test_readme_snippet_runs_as_printed(capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's "Without torch.compile" snippet, executed from the README itself."""
-    section = README.read_text().split("### Without torch.compile", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, str(README), "exec"), {})
+def test_docs_snippet_runs_as_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/eager_layer.md's snippet, executed from the page itself."""
+    block = snippet("docs/eager_layer.md", "eager")
+    code = block.code
+    exec(block.compiled(), {})
     printed = capsys.readouterr().out.split()
     promised = re.findall(r"print\(.*\)  # (\S+)", code)
     assert printed == promised == ["NormMLP", "FusedAway", "True", "True"]

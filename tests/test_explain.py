@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from doc_snippets import snippet
 from peft import LoraConfig, get_peft_model
 from test_families import CASES
 from tiny_models import FAMILIES, TINY, fresh_compile, layer_paths, tiny_model, token_ids
@@ -24,7 +25,6 @@ from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
 pytestmark = pytest.mark.usefixtures("offline_hub_no_toggles")
 
 LAYERS = TINY["num_hidden_layers"]
-README = Path(__file__).resolve().parents[1] / "README.md"
 LORA = LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"])
 NORM_MLP = ("rmsnorm_mlp", "layernorm_mlp", "mlp_postnorm")
 
@@ -232,9 +232,10 @@ def test_config_only_8b_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(explanation.of("rmsnorm_mlp")) == len(explanation.of("gqa_decode")) == 32
     assert len(explanation.fused) == 64
     assert {c.variant for c in explanation.of("rmsnorm_mlp")} == {"lowp_3d_residual_left"}
-    # The README's example output is this explanation's (its "# ..." elides layers 1-31).
-    section = README.read_text().split("### What will fuse: `explain`", 1)[1].split("\n###")[0]
-    shown = [line[2:] for line in section.splitlines() if line.startswith("# ") and line != "# ..."]
+    # docs/usage.md's example output is this explanation's (its "# ..." elides layers 1-31;
+    # tests/test_docs.py executes that snippet too).
+    code = snippet("docs/usage.md", "explain").code
+    shown = [line[2:] for line in code.splitlines() if line.startswith("# ") and line != "# ..."]
     assert shown and [line for line in str(explanation).splitlines() if line in shown] == shown
     # Observed ~3 s on a loaded 2-core CI machine, nearly all of it transformers building the
     # meta model; 32 identical layers are traced once.

@@ -111,17 +111,25 @@ def _compile(module, *inputs, caches=False):
         (torch.float16, "float", 4),
     ],
 )
-def test_compiled_region_fuses_with_eager_numerics(device, dtype, mask_kind, q):
+def test_compiled_region_fuses_with_eager_numerics(device, dtype, mask_kind, q, kv_heads=2):
     module = Attention(n_rep=3)
     # On CUDA a 16-bit head dim that is not a multiple of 8 (20) sends SDPA to its math path (no
     # fused op, so no candidate: seen on an H200, torch 2.11); real models use 64 or 128.
     head_dim = 16 if device == "cuda" else 20
-    inputs = _inputs(2, 2, 3, q, 29, head_dim, mask_kind, dtype, device)
+    inputs = _inputs(2, kv_heads, 3, q, 29, head_dim, mask_kind, dtype, device)
     out, report = _compile(module, *inputs)
     assert report.count("gqa_decode") == 1, report.summary()
     assert next(iter(report)).variant.endswith("_mask")
     eager = module(*inputs)
     assert_within_tolerance(out, eager, module(*_fp64(*inputs)), atol=ATOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_query_attention_is_packed(device, dtype):
+    """One key/value head (Gemma-2B's layout): repeat_kv's reshape is then a view without a
+    clone, and the region packs as GQA's does, on the CPU and on CUDA."""
+    test_compiled_region_fuses_with_eager_numerics(device, dtype, "bool", 1, kv_heads=1)
 
 
 @pytest.mark.parametrize(

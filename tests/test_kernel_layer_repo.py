@@ -521,16 +521,13 @@ def test_our_config_unwraps_local_entries_before_transformers_reads_them(
     assert seen["RMSNorm"] == wrapped
 
 
-def test_readme_snippet_builds_the_config() -> None:
-    """The README's route through transformers' flow, executed from the README: the config it
-    builds holds our layer's entry for transformers (the load itself needs CUDA: tests above)."""
-    import re
+def test_docs_snippet_builds_the_config() -> None:
+    """docs/eager_layer.md's route through transformers' flow, executed from the page: the config
+    it builds holds our layer's entry for transformers (the load itself needs CUDA: tests above)."""
+    from doc_snippets import snippet
 
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    section = readme.read_text().split("**transformers' own fusion flow.**", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
-    exec(compile(code, str(readme), "exec"), namespace)
+    exec(snippet("docs/eager_layer.md", "kernels-layer").compiled(), namespace)
     config = namespace["config"]
     assert isinstance(config, inductor_fusion.KernelConfig) and config.use_local_kernel
     assert list(config.kernel_mapping.values()) == [inductor_fusion.kernel_layer()]

@@ -1,6 +1,6 @@
 """A pass the user installed where ours goes runs before ours, on the graph it was written for.
 
-The README promises it for both of our install points (``joint_custom_pre_pass`` and
+docs/usage.md promises it for both of our install points (``joint_custom_pre_pass`` and
 ``post_grad_custom_pre_pass``), whether the user's pass was set globally or in ``options``.
 Counting calls cannot tell the order; these tests can:
 

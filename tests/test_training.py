@@ -591,7 +591,7 @@ def test_gradient_checkpointing_fuses_in_recompute_mode():
     """HF gradient_checkpointing_enable() under compile: the checkpointed layers' regions fuse,
     in recompute mode whatever the plan says (the user asked to keep only the layer inputs),
     with eager-tolerance gradients. Where ``kernels`` routes the attention's functions, with
-    the Dynamo setting the README gives for it (the routing's set/reset pair needs no replay in
+    the Dynamo setting docs/training.md gives for it (the routing's set/reset pair needs no replay in
     the recompute; the gradients below check it)."""
     flag = (
         {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
@@ -610,7 +610,7 @@ def test_gradient_checkpointing_fuses_in_recompute_mode():
     strict=True,
     reason="kernels' function routing sets a context variable inside checkpointed layers, which "
     "Dynamo refuses to trace without skip_fwd_side_effects_in_bwd_under_checkpoint; strict: "
-    "passes (and so fails here) once kernels or torch lift it, and the README's note goes",
+    "passes (and so fails here) once kernels or torch lift it, and docs/training.md's note goes",
 )
 def test_gradient_checkpointing_fuses_without_the_dynamo_setting():
     ops, *_ = _checkpointed_training_ops()

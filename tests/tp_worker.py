@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from doc_snippets import snippet
 from transformers import AutoModelForCausalLM
 
 import inductor_fusion
@@ -22,9 +23,12 @@ def main(checkpoint: str, out: str) -> None:
     rank = int(os.environ["RANK"])
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    # The README's tensor-parallel snippet, as tested:
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, tp_plan="auto", dtype=torch.float32)
-    compiled = torch.compile(model.eval(), backend="inductor_fusion")
+    # The tensor-parallel snippet of docs/clients.md, executed from the page (the checkpoint is
+    # fp32, which from_pretrained keeps):
+    namespace = {"checkpoint": checkpoint}
+    exec(snippet("docs/clients.md", "tensor-parallel").compiled(), namespace)
+    model, compiled = namespace["model"], namespace["compiled"]
+    assert model.dtype == torch.float32, model.dtype
     with torch.no_grad():
         logits = compiled(ids).logits
         expected = reference(ids).logits

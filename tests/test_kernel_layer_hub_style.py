@@ -28,12 +28,13 @@ from test_kernel_layer_repo import (  # noqa: F401
     assert_fused_layers,
     listable_transformers_modules,
     load,
+    loaded_before_set_use_kernels,
     local_repository,
     own_registries,
 )
 from test_kernel_layer_repo import checkpoints as checkpoints
 from tiny_models import assert_within_tolerance, fp64_logits, tiny_model, token_ids
-from transformers import KernelConfig, PreTrainedModel
+from transformers import KernelConfig
 
 kernels = pytest.importorskip("kernels")
 layer_module = importlib.import_module("inductor_fusion.kernel_layer")
@@ -46,20 +47,6 @@ def local_kernels(monkeypatch: pytest.MonkeyPatch) -> str:
     entry = layer_module.local_kernels_entry()
     monkeypatch.setenv("LOCAL_KERNELS", entry)
     return entry
-
-
-def loaded_before_set_use_kernels(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
-    """The models from_pretrained built, seen as it hands them to set_use_kernels (which refuses
-    device cpu: transformers kernelizes accelerators only)."""
-    built: list[torch.nn.Module] = []
-    set_use_kernels = PreTrainedModel.set_use_kernels
-
-    def spy(self, *args, **kwargs):
-        built.append(self)
-        return set_use_kernels(self, *args, **kwargs)
-
-    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", spy)
-    return built
 
 
 def test_cli_prints_the_entry_and_the_value() -> None:

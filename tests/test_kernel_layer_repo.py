@@ -173,6 +173,22 @@ def register_fusion(family: str, path: Path, monkeypatch: pytest.MonkeyPatch) ->
     return kernel_config
 
 
+def loaded_before_set_use_kernels(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
+    """The models from_pretrained built, seen as it hands them to set_use_kernels (which refuses
+    device cpu: transformers kernelizes accelerators only)."""
+    from transformers import PreTrainedModel
+
+    built: list[torch.nn.Module] = []
+    set_use_kernels = PreTrainedModel.set_use_kernels
+
+    def spy(self, *args, **kwargs):
+        built.append(self)
+        return set_use_kernels(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", spy)
+    return built
+
+
 def load(path: Path, **kwargs: object) -> torch.nn.Module:
     kwargs.setdefault("dtype", torch.float32)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
@@ -394,17 +410,8 @@ def test_without_an_accepted_kernels_the_flow_stops_before_building(
 def test_from_pretrained_swaps_and_loads_then_refuses_cpu(
     checkpoints: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from transformers import PreTrainedModel
-
     plain = load(checkpoints.llama)
-    built: list[torch.nn.Module] = []
-    set_use_kernels = PreTrainedModel.set_use_kernels
-
-    def spy(self, *args, **kwargs):
-        built.append(self)
-        return set_use_kernels(self, *args, **kwargs)
-
-    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", spy)
+    built = loaded_before_set_use_kernels(monkeypatch)
     with pytest.raises(ValueError, match="got: cpu"):
         load(checkpoints.llama, kernel_config=local_config())
     (fused,) = built  # loaded, then refused in set_use_kernels

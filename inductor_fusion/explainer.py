@@ -703,7 +703,8 @@ def _regimes(
 ) -> tuple[Regime, ...]:
     """What runs each family that fuses somewhere, per device and token count."""
     from inductor_fusion.patterns.gqa_attention import MAX_QUERY_TOKENS
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import max_profitable_tokens, supports
+    from inductor_fusion.triton_kernels.launch_config import cuda_token_ranges
+    from inductor_fusion.triton_kernels.region import supports
 
     fusing = dict.fromkeys(c.family for c in candidates if c.fuses)
     regimes: list[Regime] = []
@@ -726,24 +727,22 @@ def _regimes(
             ]
             continue
         # The norm -> MLP families share one op and its kernels.
-        limit = max_profitable_tokens(hidden or 0, inter or 0)
+        ranges = cuda_token_ranges(hidden or 0, inter or 0)
         other = Regime(family, "cpu and other devices", "any", "our op (the PyTorch reference)")
         reason = supports(dtype, "cuda", hidden or 0, inter or 0)
         if reason is None and not any(r.spec.gated for r in registry.pattern_module(family).SHAPES):
             # should_fuse refuses every non-gated MLP on CUDA.
             reason = "non-gated MLP (our kernels measured slower there)"
-        if reason is None and limit <= 0:
+        if reason is None and not any(r.fused for r in ranges):
             reason = f"{hidden}x{inter} (our kernels measured slower at every token count)"
         if reason is not None:
             regimes += [Regime(family, "cuda", "any", f"left to Inductor: {reason}"), other]
             continue
-        regimes += [
-            Regime(family, "cuda", f"1-{limit}", "our fused GEMV kernels"),
-            Regime(
-                family, "cuda", f"{limit + 1}+", "left to Inductor (its GEMMs are faster there)"
-            ),
-            other,
-        ]
+        runs = {
+            True: "our fused GEMV kernels",
+            False: "left to Inductor (its GEMMs are faster there)",
+        }
+        regimes += [Regime(family, "cuda", str(r), runs[r.fused]) for r in ranges] + [other]
     return tuple(regimes) + tuple(_training_regimes(fusing))
 
 

@@ -56,7 +56,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from inductor_fusion.triton_kernels.rmsnorm_mlp import LLAMA, RegionSpec, _rmsnorm_mlp_cuda
+from inductor_fusion.triton_kernels.region import LLAMA, RegionSpec
+from inductor_fusion.triton_kernels.rmsnorm_mlp import _rmsnorm_mlp_cuda
 
 log = logging.getLogger("inductor_fusion")
 

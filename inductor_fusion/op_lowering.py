@@ -70,7 +70,7 @@ def _bound_call(node: torch.fx.Node) -> dict[str, Any] | None:
     """The node's arguments by name (defaults filled in), or None if it stays an op call."""
     from torch.fx.operator_schemas import normalize_function
 
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import supports
+    from inductor_fusion.triton_kernels.region import supports
 
     # By name, defaults filled in, from the op's schema (positional and keyword calls alike).
     pair = normalize_function(
@@ -102,11 +102,8 @@ _SPEC_KEYS = ("norm", "norm_weight_offset", "norm_weight_fp32", "activation", "g
 
 def _replace(graph: torch.fx.Graph, node: torch.fx.Node, call: dict[str, Any]) -> None:
     from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import (
-        RegionSpec,
-        rmsnorm_mlp_lowered,
-        rmsnorm_mlp_reference,
-    )
+    from inductor_fusion.triton_kernels.region import RegionSpec, rmsnorm_mlp_reference
+    from inductor_fusion.triton_kernels.rmsnorm_mlp import rmsnorm_mlp_lowered
 
     spec = RegionSpec(**{k: call[k] for k in _SPEC_KEYS})
     rest = {k: v for k, v in call.items() if k not in _SPEC_KEYS}

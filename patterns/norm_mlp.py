@@ -52,7 +52,7 @@ from inductor_fusion.pass_state import memory_mode, on_reject
 from inductor_fusion.patterns import training
 from inductor_fusion.patterns.training import trace_region
 from inductor_fusion.report import FusedRegion
-from inductor_fusion.triton_kernels.rmsnorm_mlp import RegionSpec
+from inductor_fusion.triton_kernels.region import RegionSpec
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUPPORTED_DEVICES = ("cuda", "cpu")
@@ -438,7 +438,7 @@ class RegionArgs:
 
 def can_fuse(args: RegionArgs) -> str | None:
     """Legality: None if our op computes this region exactly as written, else the reason not."""
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import supports
+    from inductor_fusion.triton_kernels.region import supports
 
     if not isinstance(args.eps, float):
         # With dynamic=True eps may arrive as a graph input (SymFloat or tensor).
@@ -497,7 +497,7 @@ def should_fuse(args: RegionArgs) -> str | None:
     our op is the eager reference and we still fuse, so that CPU runs exercise the same graphs as
     GPU ones. Non-gated MLPs stay Inductor's on CUDA at every M (see below).
     """
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import max_profitable_tokens
+    from inductor_fusion.triton_kernels.launch_config import max_profitable_tokens
 
     h = args.hidden
     if h.device.type != "cuda":

@@ -512,7 +512,7 @@ def expected_regions(x: Tensor, region: Region) -> int:
     """1, or 0 where our profitability check (``should_fuse``) leaves the region to Inductor on
     purpose: on CUDA above the shape's measured bound (``max_profitable_tokens``), and for a
     non-gated MLP."""
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import max_profitable_tokens
+    from inductor_fusion.triton_kernels.launch_config import max_profitable_tokens
 
     if x.device.type != "cuda":
         return 1

@@ -40,7 +40,13 @@ import torch
 from bench import KINDS, Shape
 from perf_common import csv_list, dist_version, error_text, git_commit, log, rel_l2
 
-from inductor_fusion.triton_kernels import rmsnorm_mlp as op
+from inductor_fusion.triton_kernels.launch_config import DEFAULT_CONFIGS, NON_GATED, Blocks, Config
+from inductor_fusion.triton_kernels.launch_plan import down_launch, gate_up_launch, norm_launch
+from inductor_fusion.triton_kernels.rmsnorm_mlp import (
+    RegionSpec,
+    rmsnorm_mlp_reference,
+    rmsnorm_mlp_triton,
+)
 
 DTYPE = torch.bfloat16
 EPS = 1e-5
@@ -119,46 +125,46 @@ def gemv_block_m(m: int, cap: int) -> int:
     return min(cap, max(16, 1 << (m - 1).bit_length()))
 
 
-def gate_up_candidates(m: int, gated: bool = True) -> list[tuple[op._Blocks, bool]]:
+def gate_up_candidates(m: int, gated: bool = True) -> list[tuple[Blocks, bool]]:
     """(blocks, prenorm) pairs worth timing at ``m`` tokens."""
     out = []
     if m <= 64:
         block_m = gemv_block_m(m, 64)
         for bn, bk, w, s in GATE_UP_GEMV + (() if gated else NON_GATED_GEMV):
-            out.append((op._Blocks("gemv", block_m, bn, bk, w, s), False))
+            out.append((Blocks("gemv", block_m, bn, bk, w, s), False))
     if m >= 32:
         for bm, bn, bk, w, s in GATE_UP_TILES:
             if bm > max(32, 2 * m):
                 continue
             if m <= 128:
-                out.append((op._Blocks("gemm", bm, bn, bk, w, s, group_m=8), False))
+                out.append((Blocks("gemm", bm, bn, bk, w, s, group_m=8), False))
             if m >= 64:
-                out.append((op._Blocks("tma", bm, bn, bk, w, s, group_m=8), True))
+                out.append((Blocks("tma", bm, bn, bk, w, s, group_m=8), True))
     return out
 
 
-def down_candidates(m: int) -> list[op._Blocks]:
+def down_candidates(m: int) -> list[Blocks]:
     out = []
     if m <= 256:
         block_m = gemv_block_m(m, 128)
         for bn, bk, w, s, split in DOWN_GEMV:
             if block_m >= 64 and bn * block_m > 64 * 64:
                 continue  # the [BLOCK_N, BLOCK_M] accumulator outgrows the registers
-            out.append(op._Blocks("gemv", block_m, bn, bk, w, s, split_k=split))
+            out.append(Blocks("gemv", block_m, bn, bk, w, s, split_k=split))
     if m >= 32:
         for bm, bn, bk, w, s in DOWN_TILES:
             if bm > max(32, 2 * m):
                 continue
             if m <= 128:
-                out.append(op._Blocks("gemm", bm, bn, bk, w, s, group_m=8))
+                out.append(Blocks("gemm", bm, bn, bk, w, s, group_m=8))
             if m >= 64:
-                out.append(op._Blocks("tma", bm, bn, bk, w, s, group_m=8))
+                out.append(Blocks("tma", bm, bn, bk, w, s, group_m=8))
     if 64 <= m <= 1024:
         for bm, bn, bk, w, s in DOWN_SPLIT_TILES:
             if bm > max(32, 2 * m):
                 continue
             for split in DOWN_SPLITS:
-                out.append(op._Blocks("tma", bm, bn, bk, w, s, group_m=8, split_k=split))
+                out.append(Blocks("tma", bm, bn, bk, w, s, group_m=8, split_k=split))
     return out
 
 
@@ -170,7 +176,7 @@ class Problem:
         self, hidden: int, inter: int, max_m: int, l2_bytes: int, seed: int = 0, kind="llama"
     ) -> None:
         self.hidden, self.inter, self.kind = hidden, inter, kind
-        self.spec = op.RegionSpec(**dict(KINDS[kind].op_spec))
+        self.spec = RegionSpec(**dict(KINDS[kind].op_spec))
         bias = KINDS[kind].bias
         dev = DEVICE
         gen = torch.Generator(device=dev).manual_seed(seed)
@@ -200,38 +206,38 @@ class Problem:
         # gate/up launch; the down kernel leaves them zero, so one zeroed buffer serves all).
         self.locks = torch.zeros(1 << 16, dtype=torch.int32, device=dev)
 
-    def gate_up_fn(self, m: int, blocks: op._Blocks, prenorm: bool) -> Callable[[int], None]:
+    def gate_up_fn(self, m: int, blocks: Blocks, prenorm: bool) -> Callable[[int], None]:
         x, normed, inter = self.x[:m], self.normed[:m], self.inter_buf[:m]
 
         def run(i: int) -> None:
             a = x
             if prenorm:
-                op._norm_launch(x, self.norm_w, normed, EPS, bias=self.norm_b, spec=self.spec).run()
+                norm_launch(x, self.norm_w, normed, EPS, bias=self.norm_b, spec=self.spec).run()
                 a = normed
-            op._gate_up_launch(
+            gate_up_launch(
                 blocks, a, self.norm_w, self.gate[i], self.up[i], self.gate_b, None, inter, EPS,
                 "tf32", norm_in_loop=not prenorm, norm_bias=self.norm_b, spec=self.spec,
             ).run()  # fmt: skip
 
         return run
 
-    def down_fn(self, m: int, blocks: op._Blocks) -> Callable[[int], None]:
+    def down_fn(self, m: int, blocks: Blocks) -> Callable[[int], None]:
         inter, res, out = self.inter_buf[:m], self.res[:m], self.out[:m]
 
         def run(i: int) -> None:
-            op._down_launch(
+            down_launch(
                 blocks, inter, self.down[i], self.down_b, res, out, "tf32", self.locks
             ).run()
 
         return run
 
-    def op_fn(self, m: int, config: op._Config | None) -> Callable[[int], None]:
+    def op_fn(self, m: int, config: Config | None) -> Callable[[int], None]:
         x, res = self.x[:m], self.res[:m]
 
         def run(i: int) -> None:
-            op.rmsnorm_mlp_triton(
+            rmsnorm_mlp_triton(
                 x, self.norm_w, self.gate[i], self.up[i], self.down[i], residual=res, eps=EPS,
-                **self.extras(), _config=config,
+                **self.extras(), config=config,
             )  # fmt: skip
 
         return run
@@ -245,9 +251,9 @@ class Problem:
 
     @property
     def key(self) -> tuple:
-        """The tuning table's key for this problem (see ``rmsnorm_mlp._tuned_configs``)."""
+        """The tuning table's key for this problem (see ``launch_config.tuned_configs``)."""
         size = (self.hidden, self.inter)
-        return size if self.spec.gated else (*size, op.NON_GATED)
+        return size if self.spec.gated else (*size, NON_GATED)
 
 
 def time_us(fn: Callable[[int], None], copies: int, target_us: float = 2000.0) -> float:
@@ -282,18 +288,18 @@ def time_us(fn: Callable[[int], None], copies: int, target_us: float = 2000.0) -
     return statistics.median(samples)
 
 
-def check(problem: Problem, m: int, config: op._Config) -> dict[str, float]:
+def check(problem: Problem, m: int, config: Config) -> dict[str, float]:
     """Relative L2 error vs an fp32 reference, ours and eager's (same weights, TF32 off)."""
     x, res = problem.x[:m], problem.res[:m]
     w = (problem.norm_w, problem.gate[0], problem.up[0], problem.down[0])
     extras = problem.extras()
-    ours = op.rmsnorm_mlp_triton(x, *w, residual=res, eps=EPS, **extras, _config=config)
-    eager = op.rmsnorm_mlp_reference(x, *w, residual=res, eps=EPS, **extras)
+    ours = rmsnorm_mlp_triton(x, *w, residual=res, eps=EPS, **extras, config=config)
+    eager = rmsnorm_mlp_reference(x, *w, residual=res, eps=EPS, **extras)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         up = lambda t: None if t is None else t.float()  # noqa: E731
-        ref = op.rmsnorm_mlp_reference(
+        ref = rmsnorm_mlp_reference(
             x.float(), *(up(t) for t in w), residual=res.float(), eps=EPS,
             **{k: up(v) if k != "spec" else v for k, v in extras.items()},
         )  # fmt: skip
@@ -331,7 +337,7 @@ def tune_one(problem: Problem, m: int, deadline: float) -> dict:
             return record
         best[role] = min(timed, key=lambda item: item[0])
     (gu_blocks, prenorm), down_blocks = best["gate_up"][2], best["down"][2]
-    config = op._Config(f"tuned-m{m}", gu_blocks, down_blocks, prenorm)
+    config = Config(f"tuned-m{m}", gu_blocks, down_blocks, prenorm)
     record["choice"] = {
         "gate_up": gu_blocks.key(),
         "down": down_blocks.key(),
@@ -341,7 +347,7 @@ def tune_one(problem: Problem, m: int, deadline: float) -> dict:
     }
     record["op_us"] = time_us(problem.op_fn(m, config), problem.copies)
     # The untuned defaults, not the table this run may replace.
-    default = next(cfg for max_m, cfg in op._DEFAULT_CONFIGS if m <= max_m)
+    default = next(cfg for max_m, cfg in DEFAULT_CONFIGS if m <= max_m)
     record["default"] = default.name
     record["default_op_us"] = time_us(problem.op_fn(m, default), problem.copies)
     record["errors"] = check(problem, m, config)
@@ -357,7 +363,7 @@ def module_text(choices: dict[tuple, list[dict]], meta: dict, largest_m: int | N
         "",
         "``TUNED[(hidden_size, intermediate_size)]`` lists ``(max_m, gate_up, down, prenorm)`` rows in",
         "increasing ``max_m``; the first row with ``m <= max_m`` applies. Block strings are",
-        "``rmsnorm_mlp._Blocks.key()`` forms. 16-bit dtypes only; fp32 and untuned shapes use the defaults.",
+        "``launch_config.Blocks.key()`` forms. 16-bit dtypes only; fp32 and untuned shapes use the defaults.",
         "",
         f"Measured on {meta['gpu']} ({meta['date']}, torch {meta['torch']}, triton {meta['triton']}).",
         '"""',

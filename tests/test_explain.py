@@ -20,7 +20,7 @@ import inductor_fusion
 from inductor_fusion import explainer
 from inductor_fusion.config import ENV_DISABLE
 from inductor_fusion.patterns.gqa_attention import MAX_QUERY_TOKENS
-from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
+from inductor_fusion.triton_kernels.launch_config import MAX_PROFITABLE_TOKENS
 
 pytestmark = pytest.mark.usefixtures("offline_hub_no_toggles")
 

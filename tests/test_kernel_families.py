@@ -18,13 +18,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned as _tuned
+from inductor_fusion.triton_kernels.launch_config import NON_GATED, Config, fp32_form, tuned_configs
 from inductor_fusion.triton_kernels.rmsnorm_mlp import (
-    NON_GATED,
     RegionSpec,
-    _Config,
-    _config,
-    _fp32_form,
-    _tuned_configs,
     rmsnorm_mlp_reference,
     rmsnorm_mlp_triton,
 )
@@ -67,22 +63,24 @@ def spec_of(family: str) -> RegionSpec:
 # The kernels the op can run (interpreter-sized tiles): the GEMVs with and without split-K, the
 # pointer GEMMs with the norm in the loop and as a pre-pass.
 CONFIGS = {
-    "gemv": _config("gemv", "gemv:16x32x32:w4s2", "gemv:16x32x32:w4s2k2"),
-    "gemm": _config("gemm", "gemm:16x32x32:w4s2g2", "gemm:16x32x32:w4s2g2"),
-    "prenorm": _config("prenorm", "gemm:16x32x32:w4s2g8", "gemm:16x32x32:w4s2g8k2", prenorm=True),
+    "gemv": Config.parse("gemv", "gemv:16x32x32:w4s2", "gemv:16x32x32:w4s2k2"),
+    "gemm": Config.parse("gemm", "gemm:16x32x32:w4s2g2", "gemm:16x32x32:w4s2g2"),
+    "prenorm": Config.parse(
+        "prenorm", "gemm:16x32x32:w4s2g8", "gemm:16x32x32:w4s2g8k2", prenorm=True
+    ),
 }
 
 
-def _non_gated_tuned() -> dict[str, _Config]:
+def _non_gated_tuned() -> dict[str, Config]:
     """The tuning tables' non-gated rows, each distinct configuration once. Their gate/up tiles
     are sized for one up-projection and may not fit a gated region's two in shared memory (on
     the H200: 270 KiB asked, 227 KiB there), so they are tested here, on a non-gated family,
     rather than with the gated configurations of test_kernel_rmsnorm_mlp."""
-    found: dict[tuple, _Config] = {}
+    found: dict[tuple, Config] = {}
     for device, table in _tuned.TUNED_BY_DEVICE.items():
         for key in table:
             if key[2:] == (NON_GATED,):
-                rows = _tuned_configs(*key[:2], torch.bfloat16, device, gated=False)
+                rows = tuned_configs(*key[:2], torch.bfloat16, device, gated=False)
                 for _, config in rows:
                     found.setdefault((config.gate_up, config.down, config.prenorm), config)
     return {config.name: config for config in found.values()}
@@ -161,9 +159,9 @@ def check(case: Case, device: str, dtype: torch.dtype) -> None:
     args = (hidden, params.get("norm_weight"), params["gate_weight"], params.get("up_weight"))
     config = CONFIGS.get(case.config) or NON_GATED_TUNED[case.config]
     if device == "cuda" and dtype == torch.float32:
-        config = _fp32_form(config)  # fp32 tiles take twice the shared memory (as the op does)
+        config = fp32_form(config)  # fp32 tiles take twice the shared memory (as the op does)
     ours = rmsnorm_mlp_triton(
-        *args, params["down_weight"], **_op_kwargs(case, params, residual), _config=config
+        *args, params["down_weight"], **_op_kwargs(case, params, residual), config=config
     )
     assert torch.isfinite(ours).all()
     truth = family_formula_fp64(case.family, hidden, params, eps=case.eps, residual=residual)

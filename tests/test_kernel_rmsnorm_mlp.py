@@ -23,15 +23,18 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned as _tuned
-from inductor_fusion.triton_kernels import rmsnorm_mlp as rmsnorm_mlp_module
+from inductor_fusion.triton_kernels import launch_plan
+from inductor_fusion.triton_kernels.launch_config import (
+    DEFAULT_CONFIGS,
+    INTERPRET_CONFIG,
+    NON_GATED,
+    Blocks,
+    Config,
+    fp32_form,
+    pick_config,
+    tuned_configs,
+)
 from inductor_fusion.triton_kernels.rmsnorm_mlp import (
-    _DEFAULT_CONFIGS,
-    _Blocks,
-    _Config,
-    _config,
-    _fp32_form,
-    _pick_config,
-    _tuned_configs,
     rmsnorm_mlp_reference,
     rmsnorm_mlp_triton,
     supports,
@@ -62,15 +65,15 @@ ATOL = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 # the number of programs, so the launch that is not the point of an entry gets large tiles.
 EDGE_CONFIGS = (
     # Norm in the pointer GEMM's K loop; GROUP_M=2 over 3 M tiles leaves a partial last group.
-    _config("edge-gemm-norm-in-loop", "gemm:16x32x32:w4s2g2", "gemm:16x32x64:w4s2g2"),
+    Config.parse("edge-gemm-norm-in-loop", "gemm:16x32x32:w4s2g2", "gemm:16x32x64:w4s2g2"),
     # The pointer GEMM reading pre-normalised rows, and the unsplit TMA down with several K steps.
-    _config("edge-gemm-prenorm", "gemm:32x16x32:w4s2g8", "tma:32x16x32:w4s2g4", prenorm=True),
+    Config.parse("edge-gemm-prenorm", "gemm:32x16x32:w4s2g8", "tma:32x16x32:w4s2g4", prenorm=True),
     # The unsplit down GEMV (the tuned ones split K, unless K fits in one block).
-    _config("edge-tma-gemv", "tma:16x32x32:w4s2g8", "gemv:16x32x32:w4s2", prenorm=True),
+    Config.parse("edge-tma-gemv", "tma:16x32x32:w4s2g8", "gemv:16x32x32:w4s2", prenorm=True),
     # Three splits of 3, 3 and 1 K blocks at I=200: the last split is short.
-    _config("edge-tma-split3", "gemv:64x64x64:w4s2", "tma:16x64x32:w4s2g8k3"),
+    Config.parse("edge-tma-split3", "gemv:64x64x64:w4s2", "tma:16x64x32:w4s2g8k3"),
     # K=200 is not a multiple of BLOCK_K * SPLIT_K = 128: the masked split-K GEMV loop.
-    _config("edge-gemv-split4", "gemm:64x64x64:w4s2g8", "gemv:16x64x32:w4s2k4"),
+    Config.parse("edge-gemv-split4", "gemm:64x64x64:w4s2g8", "gemv:16x64x32:w4s2k4"),
 )
 
 
@@ -80,23 +83,23 @@ def _key_shape(key: tuple) -> tuple[int, int]:
 
 def _key_gated(key: tuple) -> bool:
     """Table keys are (H, I) for a gated MLP, (H, I, "non-gated") for one up-projection."""
-    assert len(key) == 2 or key[2:] == (rmsnorm_mlp_module.NON_GATED,), key
+    assert len(key) == 2 or key[2:] == (NON_GATED,), key
     return len(key) == 2
 
 
-def _distinct_configs() -> dict[str, _Config]:
+def _distinct_configs() -> dict[str, Config]:
     """Every launch configuration the op can pick on a GPU for a gated region, plus the edge
     ones, each once."""
-    found: dict[tuple, _Config] = {}
+    found: dict[tuple, Config] = {}
     # Gated rows only: the non-gated ones' tiles may not fit a gated region in shared memory,
     # and test_kernel_families runs them on a non-gated family.
     tuned = (
-        _tuned_configs(*_key_shape(key), torch.bfloat16, device)
+        tuned_configs(*_key_shape(key), torch.bfloat16, device)
         for device, table in _tuned.TUNED_BY_DEVICE.items()
         for key in table
         if _key_gated(key)
     )
-    for table in (_DEFAULT_CONFIGS, *tuned):
+    for table in (DEFAULT_CONFIGS, *tuned):
         for _, config in table:
             found.setdefault((config.gate_up, config.down, config.prenorm), config)
     for config in EDGE_CONFIGS:
@@ -108,14 +111,14 @@ def _distinct_configs() -> dict[str, _Config]:
 CONFIGS = _distinct_configs()
 
 
-def _launch_config(name: str | None, device: str, dtype: torch.dtype) -> _Config | None:
+def _launch_config(name: str | None, device: str, dtype: torch.dtype) -> Config | None:
     if name is None:
         return None
     config = CONFIGS[name]
     # The interpreter has no shared-memory limit, so CPU runs keep the 16-bit tiles; on a GPU,
     # fp32 tiles as large as those would not fit.
     if device == "cuda" and dtype == torch.float32:
-        return _fp32_form(config)
+        return fp32_form(config)
     return config
 
 
@@ -129,7 +132,7 @@ class Case:
     residual: bool
     layout: str  # "contiguous", "padded" (row stride > H) or "transposed" (inner stride != 1)
     scale: float  # of hidden: the norm must undo it
-    config: str | None  # a key of CONFIGS to force; None: whatever _pick_config picks
+    config: str | None  # a key of CONFIGS to force; None: whatever pick_config picks
     seed: int
 
 
@@ -210,7 +213,7 @@ def check_against_reference(case: Case, device: str, dtype: torch.dtype) -> None
             *inputs.args,
             **inputs.kwargs,
             eps=case.eps,
-            _config=_launch_config(case.config, device, dtype),
+            config=_launch_config(case.config, device, dtype),
         )
     hidden = inputs.args[0]
     assert ours.shape == hidden.shape
@@ -298,20 +301,20 @@ def test_every_config_branch(device, dtype, config):
     # The padded layout reads its weights through transposed strides, which TMA cannot: the TMA
     # configurations must take their pointer-kernel fallback and still be right.
     weights = make_inputs(even, device, dtype).args[2:]
-    assert not any(rmsnorm_mlp_module._tma_ok(w) for w in weights)
+    assert not any(launch_plan._tma_ok(w) for w in weights)
     check_against_reference(even, device, dtype)
 
 
-# A shape perf/tune.py has not measured, so _pick_config falls back to _DEFAULT_CONFIGS.
+# A shape perf/tune.py has not measured, so pick_config falls back to DEFAULT_CONFIGS.
 UNTUNED = (1000, 3000)
 # name -> (shape, gated, rows, GPU model the table is for; None: the default table, the H100's).
 TABLES = {
-    "default": (UNTUNED, True, _DEFAULT_CONFIGS, None),
+    "default": (UNTUNED, True, DEFAULT_CONFIGS, None),
     **{
         f"{device}-{'x'.join(map(str, key))}": (
             _key_shape(key),
             _key_gated(key),
-            _tuned_configs(*_key_shape(key), torch.bfloat16, device, _key_gated(key)),
+            tuned_configs(*_key_shape(key), torch.bfloat16, device, _key_gated(key)),
             device,
         )
         for device, table in _tuned.TUNED_BY_DEVICE.items()
@@ -320,10 +323,10 @@ TABLES = {
 }
 
 
-def _all_blocks() -> set[_Blocks]:
+def _all_blocks() -> set[Blocks]:
     configs = [c for _, _, table, _ in TABLES.values() for _, c in table]
-    configs += [*CONFIGS.values(), rmsnorm_mlp_module._INTERPRET_CONFIG]
-    configs += [_fp32_form(c) for c in configs]
+    configs += [*CONFIGS.values(), INTERPRET_CONFIG]
+    configs += [fp32_form(c) for c in configs]
     return {blocks for c in configs for blocks in (c.gate_up, c.down)}
 
 
@@ -337,12 +340,12 @@ def test_pick_config_follows_table(table, dtype):
     assert bounds == sorted(set(bounds))
 
     def pick(m):
-        return _pick_config(m, h, i, dtype, interpret=False, device_name=device, gated=gated)
+        return pick_config(m, h, i, dtype, interpret=False, device_name=device, gated=gated)
 
     if table != "default" and (h, i) not in _tuned.TUNED_BY_DEVICE[device] and gated is False:
         # Non-gated rows are the non-gated MLP's alone: a gated one of that shape has defaults.
-        other = _pick_config(1, h, i, dtype, interpret=False, device_name=device)
-        assert other == next(c for max_m, c in _DEFAULT_CONFIGS if max_m >= 1)
+        other = pick_config(1, h, i, dtype, interpret=False, device_name=device)
+        assert other == next(c for max_m, c in DEFAULT_CONFIGS if max_m >= 1)
 
     assert pick(1) == rows[0][1]
     for (max_m, config), (_, next_config) in itertools.pairwise(rows):
@@ -351,7 +354,7 @@ def test_pick_config_follows_table(table, dtype):
     if bounds[-1] == 2**62:  # the last row takes any M
         assert pick(2**62) == rows[-1][1]
     else:  # a table tuned up to some M: past it, the defaults
-        default = next(c for max_m, c in _DEFAULT_CONFIGS if bounds[-1] + 1 <= max_m)
+        default = next(c for max_m, c in DEFAULT_CONFIGS if bounds[-1] + 1 <= max_m)
         assert pick(bounds[-1] + 1) == default
 
 
@@ -359,9 +362,9 @@ def test_gpu_models_without_a_table_take_the_h100s():
     h100 = _tuned.TUNED_BY_DEVICE["NVIDIA H100 80GB HBM3"]
     for h, i in h100:
         for m in (1, 16, 64, 4096):
-            expected = _pick_config(m, h, i, torch.bfloat16, False, "NVIDIA H100 80GB HBM3")
-            assert _pick_config(m, h, i, torch.bfloat16, False, "Some Future GPU") == expected
-            assert _pick_config(m, h, i, torch.bfloat16, False) == expected
+            expected = pick_config(m, h, i, torch.bfloat16, False, "NVIDIA H100 80GB HBM3")
+            assert pick_config(m, h, i, torch.bfloat16, False, "Some Future GPU") == expected
+            assert pick_config(m, h, i, torch.bfloat16, False) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -369,18 +372,18 @@ def test_gpu_models_without_a_table_take_the_h100s():
 def test_interpreter_config(shape, dtype):
     # The interpreter runs every program in Python: one small configuration, whatever the case.
     for m in (1, 64, 4096):
-        assert _pick_config(m, *shape, dtype, interpret=True).name == "interpret"
+        assert pick_config(m, *shape, dtype, interpret=True).name == "interpret"
 
 
 @pytest.mark.parametrize("shape", [UNTUNED, *_tuned.TUNED])
 def test_fp32_uses_shrunk_defaults(shape):
     """fp32 tiles take twice the shared memory of 16-bit ones, and the tuning measured 16-bit
     runs only: fp32 takes the shrunk defaults whether or not the shape was tuned."""
-    assert _tuned_configs(*shape, torch.float32) is None
-    for max_m, default in _DEFAULT_CONFIGS:
+    assert tuned_configs(*shape, torch.float32) is None
+    for max_m, default in DEFAULT_CONFIGS:
         for m in (max_m, max_m - 1):
-            config = _pick_config(m, *shape, torch.float32, interpret=False)
-            assert config == _fp32_form(default)
+            config = pick_config(m, *shape, torch.float32, interpret=False)
+            assert config == fp32_form(default)
             for blocks in (config.gate_up, config.down):
                 if blocks.kind == "gemv":
                     assert blocks.block_k >= 32
@@ -395,7 +398,7 @@ def test_every_block_is_valid_and_round_trips():
         # tl.dot needs every block dimension >= 16.
         assert min(blocks.block_m, blocks.block_n, blocks.block_k) >= 16
         assert blocks.split_k >= 1
-        assert _Blocks.parse(blocks.key()) == blocks
+        assert Blocks.parse(blocks.key()) == blocks
     for _, _, table, _ in TABLES.values():
         for _, config in table:
             # The launchers ignore split_k where no kernel splits K: such a table entry would
@@ -405,18 +408,18 @@ def test_every_block_is_valid_and_round_trips():
     for rows in (r for t in _tuned.TUNED_BY_DEVICE.values() for r in t.values()):
         for _, gate_up, down, _ in rows:
             # Stored strings are canonical, so a diff of the table shows real changes only.
-            assert _Blocks.parse(gate_up).key() == gate_up
-            assert _Blocks.parse(down).key() == down
+            assert Blocks.parse(gate_up).key() == gate_up
+            assert Blocks.parse(down).key() == down
 
 
 def test_config_rejects_invalid_combinations():
-    gemv = _Blocks.parse("gemv:16x32x32:w4s2")
-    tma = _Blocks.parse("tma:16x32x32:w4s2g8")
+    gemv = Blocks.parse("gemv:16x32x32:w4s2")
+    tma = Blocks.parse("tma:16x32x32:w4s2g8")
     with pytest.raises(ValueError, match="pre-pass"):
-        _Config("gemv-prenorm", gemv, gemv, prenorm=True)
+        Config("gemv-prenorm", gemv, gemv, prenorm=True)
     with pytest.raises(ValueError, match="TMA"):
-        _Config("tma-in-loop", tma, gemv, prenorm=False)
-    assert _Config("ok", tma, tma, prenorm=True).prenorm
+        Config("tma-in-loop", tma, gemv, prenorm=False)
+    assert Config("ok", tma, tma, prenorm=True).prenorm
 
 
 # (config, I): at I=200 the last split is short; at I=160 (4 splits of 64) and I=104 (3 splits
@@ -443,10 +446,10 @@ def test_split_k_is_deterministic_and_resets_counters(device, dtype, config, int
     # The split must survive the launcher's drop of empty splits, and the TMA down
     # must not fall back to the unsplit pointer kernel.
     assert min(forced.down.split_k, math.ceil(inter_size / forced.down.block_k)) > 1
-    assert forced.down.kind != "tma" or rmsnorm_mlp_module._tma_ok(*inputs.args[2:])
+    assert forced.down.kind != "tma" or launch_plan._tma_ok(*inputs.args[2:])
 
     def run():
-        return rmsnorm_mlp_triton(*inputs.args, **inputs.kwargs, eps=case.eps, _config=forced)
+        return rmsnorm_mlp_triton(*inputs.args, **inputs.kwargs, eps=case.eps, config=forced)
 
     first = run()
     # NaN-filled workspace the second time: the sum may read only partials this call wrote.
@@ -578,10 +581,10 @@ def test_gate_up_launch_zeroes_split_k_counters(kind):
     case = dataclasses.replace(M1_CASE, lead=(5,), hidden_size=64, inter_size=96)
     inputs = make_inputs(case, "cpu", torch.float32)
     x, norm_weight, gate_weight, up_weight, _ = inputs.args
-    blocks = _Blocks.parse(f"{kind}:16x32x32:w4s2" + ("" if kind == "gemv" else "g8"))
+    blocks = Blocks.parse(f"{kind}:16x32x32:w4s2" + ("" if kind == "gemv" else "g8"))
     inter = torch.empty(5, 96)
     locks = torch.full((2500,), 7, dtype=torch.int32)  # more than one 1024-wide zeroing step
-    rmsnorm_mlp_module._gate_up_launch(
+    launch_plan.gate_up_launch(
         blocks, x, norm_weight, gate_weight, up_weight, None, None, inter, 1e-5, "ieee",
         norm_in_loop=kind != "tma", zero_locks=locks,
     ).run()  # fmt: skip

@@ -22,7 +22,7 @@ from test_kernel_rmsnorm_mlp import (
     make_inputs,
 )
 
-from inductor_fusion.triton_kernels import _launch_cache
+from inductor_fusion.triton_kernels import _launch_cache, launch_config
 from inductor_fusion.triton_kernels import rmsnorm_mlp as module
 from inductor_fusion.triton_kernels.rmsnorm_mlp import rmsnorm_mlp_triton
 
@@ -58,7 +58,7 @@ def _call(inputs, case, config=None, **overrides):
         if name in kwargs:
             args[index] = kwargs.pop(name)
     eps = kwargs.pop("eps", case.eps)
-    return rmsnorm_mlp_triton(*args, **kwargs, eps=eps, _config=config)
+    return rmsnorm_mlp_triton(*args, **kwargs, eps=eps, config=config)
 
 
 def _fresh(inputs, case, config=None, **overrides):
@@ -286,7 +286,7 @@ def test_cuda_eager_tma_only_from_two_thousand_rows_or_in_capture():
 
     small = dataclasses.replace(CASE, lead=(128,))
     large = dataclasses.replace(CASE, lead=(module.EAGER_TMA_MIN_ROWS,))
-    assert module._graph_config(128, 72, 136, torch.bfloat16, False).gate_up.kind == "tma"
+    assert launch_config.graph_config(128, 72, 136, torch.bfloat16, False).gate_up.kind == "tma"
     assert descriptors(small) == [0]
     assert descriptors(large)[0] > 0
     pointer, captured = descriptors(small, capture=True)

@@ -19,6 +19,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from inductor_fusion.config import FusionPlan
 from inductor_fusion.fusion_pass import FusionPass
 from inductor_fusion.triton_kernels import rmsnorm_mlp as kernels
+from inductor_fusion.triton_kernels.launch_config import MAX_PROFITABLE_TOKENS
 
 HAS_CUDA = torch.cuda.is_available()
 OP = torch.ops.inductor_fusion.rmsnorm_mlp.default
@@ -89,7 +90,7 @@ def test_many_tokens_stay_inductors(caplog):
     """Above MAX_PROFITABLE_TOKENS Inductor's GEMMs win (measured): the region is left alone,
     with one INFO line saying why."""
     with caplog.at_level("INFO", logger="inductor_fusion"):
-        gm, fused, _ = _fused_graph(kernels.MAX_PROFITABLE_TOKENS + 2, torch.bfloat16)
+        gm, fused, _ = _fused_graph(MAX_PROFITABLE_TOKENS + 2, torch.bfloat16)
     assert fused == 0
     assert not gm.graph.find_nodes(op="call_function", target=HOP)
     assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.mm.default)) == 3
@@ -249,7 +250,7 @@ def _op_call_graph(tokens: int, gated: bool, device: str = "cuda") -> torch.fx.G
     ("tokens", "gated", "launched", "mms"),
     [
         (16, True, ["gate_up_gemv_kernel", "down_gemv_kernel"], 0),  # ours wins: our launches
-        (kernels.MAX_PROFITABLE_TOKENS + 1, True, [], 3),  # Inductor's GEMMs win: the reference
+        (MAX_PROFITABLE_TOKENS + 1, True, [], 3),  # Inductor's GEMMs win: the reference
         (16, False, [], 2),  # non-gated: Inductor's on CUDA (should_fuse)
     ],
     ids=["gated-16", "gated-65", "non-gated-16"],
@@ -269,7 +270,7 @@ def test_op_calls_elsewhere_stay_calls():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("tokens", [16, kernels.MAX_PROFITABLE_TOKENS + 1])
+@pytest.mark.parametrize("tokens", [16, MAX_PROFITABLE_TOKENS + 1])
 def test_compiled_op_call_matches_the_eager_op(tokens):
     from inductor_fusion.backend import inductor_fusion_backend
 

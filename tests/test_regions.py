@@ -165,7 +165,7 @@ def test_post_grad_graph_loses_the_mms_and_gains_one_op():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 16, 64, 300])
 def test_reduce_overhead_cuda_graphs_replay(tokens):
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import MAX_PROFITABLE_TOKENS
+    from inductor_fusion.triton_kernels.launch_config import MAX_PROFITABLE_TOKENS
 
     region = Region(bias=False, residual="left").to(device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(region, backend="inductor_fusion", mode="reduce-overhead")

@@ -1,8 +1,8 @@
 """perf/tune.py without a GPU: its candidates, its choice and the table module it writes.
 
-tune.py is a CUDA script that reaches into the launcher's private API (``_Blocks``, ``_Config``,
-``_launch_*``); it runs rarely and on a GPU, so a drift between the two would otherwise surface
-only in the next tuning run. Here its launches run in Triton's interpreter (conftest sets
+tune.py is a CUDA script built on the kernels' tuning interface (``launch_config.Blocks``,
+``Config``, the launches of ``launch_plan``); it runs rarely and on a GPU, so a drift between the
+two would otherwise surface only in the next tuning run. Here its launches run in Triton's interpreter (conftest sets
 TRITON_INTERPRET=1 without a GPU) and a fake clock replaces its CUDA-graph timer.
 """
 
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned as _tuned
-from inductor_fusion.triton_kernels.rmsnorm_mlp import (
-    _DEFAULT_CONFIGS,
-    _Blocks,
-    _Config,
-    _pick_config,
+from inductor_fusion.triton_kernels.launch_config import (
+    DEFAULT_CONFIGS,
+    Blocks,
+    Config,
+    pick_config,
 )
 
 PERF_DIR = Path(__file__).resolve().parent.parent / "perf"
@@ -75,7 +75,7 @@ def small_tune(tune, monkeypatch):
     return tune, clock
 
 
-def _gate_up_name(blocks: _Blocks, prenorm: bool) -> str:
+def _gate_up_name(blocks: Blocks, prenorm: bool) -> str:
     return f"{blocks.key()}{'+prenorm' if prenorm else ''}"
 
 
@@ -96,17 +96,17 @@ def _check_record(tune, clock, record: dict, m: int, first_call: int) -> None:
     assert [record["op_us"], record["default_op_us"]] == calls[-2:]
 
     choice = record["choice"]
-    gate_up, down = _Blocks.parse(choice["gate_up"]), _Blocks.parse(choice["down"])
+    gate_up, down = Blocks.parse(choice["gate_up"]), Blocks.parse(choice["down"])
     assert gate_up.key() == choice["gate_up"]
     assert down.key() == choice["down"]
     assert _gate_up_name(gate_up, choice["prenorm"]) == _fastest(record["gate_up"])
     assert choice["down"] == _fastest(record["down"])
     assert choice["gate_up_us"] == min(record["gate_up"].values())
     assert choice["down_us"] == min(record["down"].values())
-    _Config("choice", gate_up, down, choice["prenorm"])  # raises for an invalid combination
+    Config("choice", gate_up, down, choice["prenorm"])  # raises for an invalid combination
 
     # The shape is not tuned, so the comparison runs against the defaults' row for m.
-    assert record["default"] == next(c.name for max_m, c in _DEFAULT_CONFIGS if m <= max_m)
+    assert record["default"] == next(c.name for max_m, c in DEFAULT_CONFIGS if m <= max_m)
     errors = record["errors"]
     assert set(errors) == {"ours", "eager"}
     assert errors["ours"] <= 2 * errors["eager"] + 2.0**-11, errors
@@ -142,8 +142,8 @@ def test_tune_on_cpu_writes_a_usable_table(small_tune, monkeypatch):
         assert (gate_up, down, prenorm) == tuple(
             record["choice"][k] for k in ("gate_up", "down", "prenorm")
         )
-        assert _Blocks.parse(gate_up).key() == gate_up
-        assert _Blocks.parse(down).key() == down
+        assert Blocks.parse(gate_up).key() == gate_up
+        assert Blocks.parse(down).key() == down
 
     # The op reads the written table: each measured M, and every M up to the next one, gets
     # the configuration chosen for it.
@@ -154,7 +154,7 @@ def test_tune_on_cpu_writes_a_usable_table(small_tune, monkeypatch):
         (10**6, records[-1]),
     ]
     for m, record in expected:
-        config = _pick_config(m, HIDDEN, INTER, torch.float16, interpret=False)
+        config = pick_config(m, HIDDEN, INTER, torch.float16, interpret=False)
         choice = record["choice"]
         assert config.gate_up.key() == choice["gate_up"]
         assert config.down.key() == choice["down"]
@@ -167,8 +167,8 @@ def test_tune_on_cpu_writes_a_usable_table(small_tune, monkeypatch):
     exec(compile(short, "_rmsnorm_mlp_tuned.py", "exec"), namespace)
     monkeypatch.setattr(_tuned, "TUNED", namespace["TUNED"])
     assert namespace["TUNED"][HIDDEN, INTER][-1][0] == TOKENS[-1]
-    past = _pick_config(TOKENS[-1] + 1, HIDDEN, INTER, torch.float16, interpret=False)
-    assert past == next(cfg for max_m, cfg in _DEFAULT_CONFIGS if TOKENS[-1] + 1 <= max_m)
+    past = pick_config(TOKENS[-1] + 1, HIDDEN, INTER, torch.float16, interpret=False)
+    assert past == next(cfg for max_m, cfg in DEFAULT_CONFIGS if TOKENS[-1] + 1 <= max_m)
 
 
 @_needs_interpreter
@@ -183,7 +183,7 @@ def test_failed_candidate_is_recorded_and_skipped(small_tune, monkeypatch):
     record = tune.tune_one(problem, 1, deadline=time.monotonic() + 600)
     failed = next(iter(record["gate_up"]))
     assert record["gate_up"][failed].startswith("failed: RuntimeError: out of resource")
-    choice = _gate_up_name(_Blocks.parse(record["choice"]["gate_up"]), record["choice"]["prenorm"])
+    choice = _gate_up_name(Blocks.parse(record["choice"]["gate_up"]), record["choice"]["prenorm"])
     assert choice == _fastest(record["gate_up"]) != failed
 
 
@@ -204,18 +204,18 @@ def test_spent_budget_skips_everything(tune, monkeypatch):
 def test_candidates_are_valid(tune):
     """The real candidate lists: every entry a configuration the launcher accepts and runs as
     named, for every token count main() tunes."""
-    any_gate_up = _Blocks("gemv", 16, 32, 32, 4, 2)
+    any_gate_up = Blocks("gemv", 16, 32, 32, 4, 2)
     for m, gated in ((m, g) for m in tune.TOKENS for g in (True, False)):
         gate_up, down = tune.gate_up_candidates(m, gated), tune.down_candidates(m)
         assert gate_up and down
         for blocks, prenorm in gate_up:
-            _Config("candidate", blocks, down[0], prenorm)  # raises for an invalid combination
-            assert _Blocks.parse(blocks.key()) == blocks
+            Config("candidate", blocks, down[0], prenorm)  # raises for an invalid combination
+            assert Blocks.parse(blocks.key()) == blocks
             assert min(blocks.block_m, blocks.block_n, blocks.block_k) >= 16
             assert blocks.split_k == 1  # no gate/up kernel splits K
         for blocks in down:
-            _Config("candidate", any_gate_up, blocks, False)
-            assert _Blocks.parse(blocks.key()) == blocks
+            Config("candidate", any_gate_up, blocks, False)
+            assert Blocks.parse(blocks.key()) == blocks
             assert min(blocks.block_m, blocks.block_n, blocks.block_k) >= 16
             # The pointer GEMM ignores split_k: it would be timed as the unsplit kernel.
             assert blocks.split_k == 1 or blocks.kind in ("gemv", "tma")
@@ -250,8 +250,8 @@ def test_family_kind_is_tuned_and_read_back_under_its_key(small_tune, monkeypatc
     table = namespace["TUNED"]
     assert list(table) == [(HIDDEN, INTER) if gated else (HIDDEN, INTER, "non-gated")]
     monkeypatch.setattr(_tuned, "TUNED", table)
-    mine = _pick_config(1, HIDDEN, INTER, torch.float16, interpret=False, gated=gated)
-    other = _pick_config(1, HIDDEN, INTER, torch.float16, interpret=False, gated=not gated)
+    mine = pick_config(1, HIDDEN, INTER, torch.float16, interpret=False, gated=gated)
+    other = pick_config(1, HIDDEN, INTER, torch.float16, interpret=False, gated=not gated)
     assert mine.gate_up.key() == record["choice"]["gate_up"]
     assert mine.down.key() == record["choice"]["down"]
-    assert other == next(cfg for max_m, cfg in _DEFAULT_CONFIGS if max_m >= 1)
+    assert other == next(cfg for max_m, cfg in DEFAULT_CONFIGS if max_m >= 1)

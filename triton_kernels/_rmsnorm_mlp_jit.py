@@ -1,8 +1,12 @@
 """Triton kernels behind ``inductor_fusion::rmsnorm_mlp`` (private: use ``rmsnorm_mlp.py``).
 
+Over 600 lines on purpose: the norm pre-pass and six variants of the two GEMM launches (gate/up,
+down) share the ``@triton.jit`` helpers below (norm prologue, activation, epilogues, tile order,
+split-K reduction), and this docstring describes them as one design.
+
 The region ``residual + down(silu(gate(n)) * up(n))`` with ``n = rmsnorm(hidden) * w_norm`` runs
 as two launches (three for large token counts) instead of eager's six. Which kernels run is
-decided by the launcher from the token count M (see ``rmsnorm_mlp._pick_config``):
+decided by the launcher from the token count M (see ``launch_config.pick_config``):
 
 Small M (decode, speculative verification): the region is a stream over the three weight
 matrices, and a GEMM tiled over M would give the chip only I/BLOCK_N (gate/up) and H/BLOCK_N (down)
@@ -39,7 +43,7 @@ that of the un-normalised hidden state, so an fp16 hidden state whose ``|x * w_n
 65504 would overflow where eager does not (bf16 and fp32 have the range to spare). The pre-pass
 form rounds exactly as eager does.
 
-Family axes (``tl.constexpr`` switches, see ``rmsnorm_mlp.RegionSpec``): ``NORM`` is "rms"
+Family axes (``tl.constexpr`` switches, see ``region.RegionSpec``): ``NORM`` is "rms"
 (folded as above), "layer" (F.layer_norm: the mean shift does not commute with the dot, so a
 pre-loop over the few KB of ``x`` takes mean and 1/std and the K loop feeds the finished
 ``(x - mean) * rstd * w + b``) or "none" (OLMo-2; also how the tiled kernels read pre-normalised

@@ -2,7 +2,7 @@
 
 ``TUNED_BY_DEVICE[device name][(hidden_size, intermediate_size)]`` lists ``(max_m, gate_up,
 down, prenorm)`` rows in increasing ``max_m``; the first row with ``m <= max_m`` applies. Block
-strings are ``rmsnorm_mlp._Blocks.key()`` forms. 16-bit dtypes only; fp32 and untuned shapes use
+strings are ``launch_config.Blocks.key()`` forms. 16-bit dtypes only; fp32 and untuned shapes use
 the defaults. A GPU without its own table uses ``TUNED``, the H100's (same architecture).
 
 ``TUNED``: measured on NVIDIA H100 80GB HBM3 (2026-11-25T10:36:07+00:00, torch 2.11.0+cu130,

@@ -71,19 +71,19 @@ def silu_mul_lowered(gate: Tensor, up: Tensor) -> Tensor:
     """The kernel as a ``triton_kernel_wrapper_functional`` node, for tracing into a compiled
     graph (same contract as the op): Inductor launches it from its generated code, with no
     dispatcher call, and plans its output buffer with the graph's others."""
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import _emit, _Plan
+    from inductor_fusion.triton_kernels.launch_plan import Plan, emit
 
     launch = _launch(gate, up)
-    return _emit(_Plan(launches=(launch,), out=launch.args["out_ptr"]))
+    return emit(Plan(launches=(launch,), out=launch.args["out_ptr"]))
 
 
 def _launch(gate: Tensor, up: Tensor) -> Any:
     from inductor_fusion.triton_kernels._silu_mul_jit import silu_mul_kernel
-    from inductor_fusion.triton_kernels.rmsnorm_mlp import _Launch
+    from inductor_fusion.triton_kernels.launch_plan import Launch
 
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     n = gate.numel()  # a SymInt while tracing a graph with a dynamic batch
     args = {"gate_ptr": gate, "up_ptr": up, "out_ptr": out, "n": n, "BLOCK": _BLOCK}
     grid = ((n + _BLOCK - 1) // _BLOCK,)
-    return _Launch(silu_mul_kernel, grid, args, writes=("out_ptr",), num_warps=4, num_stages=1)
+    return Launch(silu_mul_kernel, grid, args, writes=("out_ptr",), num_warps=4, num_stages=1)

@@ -19,13 +19,9 @@ from inductor_fusion.config import (
     FusionPlan,
     resolve_plan,
 )
-from inductor_fusion.kernel_config import (
-    apply_kernel_config,
-    fusable_modules,
-    fusion_config,
-    register_fusable_modules,
-)
+from inductor_fusion.kernel_config import apply_kernel_config, fusion_config
 from inductor_fusion.kernel_layer import kernel_layer
+from inductor_fusion.model_plans import fusable_modules, register_fusable_modules
 from inductor_fusion.registry import pattern_names
 from inductor_fusion.report import FusedRegion, FusionReport, get_report, reset_report
 

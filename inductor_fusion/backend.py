@@ -14,8 +14,13 @@ from typing import Any
 
 import torch
 
-from inductor_fusion import config as fusion_config
 from inductor_fusion import records, registry
+from inductor_fusion.config import (
+    OPTIONS_KEY,
+    FusionOptions,
+    inductor_config_patches,
+    resolve_plan,
+)
 from inductor_fusion.report import FusionReport, get_report
 
 log = logging.getLogger("inductor_fusion")
@@ -37,9 +42,9 @@ class InductorFusionBackend:
         options: Mapping[str, Any] | None = None,
     ) -> None:
         options = dict(options or {})
-        self.fusion_options = fusion_config.FusionOptions.merged(options, patterns, disable)
-        options.pop(fusion_config.OPTIONS_KEY, None)
-        self.inductor_patches = fusion_config.inductor_config_patches(mode, options)
+        self.fusion_options = FusionOptions.merged(options, patterns, disable)
+        options.pop(OPTIONS_KEY, None)
+        self.inductor_patches = inductor_config_patches(mode, options)
         self.report = FusionReport()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
@@ -48,11 +53,9 @@ class InductorFusionBackend:
 
         from inductor_fusion.fusion_pass import STAGES, FusionPass, specialize_eps_inputs
         from inductor_fusion.global_pass import user_pass as installed_user_pass
-        from inductor_fusion.kernel_config import find_model_plan
+        from inductor_fusion.model_plans import find_model_plan
 
-        plan = fusion_config.resolve_plan(
-            options=self.fusion_options, model_plan=find_model_plan(example_inputs)
-        )
+        plan = resolve_plan(options=self.fusion_options, model_plan=find_model_plan(example_inputs))
         # A cache hit runs compiled code without running our pass: the ops it calls must exist.
         registry.import_op_modules(plan.patterns)
         patches = dict(self.inductor_patches)

@@ -219,7 +219,7 @@ def explain(
     toggles and a KernelConfig plan already attached to the model apply as in a compile.
     """
     from inductor_fusion.kernel_config import fusion_config as as_fusion_config
-    from inductor_fusion.kernel_config import model_plan
+    from inductor_fusion.model_plans import model_plan
 
     model = _as_model(model_or_config, dtype)
     attached = model_plan(model)
@@ -297,7 +297,7 @@ def find_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """
     import fnmatch
 
-    from inductor_fusion.kernel_config import fusable_modules
+    from inductor_fusion.model_plans import fusable_modules
 
     modules = dict(model.named_modules())
     mlp_glob = fusable_modules(model).get("MLP")
@@ -395,14 +395,15 @@ def region_modules(
     """(the family the layer's norm -> MLP region belongs to, its role -> module path), or None.
 
     Where the model class registers the family's modules by name (``("RMSNorm", "MLP")``,
-    ``("LayerNorm", "MLP")``, ``("MLP",)``: `kernel_config.layer_names`), those decide; else the
+    ``("LayerNorm", "MLP")``, ``("MLP",)``: `fusion_entries.layer_names`), those decide; else the
     layer's children: an MLP with a post-norm and no norm in front is OLMo-2's form
     (``mlp_postnorm``), otherwise the sibling norm that feeds the MLP (``_NORM_NAMES``), a
     LayerNorm (it has a bias) for ``layernorm_mlp``, an RMSNorm for ``rmsnorm_mlp``.
     """
     import fnmatch
 
-    from inductor_fusion.kernel_config import fusable_modules, layer_names
+    from inductor_fusion.fusion_entries import layer_names
+    from inductor_fusion.model_plans import fusable_modules
 
     registered = fusable_modules(model)
     children = {_join(layer_path, n): n for n, _ in layer.named_children()}

@@ -28,7 +28,6 @@ callback (registered by the compile, removed by `uninstall`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import warnings
@@ -40,10 +39,16 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from inductor_fusion import config as fusion_config
-from inductor_fusion import records, registry
-from inductor_fusion.config import FusionOptions, FusionPlan
+from inductor_fusion import hf_hooks, records, registry
+from inductor_fusion.config import (
+    OPTIONS_KEY,
+    FusionOptions,
+    FusionPlan,
+    inductor_config_patches,
+    resolve_plan,
+)
 from inductor_fusion.fusion_pass import STAGES, FusionPass, specialize_eps_inputs
+from inductor_fusion.kernel_config import FusionKernelConfigMixin, fusion_config
 from inductor_fusion.report import FusionReport, get_report
 
 log = logging.getLogger("inductor_fusion")
@@ -120,14 +125,14 @@ class Installation:
 
     def state(self) -> _CompileState:
         """The current compile's state, resolving its plan the first time it is asked for."""
-        from inductor_fusion.kernel_config import current_model_plan
+        from inductor_fusion.model_plans import current_model_plan
 
         context = torch._guards.TracingContext.try_get()
         with self._lock:
             state = self._states.get(context) if context is not None else None
             if state is not None:
                 return state
-            plan = fusion_config.resolve_plan(options=self.options, model_plan=current_model_plan())
+            plan = resolve_plan(options=self.options, model_plan=current_model_plan())
             state = _CompileState(plan, hits=_cache_hits())
             if context is not None:
                 self._states[context] = state
@@ -139,7 +144,7 @@ class Installation:
     def _open_records(self, state: _CompileState) -> None:
         """Keys the compile's records by the graph Dynamo is compiling (None outside Dynamo,
         e.g. AOTInductor: then nothing is recorded or read)."""
-        from inductor_fusion.kernel_config import current_dynamo_graph
+        from inductor_fusion.model_plans import current_dynamo_graph
 
         graph = current_dynamo_graph()
         if graph is None:
@@ -211,8 +216,8 @@ def install(
 
     options = dict(options or {})
     ours = FusionOptions.merged(options, patterns, disable)
-    options.pop(fusion_config.OPTIONS_KEY, None)
-    patches = fusion_config.inductor_config_patches(None, options)
+    options.pop(OPTIONS_KEY, None)
+    patches = inductor_config_patches(None, options)
     # As our backend does (see there), unless the caller chose.
     if hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
         patches.setdefault("static_launch_user_defined_triton_kernels", True)
@@ -241,7 +246,7 @@ def install(
         for stage, key in STAGES.items():
             setattr(inductor_config, key, installation.passes[stage])
         _installations.append(installation)
-        _install_from_pretrained_hook()
+        hf_hooks.install_from_pretrained_hook(FusionKernelConfigMixin, fusion_config)
     return installation
 
 
@@ -279,7 +284,7 @@ def uninstall() -> bool:
                 continue
             setattr(inductor_config, key, value)
         if not _installations:
-            _uninstall_from_pretrained_hook()
+            hf_hooks.uninstall_from_pretrained_hook()
     return True
 
 
@@ -301,57 +306,3 @@ def installed(
 
 def is_installed() -> bool:
     return bool(_installations)
-
-
-# --- from_pretrained with a plain transformers.KernelConfig ------------------------------------
-
-_FROM_PRETRAINED_MARK = "_inductor_fusion_from_pretrained"
-_saved_from_pretrained: list[Any] = []
-
-
-def _install_from_pretrained_hook() -> None:
-    """While installed, ``from_pretrained(kernel_config=transformers.KernelConfig(...))`` whose
-    mapping names our patterns is given ``inductor_fusion.KernelConfig(that config)`` instead (a
-    new object; the caller's is not modified), so our entries never reach transformers' hub
-    loader (which runs before the model is built, so no later hook could stop it)."""
-    try:
-        from transformers import modeling_utils
-    except ImportError:  # transformers is a dependency, but install() must not need it
-        return
-    model_class = modeling_utils.PreTrainedModel
-    original = model_class.__dict__["from_pretrained"]
-    if getattr(original.__func__, _FROM_PRETRAINED_MARK, False):
-        return
-
-    @functools.wraps(original.__func__)
-    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
-        kernel_config = kwargs.get("kernel_config")
-        if kernel_config is not None and _plain_config_with_ours(kernel_config):
-            from inductor_fusion.kernel_config import fusion_config as ours
-
-            kwargs["kernel_config"] = ours(kernel_config)
-        return original.__func__(cls, *args, **kwargs)
-
-    setattr(from_pretrained, _FROM_PRETRAINED_MARK, True)
-    _saved_from_pretrained.append(original)
-    model_class.from_pretrained = classmethod(from_pretrained)
-
-
-def _uninstall_from_pretrained_hook() -> None:
-    if not _saved_from_pretrained:
-        return
-    from transformers import modeling_utils
-
-    modeling_utils.PreTrainedModel.from_pretrained = _saved_from_pretrained.pop()
-
-
-def _plain_config_with_ours(kernel_config: Any) -> bool:
-    from inductor_fusion.kernel_config import FusionKernelConfigMixin, split_kernel_mapping
-
-    if isinstance(kernel_config, FusionKernelConfigMixin):
-        return False
-    mapping = getattr(kernel_config, "kernel_mapping", None)
-    if not isinstance(mapping, Mapping):
-        return False
-    _, ours = split_kernel_mapping(mapping)
-    return bool(ours)

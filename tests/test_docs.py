@@ -256,7 +256,7 @@ def test_kernel_config_snippets_build_and_load(checkpoint: str) -> None:
     compiled = namespace["model"]  # torch.compile compiles at the first call: none here
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     inline = namespace["kernel_config"]
-    plan = inductor_fusion.kernel_config.model_plan(compiled._orig_mod)
+    plan = inductor_fusion.model_plans.model_plan(compiled._orig_mod)
     assert plan is not None and "rmsnorm_mlp" in str(plan), plan
     assert isinstance(inline, inductor_fusion.KernelConfig)
     # The registry and hub snippets go on in the inline one's namespace (its imports).

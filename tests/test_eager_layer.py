@@ -22,8 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 import inductor_fusion
-from inductor_fusion.kernel_config import KernelConfig, apply_kernel_config, model_plan
+from inductor_fusion.kernel_config import KernelConfig, apply_kernel_config
 from inductor_fusion.layers import EagerFusionError, FusedAway, NormMLP
+from inductor_fusion.model_plans import model_plan
 
 pytestmark = pytest.mark.usefixtures("offline_hub_no_toggles")
 

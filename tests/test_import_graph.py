@@ -122,7 +122,18 @@ def test_no_import_cycles() -> None:
 def test_patterns_and_kernels_never_import_the_pass_or_the_front() -> None:
     front = {
         f"inductor_fusion.{name}"
-        for name in ("backend", "config", "fusion_pass", "global_pass", "kernel_config", "registry")
+        for name in (
+            "backend",
+            "config",
+            "eager_swap",
+            "fusion_entries",
+            "fusion_pass",
+            "global_pass",
+            "hf_hooks",
+            "kernel_config",
+            "model_plans",
+            "registry",
+        )
     }
     for name, targets in graph().items():
         if name.startswith(("inductor_fusion.patterns", "inductor_fusion.triton_kernels")):
@@ -133,3 +144,10 @@ def test_leaves_import_nothing_of_ours() -> None:
     edges = graph()
     for leaf in LEAVES:
         assert not edges[leaf], (leaf, sorted(edges[leaf]))
+
+
+def test_transformers_is_patched_from_one_module_installed_by_the_front() -> None:
+    # hf_hooks holds every patch of transformers' classes; only the KernelConfig and install()
+    # put them in place.
+    importers = {name for name, targets in graph().items() if "inductor_fusion.hf_hooks" in targets}
+    assert importers <= {"inductor_fusion.kernel_config", "inductor_fusion.global_pass"}, importers

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import inductor_fusion
 from inductor_fusion.config import ENV_DISABLE
 from inductor_fusion.global_pass import InstalledPass
-from inductor_fusion.kernel_config import model_plan
+from inductor_fusion.model_plans import model_plan
 
 pytestmark = pytest.mark.usefixtures("offline_hub_no_toggles")
 
@@ -139,7 +139,9 @@ def test_plain_transformers_kernel_config_works_while_installed(tmp_path: Path) 
         ): "inductor_fusion:rmsnorm_mlp",
     }
     plain = transformers.KernelConfig(dict(mapping))
+    own = vars(transformers.PreTrainedModel)["from_pretrained"]
     with inductor_fusion.installed():
+        assert vars(transformers.PreTrainedModel)["from_pretrained"] is not own
         model = AutoModelForCausalLM.from_pretrained(tmp_path, kernel_config=plain)
     assert model_plan(model).scopes == {
         "rmsnorm_mlp": (("model.layers.0.post_attention_layernorm", "model.layers.0.mlp"),)
@@ -147,11 +149,7 @@ def test_plain_transformers_kernel_config_works_while_installed(tmp_path: Path) 
     assert not model.use_kernels  # only our entries: transformers kernelized nothing
     assert plain.kernel_mapping == mapping  # the caller's config is not modified
     # Uninstalled, from_pretrained is transformers' own again.
-    assert "from_pretrained" not in vars(transformers.PreTrainedModel) or not getattr(
-        vars(transformers.PreTrainedModel)["from_pretrained"].__func__,
-        "_inductor_fusion_from_pretrained",
-        False,
-    )
+    assert vars(transformers.PreTrainedModel)["from_pretrained"] is own
 
 
 # --- compiled -------------------------------------------------------------------------------------

@@ -39,16 +39,13 @@ from transformers import (
 import inductor_fusion
 from inductor_fusion import config as fusion_config_module
 from inductor_fusion.config import FusionPlan
-from inductor_fusion.kernel_config import (
-    FusionEntry,
-    KernelConfig,
-    apply_kernel_config,
+from inductor_fusion.fusion_entries import FusionEntry, split_kernel_mapping
+from inductor_fusion.kernel_config import KernelConfig, apply_kernel_config, fusion_config
+from inductor_fusion.model_plans import (
     find_model_plan,
     fusable_modules,
-    fusion_config,
     model_plan,
     register_fusable_modules,
-    split_kernel_mapping,
 )
 from inductor_fusion.registry import pattern_names
 
@@ -114,7 +111,7 @@ def compile_and_run(model: torch.nn.Module) -> tuple[torch.Tensor, int, list[str
     # Inductor's caches stay on: a graph they serve is reported from our records, and the
     # backend (which looks the plan up) runs either way.
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
-        patch.setattr(inductor_fusion.kernel_config, "find_model_plan", spy)
+        patch.setattr(inductor_fusion.model_plans, "find_model_plan", spy)
         logits = torch.compile(model, backend="inductor_fusion")(input_ids()).logits
     assert seen and all(plan is model_plan(model) for plan in seen)
     report = inductor_fusion.get_report()

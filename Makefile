@@ -18,11 +18,16 @@ demo: $(STAMP)
 
 # The whole suite, slow model compiles included (CI runs exactly this). Without CUDA the
 # kernel tests run under Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET).
+# Two pytest-xdist workers, one per core of CI's machine: compiles are single-threaded Python and
+# g++, so a lone process leaves a core idle. Whole files go to one worker (--dist loadfile) so
+# that a file's module-scoped models are built once. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint:
 	$(PYTHON) -c "import ruff" 2>/dev/null || $(PIP) install -q ruff

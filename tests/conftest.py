@@ -19,8 +19,14 @@ if not torch.cuda.is_available():
 # once). The suite therefore compiles into a directory of its own, made fresh for each session and
 # inherited by the subprocesses it starts; a caller that sets TORCHINDUCTOR_CACHE_DIR keeps theirs.
 # Tests that need a cold or shared cache set their own directory (test_cache, test_training).
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    _session_cache = tempfile.mkdtemp(prefix="inductor_fusion_tests_")
+# Under pytest-xdist (`make test` runs two workers) each worker inherits the controller's
+# variable, so a worker compiles into a directory of its own beneath it: two processes writing one
+# cache directory at once is the race above.
+_SESSION_PREFIX = "inductor_fusion_tests_"
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+_inherited = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+if not _inherited or (_worker and os.path.basename(_inherited).startswith(_SESSION_PREFIX)):
+    _session_cache = tempfile.mkdtemp(prefix=f"{_SESSION_PREFIX}{_worker or 'main'}_")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _session_cache
     atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 

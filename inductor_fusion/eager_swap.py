@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from inductor_fusion.fusion_entries import EAGER, EAGER_NORM, FUSION_PREFIX, FusionEntry
+from inductor_fusion.graph_paths import join_module_path
 from inductor_fusion.model_plans import registered_globs
 
 
@@ -54,7 +55,7 @@ def _eager_pairs(
             if other is not None and other[1] != norm_name:
                 raise ValueError(
                     f"{entry.describe()}: the MLP {mlp_path} pairs with both "
-                    f"{_join(parent, other[1])} and {norm_path}; narrow the RMSNorm glob "
+                    f"{join_module_path(parent, other[1])} and {norm_path}; narrow the RMSNorm glob "
                     f"{norm_glob!r} to the norm that feeds the MLP"
                 )
             pairs[mlp_path] = (parent, norm_name, mlp_path.rpartition(".")[2], entry)
@@ -63,10 +64,6 @@ def _eager_pairs(
 
 def _eager_pattern_for(norm: str) -> str:
     return next(name for name, kind in EAGER_NORM.items() if kind == norm)
-
-
-def _join(parent: str, name: str) -> str:
-    return f"{parent}.{name}" if parent else name
 
 
 def apply_eager_layers(model: torch.nn.Module, entries: Iterable[FusionEntry]) -> list[str]:
@@ -87,14 +84,14 @@ def apply_eager_layers(model: torch.nn.Module, entries: Iterable[FusionEntry]) -
         if norm_name is None:
             if isinstance(mlp, (layers.NormMLP, layers.FusedAway)):
                 continue  # fused already, alone or with its norm
-            where = _join(parent_path, mlp_name)
+            where = join_module_path(parent_path, mlp_name)
             layers.region_spec(None, mlp, where=where)  # raises before any swap
             plan.append((parent, None, mlp_name, where))
             continue
         norm = getattr(parent, norm_name)
         if isinstance(norm, layers.NormMLP) or isinstance(mlp, layers.FusedAway):
             continue
-        where = f"{_join(parent_path, norm_name)} -> {_join(parent_path, mlp_name)}"
+        where = f"{join_module_path(parent_path, norm_name)} -> {join_module_path(parent_path, mlp_name)}"
         # Raises, naming the module, before any swap.
         spec, _ = layers.region_spec(norm, mlp, where=where)
         if spec.norm != EAGER_NORM[entry.pattern]:

@@ -49,6 +49,7 @@ import torch
 from inductor_fusion import config as fusion_config
 from inductor_fusion import registry
 from inductor_fusion.config import FusionOptions, FusionPlan
+from inductor_fusion.graph_paths import join_module_path
 
 log = logging.getLogger("inductor_fusion")
 
@@ -321,10 +322,6 @@ def _child(layer: torch.nn.Module, names: Sequence[str]) -> str | None:
     return next((n for n in names if n in children), None)
 
 
-def _join(layer: str, name: str) -> str:
-    return f"{layer}.{name}" if layer else name
-
-
 # --- attention: gqa_decode -----------------------------------------------------------------------
 
 
@@ -337,7 +334,7 @@ def _attention_candidate(
     if name is None:
         return None
     attention = getattr(layer, name)
-    path = _join(layer_path, name)
+    path = join_module_path(layer_path, name)
     config = getattr(attention, "config", None) or getattr(model, "config", None)
     # transformers' sdpa_attention_forward repeats the key/value heads only for a module with
     # num_key_value_groups > 1; without the attribute (GPT-NeoX) it never does.
@@ -406,7 +403,7 @@ def region_modules(
     from inductor_fusion.model_plans import fusable_modules
 
     registered = fusable_modules(model)
-    children = {_join(layer_path, n): n for n, _ in layer.named_children()}
+    children = {join_module_path(layer_path, n): n for n, _ in layer.named_children()}
     # Two-role families first: Llama registers "MLP" too, but its region has a norm.
     for family in ("rmsnorm_mlp", "layernorm_mlp", "mlp_postnorm"):
         names = layer_names(family)
@@ -424,13 +421,16 @@ def region_modules(
     if mlp is None:
         return None
     if _child(layer, _POST_NORM_NAMES) and not _child(layer, ("pre_feedforward_layernorm",)):
-        return "mlp_postnorm", {"mlp": _join(layer_path, mlp)}
+        return "mlp_postnorm", {"mlp": join_module_path(layer_path, mlp)}
     norm = _child(layer, _NORM_NAMES)
     if norm is None:
         return None
     layer_norm = getattr(getattr(layer, norm), "bias", None) is not None
     family = "layernorm_mlp" if layer_norm else "rmsnorm_mlp"
-    return family, {"norm": _join(layer_path, norm), "mlp": _join(layer_path, mlp)}
+    return family, {
+        "norm": join_module_path(layer_path, norm),
+        "mlp": join_module_path(layer_path, mlp),
+    }
 
 
 @dataclass(frozen=True)

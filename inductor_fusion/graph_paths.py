@@ -87,3 +87,8 @@ def canonicalize_joint_graph(graph: torch.fx.Graph) -> None:
     early_patterns = getattr(joint_graph, "early_patterns", None)
     if early_patterns is not None:
         early_patterns.apply(graph)
+
+
+def join_module_path(parent: str, name: str) -> str:
+    """``parent.name``, or ``name`` under the root module (whose path is empty)."""
+    return f"{parent}.{name}" if parent else name

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 
 import torch
 
-from inductor_fusion.fusion_entries import EAGER, EAGER_NORM, FUSION_PREFIX, FusionEntry
+from inductor_fusion import registry
+from inductor_fusion.fusion_entries import EAGER, FUSION_PREFIX, FusionEntry
 from inductor_fusion.graph_paths import join_module_path
 from inductor_fusion.model_plans import registered_globs
 
@@ -63,7 +64,7 @@ def _eager_pairs(
 
 
 def _eager_pattern_for(norm: str) -> str:
-    return next(name for name, kind in EAGER_NORM.items() if kind == norm)
+    return next(n for n in registry.eager_patterns() if registry.FAMILIES[n].eager_norm == norm)
 
 
 def apply_eager_layers(model: torch.nn.Module, entries: Iterable[FusionEntry]) -> list[str]:
@@ -94,7 +95,7 @@ def apply_eager_layers(model: torch.nn.Module, entries: Iterable[FusionEntry]) -
         where = f"{join_module_path(parent_path, norm_name)} -> {join_module_path(parent_path, mlp_name)}"
         # Raises, naming the module, before any swap.
         spec, _ = layers.region_spec(norm, mlp, where=where)
-        if spec.norm != EAGER_NORM[entry.pattern]:
+        if spec.norm != registry.FAMILIES[entry.pattern].eager_norm:
             raise layers.EagerFusionError(
                 f"{entry.describe()}: the norm at {where} is a {type(norm).__name__}, which "
                 f"{entry.pattern} does not fuse; "

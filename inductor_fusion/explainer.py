@@ -34,51 +34,29 @@ a tensor-parallel all-reduce, where the compile fuses the region without its res
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import json
-import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from inductor_fusion import config as fusion_config
-from inductor_fusion import registry
-from inductor_fusion.config import FusionOptions, FusionPlan
+from inductor_fusion import catalogue, layer_trace, registry
+from inductor_fusion.config import (
+    ENV_DISABLE,
+    ENV_PATTERNS,
+    FusionOptions,
+    FusionPlan,
+    resolve_plan,
+)
 from inductor_fusion.graph_paths import join_module_path
 
-log = logging.getLogger("inductor_fusion")
-
-# The norm -> MLP families, in the order a compile applies them (sorted names).
-NORM_MLP_FAMILIES = ("layernorm_mlp", "mlp_postnorm", "rmsnorm_mlp")
 ATTENTION_FAMILY = "gqa_decode"
 # How a reason starts for a module listed for completeness that the family never matches (an
 # attention without grouped key/value heads): it never fuses, whatever the toggles.
 NOT_A_CANDIDATE = "not a candidate"
-# Tokens of the traced activation [1, TRACE_TOKENS, hidden]; any count traces the same graph.
-TRACE_TOKENS = 8
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
-_ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
-# The norm feeding the MLP, by the names models give it, most specific first.
-_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2")
-# A norm on the MLP's output, before the add: with no norm in front it is OLMo-2's form.
-_POST_NORM_NAMES = ("post_feedforward_layernorm",)
-# Layer attributes only the attention reads (Gemma3's layer_idx picks sliding or global
-# attention): left out of a layer's structure, so that identical layers are traced once.
-_ATTENTION_ONLY_ATTRIBUTES = ("layer_idx",)
-# transformers' activation modules, by the names of our rows' activations (norm_mlp._ACTIVATIONS).
-_ACTIVATION_CLASSES = {
-    "SiLU": "silu",
-    "SiLUActivation": "silu",
-    "GELUActivation": "gelu",
-    "GELUTanh": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh",
-    "ReLUSquaredActivation": "relu2",
-}
 
 
 @dataclass(frozen=True)
@@ -219,17 +197,17 @@ def explain(
     KernelConfig to resolve against the model as ``from_pretrained`` would. The environment's
     toggles and a KernelConfig plan already attached to the model apply as in a compile.
     """
-    from inductor_fusion.kernel_config import fusion_config as as_fusion_config
+    from inductor_fusion.kernel_config import fusion_config
     from inductor_fusion.model_plans import model_plan
 
     model = _as_model(model_or_config, dtype)
     attached = model_plan(model)
     if kernel_config is not None:
-        attached = as_fusion_config(kernel_config).fusion_plan(model)
-    plan = fusion_config.resolve_plan(
+        attached = fusion_config(kernel_config).fusion_plan(model)
+    plan = resolve_plan(
         options=FusionOptions(patterns=patterns, disable=disable), model_plan=attached
     )
-    traced: dict[Any, _Traced] = {}
+    traced: dict[Any, layer_trace.Traced] = {}
     candidates: list[Candidate] = []
     for layer_path, layer in find_layers(model):
         attention = _attention_candidate(model, layer_path, layer, plan)
@@ -241,12 +219,12 @@ def explain(
     hidden, inter = _sizes(model)
     return Explanation(
         model=type(model).__name__,
-        dtype=str(_dtype(model)),
+        dtype=str(layer_trace.first_dtype(model)),
         hidden_size=hidden,
         intermediate_size=inter,
         plan=_describe(plan),
         candidates=tuple(candidates),
-        regimes=_regimes(_dtype(model), hidden, inter, candidates),
+        regimes=_regimes(layer_trace.first_dtype(model), hidden, inter, candidates),
     )
 
 
@@ -310,16 +288,11 @@ def find_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     found = []
     for path, module in modules.items():
         children = dict(module.named_children())
-        if any(n in children for n in _MLP_NAMES) and any(
-            n in children for n in (*_ATTENTION_NAMES, *_NORM_NAMES)
+        if any(n in children for n in catalogue.MLP_CHILD_NAMES) and any(
+            n in children for n in (*catalogue.ATTENTION_CHILD_NAMES, *catalogue.NORM_CHILD_NAMES)
         ):
             found.append((path, module))
     return found
-
-
-def _child(layer: torch.nn.Module, names: Sequence[str]) -> str | None:
-    children = dict(layer.named_children())
-    return next((n for n in names if n in children), None)
 
 
 # --- attention: gqa_decode -----------------------------------------------------------------------
@@ -330,7 +303,7 @@ def _attention_candidate(
 ) -> Candidate | None:
     """The layer's attention as a ``gqa_decode`` candidate, decided from the module and its
     config (see the module docstring for why it is not traced)."""
-    name = _child(layer, _ATTENTION_NAMES)
+    name = layer_trace.child_name(layer, catalogue.ATTENTION_CHILD_NAMES)
     if name is None:
         return None
     attention = getattr(layer, name)
@@ -386,78 +359,21 @@ def _implementation_reason(implementation: str | None) -> str:
 # --- norm -> MLP families ------------------------------------------------------------------------
 
 
-def region_modules(
-    model: torch.nn.Module, layer_path: str, layer: torch.nn.Module
-) -> tuple[str, dict[str, str]] | None:
-    """(the family the layer's norm -> MLP region belongs to, its role -> module path), or None.
-
-    Where the model class registers the family's modules by name (``("RMSNorm", "MLP")``,
-    ``("LayerNorm", "MLP")``, ``("MLP",)``: `fusion_entries.layer_names`), those decide; else the
-    layer's children: an MLP with a post-norm and no norm in front is OLMo-2's form
-    (``mlp_postnorm``), otherwise the sibling norm that feeds the MLP (``_NORM_NAMES``), a
-    LayerNorm (it has a bias) for ``layernorm_mlp``, an RMSNorm for ``rmsnorm_mlp``.
-    """
-    import fnmatch
-
-    from inductor_fusion.fusion_entries import layer_names
-    from inductor_fusion.model_plans import fusable_modules
-
-    registered = fusable_modules(model)
-    children = {join_module_path(layer_path, n): n for n, _ in layer.named_children()}
-    # Two-role families first: Llama registers "MLP" too, but its region has a norm.
-    for family in ("rmsnorm_mlp", "layernorm_mlp", "mlp_postnorm"):
-        names = layer_names(family)
-        if not all(n in registered for n in names):
-            continue
-        roles = registry.get_family(family).roles
-        paths = {}
-        for role, name in zip(roles, names, strict=True):
-            path = next((p for p in children if fnmatch.fnmatchcase(p, registered[name])), None)
-            if path is not None:
-                paths[role] = path
-        if len(paths) == len(roles):
-            return family, paths
-    mlp = _child(layer, _MLP_NAMES)
-    if mlp is None:
-        return None
-    if _child(layer, _POST_NORM_NAMES) and not _child(layer, ("pre_feedforward_layernorm",)):
-        return "mlp_postnorm", {"mlp": join_module_path(layer_path, mlp)}
-    norm = _child(layer, _NORM_NAMES)
-    if norm is None:
-        return None
-    layer_norm = getattr(getattr(layer, norm), "bias", None) is not None
-    family = "layernorm_mlp" if layer_norm else "rmsnorm_mlp"
-    return family, {
-        "norm": join_module_path(layer_path, norm),
-        "mlp": join_module_path(layer_path, mlp),
-    }
-
-
-@dataclass(frozen=True)
-class _Traced:
-    """What our matchers did with one traced layer: the family that fused its region and the
-    variant, or the family and one-line reason of the first rejection, or neither."""
-
-    family: str | None
-    variant: str | None
-    reason: str | None
-
-
 def _norm_mlp_candidate(
     model: torch.nn.Module,
     layer_path: str,
     layer: torch.nn.Module,
     plan: FusionPlan,
-    traced: dict[Any, _Traced],
+    traced: dict[Any, layer_trace.Traced],
 ) -> Candidate | None:
-    found = region_modules(model, layer_path, layer)
+    found = layer_trace.region_modules(model, layer_path, layer)
     if found is None:
         return None
     family, paths = found
-    attention = _child(layer, _ATTENTION_NAMES)
-    key = (family, _structure(layer, attention))
+    attention = layer_trace.child_name(layer, catalogue.ATTENTION_CHILD_NAMES)
+    key = (family, layer_trace.layer_structure(layer, attention))
     if key not in traced:
-        traced[key] = _trace_layer(layer, attention, family)
+        traced[key] = layer_trace.trace_layer(layer, attention, family)
     result = traced[key]
     # The family the matchers name wins over the structural guess (a model not registered).
     family = result.family or family
@@ -469,7 +385,7 @@ def _norm_mlp_candidate(
         reason = result.reason
     else:
         norm = model.get_submodule(paths["norm"]) if "norm" in paths else None
-        reason = _no_match_reason(family, norm, model.get_submodule(paths["mlp"]))
+        reason = layer_trace.no_match_reason(family, norm, model.get_submodule(paths["mlp"]))
     return Candidate(
         layer=layer_path,
         family=family,
@@ -478,183 +394,6 @@ def _norm_mlp_candidate(
         variant=result.variant,
         reason=reason,
     )
-
-
-def _structure(layer: torch.nn.Module, attention: str | None) -> Any:
-    """What the traced graph depends on: module classes, parameter and buffer shapes and dtypes,
-    and scalar attributes (eps, Granite's residual multiplier, GPT-NeoX's parallel residual),
-    of the layer without its attention (which the trace replaces)."""
-    parts = []
-    for name, module in layer.named_modules():
-        if attention is not None and (name == attention or name.startswith(f"{attention}.")):
-            continue
-        scalars = sorted(
-            (k, v)
-            for k, v in vars(module).items()
-            if isinstance(v, (bool, int, float)) and k not in _ATTENTION_ONLY_ATTRIBUTES
-        )
-        parts.append(
-            (
-                name,
-                type(module),
-                tuple(
-                    (n, tuple(p.shape), p.dtype) for n, p in module.named_parameters(recurse=False)
-                ),
-                tuple((n, tuple(b.shape), b.dtype) for n, b in module.named_buffers(recurse=False)),
-                repr(scalars),
-            )
-        )
-    return tuple(parts)
-
-
-class _AttentionStandIn(torch.nn.Module):
-    """Takes the attention module's place in a traced layer: returns ``output`` (a graph input
-    of the hidden states' shape) as HF attention modules return theirs, ``(output, weights)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.output: torch.Tensor | None = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, None]:
-        return self.output, None
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    """Keeps the matchers' INFO lines (a rejection each) out of the user's log: explaining a
-    model is not compiling it."""
-    previous = logger.disabled
-    logger.disabled = True
-    try:
-        yield
-    finally:
-        logger.disabled = previous
-
-
-def _trace_layer(layer: torch.nn.Module, attention: str | None, guess: str) -> _Traced:
-    """Traces ``layer`` (attention stood in for) and runs the norm -> MLP matchers over it,
-    ``guess`` (the family `region_modules` names) first."""
-    from torch._inductor.decomposition import select_decomp_table
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.func import functional_call
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from inductor_fusion.pass_state import PassRun, running
-
-    # A shallow copy with its own children dict: the caller's model is never modified.
-    stand_in = _AttentionStandIn()
-    traced = copy.copy(layer)
-    traced._modules = dict(layer._modules)
-    if attention is not None:
-        traced._modules[attention] = stand_in
-    hidden_size = _hidden_size(layer)
-    if hidden_size is None:
-        return _Traced(None, None, "no hidden size found (no linear projection in the MLP)")
-    dtype = _dtype(layer)
-    with FakeTensorMode() as mode:
-        # Fake CPU tensors: the device decides nothing the patterns check but the CUDA regimes,
-        # which `_regimes` reports for every token count.
-        fakes = {
-            name: torch.empty(t.shape, dtype=t.dtype, device="cpu")
-            for name, t in (*traced.named_parameters(), *traced.named_buffers())
-        }
-        shape = (1, TRACE_TOKENS, hidden_size)
-        hidden = torch.empty(shape, dtype=dtype, device="cpu")
-        attention_output = torch.empty(shape, dtype=dtype, device="cpu")
-
-    def forward(
-        tensors: dict[str, torch.Tensor], h: torch.Tensor, attended: torch.Tensor
-    ) -> torch.Tensor:
-        stand_in.output = attended
-        # What decoder layers take besides the hidden states: the stand-in ignores it all.
-        kwargs = {"attention_mask": None, "position_ids": None, "position_embeddings": None}
-        out = functional_call(traced, tensors, (h,), kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    try:
-        with mode, torch.no_grad():
-            gm = make_fx(forward, select_decomp_table())(fakes, hidden, attention_output)
-    except Exception as error:  # a layer that does not trace on fake tensors
-        return _Traced(
-            None,
-            None,
-            "the decoder layer does not trace on fake tensors with its attention stood in for "
-            f"({type(error).__name__}: {error})",
-        )
-    gm.graph.eliminate_dead_code()  # e.g. the input norm, whose output only attention read
-    # The structured rejections of the runs, not their INFO lines: the explanation is the same
-    # whatever the logging configuration.
-    first = None
-    # Every norm -> MLP family, whatever the plan, so that one trace serves every plan (the
-    # plan is applied per candidate). Their regions never overlap (a norm kind each; an MLP
-    # fed by a norm is never mlp_postnorm's), so a family switched off hides no other, and
-    # the structural guess may go first: the others' patterns (seconds to register) are
-    # needed only where it neither fuses nor refuses the region.
-    for family in dict.fromkeys((guess, *NORM_MLP_FAMILIES)):
-        prepare = getattr(registry.pattern_module(family), "prepare_graph", None)
-        if prepare is not None:
-            prepare(gm.graph)
-        run = PassRun(plan=FusionPlan(frozenset({family}), source="explain"))
-        with running(run), _quiet(log):
-            registry.matcher_pass(family).apply(gm.graph)
-        if run.regions:
-            return _Traced(family, run.regions[0].variant, None)
-        if run.rejections:
-            first = run.rejections[0]
-            break
-    if first is not None:
-        return _Traced(
-            first.family if first.family in NORM_MLP_FAMILIES else None, None, first.reason
-        )
-    return _Traced(None, None, None)
-
-
-def _hidden_size(layer: torch.nn.Module) -> int | None:
-    """The layer's hidden size: the input features of its MLP's first projection (a LoRA-wrapped
-    linear has them too), else the config's."""
-    mlp = _child(layer, _MLP_NAMES)
-    for module in getattr(layer, mlp).modules() if mlp else ():
-        features = getattr(module, "in_features", None)
-        if isinstance(features, int):
-            return features
-    return getattr(getattr(layer, "config", None), "hidden_size", None)
-
-
-def _no_match_reason(family: str, norm: torch.nn.Module | None, mlp: torch.nn.Module) -> str:
-    """Why the region's graph has none of the family's rows' shapes, from the modules' structure."""
-    adapters = [
-        f"{name or type(mlp).__name__} ({_adapter_kind(m)})"
-        for name, m in mlp.named_modules()
-        if type(m).__module__.startswith("peft.") and hasattr(m, "base_layer")
-    ]
-    if adapters:
-        return (
-            f"an adapter inside the region: {', '.join(adapters)} add their own matmuls; merge "
-            "them into the weights to fuse (peft: model.merge_and_unload())"
-        )
-    rows = registry.pattern_module(family).SHAPES
-    if sum(isinstance(m, torch.nn.Linear) for m in mlp.modules()) < 2:
-        return f"{type(mlp).__name__} has no two nn.Linear projections: not an MLP {family} fuses"
-    act = next(
-        (m for n, m in mlp.named_children() if n in ("act_fn", "act", "activation_fn")), None
-    )
-    takes = sorted({row.activation for row in rows})
-    if act is not None and _ACTIVATION_CLASSES.get(type(act).__name__) not in takes:
-        return f"unsupported activation {type(act).__name__}: {family} fuses {', '.join(takes)}"
-    weight = next((p for p in mlp.parameters() if p.is_floating_point()), None)
-    if weight is not None and weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"unsupported dtype {weight.dtype}: {family} fuses float16, bfloat16 and float32"
-    return (
-        f"{type(norm).__name__ + ' -> ' if norm is not None else ''}{type(mlp).__name__} does not "
-        f"compute the math of a {family} row ({'; '.join(row.models for row in rows)})"
-    )
-
-
-def _adapter_kind(module: torch.nn.Module) -> str:
-    """``peft lora.Linear`` for peft's ``peft.tuners.lora.layer.Linear``."""
-    parts = type(module).__module__.split(".")
-    tuner = f"{parts[2]}." if len(parts) > 2 and parts[1] == "tuners" else ""
-    return f"{parts[0]} {tuner}{type(module).__name__}"
 
 
 # --- plan and regimes ----------------------------------------------------------------------------
@@ -671,11 +410,11 @@ def _plan_reason(plan: FusionPlan, family: str, paths: Mapping[str, str]) -> str
 def _source(plan: FusionPlan) -> str:
     parts = {
         "default": "default",
-        "env": f"{fusion_config.ENV_PATTERNS}",
+        "env": ENV_PATTERNS,
         "options": "the patterns option",
         "kernel_config": "the model's KernelConfig",
         "options.disable": "the disable option",
-        fusion_config.ENV_DISABLE: fusion_config.ENV_DISABLE,
+        ENV_DISABLE: ENV_DISABLE,
     }
     return " + ".join(parts.get(part, part) for part in plan.source.split("+"))
 
@@ -686,10 +425,6 @@ def _describe(plan: FusionPlan) -> str:
     names = ", ".join(sorted(plan.patterns))
     where = "where the KernelConfig says" if plan.scopes else "everywhere"
     return f"{names} {where} ({_source(plan)})"
-
-
-def _dtype(module: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _sizes(model: torch.nn.Module) -> tuple[int | None, int | None]:
@@ -731,7 +466,7 @@ def _regimes(
         ranges = cuda_token_ranges(hidden or 0, inter or 0)
         other = Regime(family, "cpu and other devices", "any", "our op (the PyTorch reference)")
         reason = supports(dtype, "cuda", hidden or 0, inter or 0)
-        if reason is None and not any(r.spec.gated for r in registry.pattern_module(family).SHAPES):
+        if reason is None and not any(r.spec.gated for r in registry.pattern_module(family).FORMS):
             # should_fuse refuses every non-gated MLP on CUDA.
             reason = "non-gated MLP (our kernels measured slower there)"
         if reason is None and not any(r.fused for r in ranges):
@@ -755,7 +490,7 @@ def _training_regimes(families: Iterable[str]) -> list[Regime]:
     for family in families:
         if family == ATTENTION_FAMILY:
             continue
-        forms = [r.name or "llama" for r in registry.pattern_module(family).SHAPES if r.training]
+        forms = [r.name or "llama" for r in registry.pattern_module(family).FORMS if r.training]
         if not forms:
             out.append(Regime(family, "any device", "training", "no training variant: unfused"))
             continue

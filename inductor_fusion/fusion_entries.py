@@ -9,17 +9,18 @@ where a value names one of our patterns:
 - ``"inductor_fusion:<pattern>:off"`` switches ``<pattern>`` off for this model; the key is
   checked but its paths are not used. A config with only ``:off`` entries keeps every other
   pattern on, everywhere.
-- ``"inductor_fusion:<pattern>:eager"`` (`EAGER_PATTERNS`) also swaps our eager fused layer in at
+- ``"inductor_fusion:<pattern>:eager"`` (families with an eager layer:
+  `registry.PatternFamily.eager_norm`) also swaps our eager fused layer in at
   the key's modules when the config is applied (`inductor_fusion.eager_swap`), so the region runs
   as our op without torch.compile; for the compile plan it counts as ``"inductor_fusion:<pattern>"``.
 - ``"inductor_fusion:<pattern>:recompute"`` is ``"inductor_fusion:<pattern>"`` whose training
   regions save less and recompute in the backward.
 
-Key names are the pattern's layer names (`KERNEL_LAYER_NAMES`; ``rmsnorm_mlp``: ``"RMSNorm"`` for
-the norm, ``"MLP"`` for the MLP), in any order: alone (the registry form, resolved against the
-model class by `inductor_fusion.model_plans`) or each paired with an ``fnmatch`` glob over module
-paths of the loaded model (the inline form; ``*`` also crosses dots: ``model.layers.1*`` is layers
-1 and 10-19).
+Key names are the pattern's layer names (`registry.PatternFamily.layer_names`; ``rmsnorm_mlp``:
+``"RMSNorm"`` for the norm, ``"MLP"`` for the MLP), in any order: alone (the registry form,
+resolved against the model class by `inductor_fusion.model_plans`) or each paired with an
+``fnmatch`` glob over module paths of the loaded model (the inline form; ``*`` also crosses dots:
+``model.layers.1*`` is layers 1 and 10-19).
 """
 
 from __future__ import annotations
@@ -37,21 +38,6 @@ EAGER = "eager"
 # Training regions save only the input and its row statistic, and recompute the rest in the
 # backward (config.MEMORY_MODES); the family fuses as it would without it.
 RECOMPUTE = "recompute"
-# Patterns with an eager layer (`inductor_fusion.layers`) that ":eager" entries swap in, and the
-# norm kind (`RegionSpec.norm`) of the modules each may swap: an entry fuses in eager mode what
-# the same entry would fuse under torch.compile, never another family's region.
-EAGER_NORM = {"rmsnorm_mlp": "rms", "layernorm_mlp": "layer", "mlp_postnorm": "none"}
-EAGER_PATTERNS = tuple(EAGER_NORM)
-
-# The names KernelConfig keys use for each pattern's modules, aligned with the family's roles
-# (registry.PatternFamily.roles). They follow transformers' kernel layer names. A family missing
-# here is keyed by its role names.
-KERNEL_LAYER_NAMES: Mapping[str, tuple[str, ...]] = {
-    "rmsnorm_mlp": ("RMSNorm", "MLP"),
-    "layernorm_mlp": ("LayerNorm", "MLP"),
-    "mlp_postnorm": ("MLP",),
-    "gqa_decode": ("Attention",),
-}
 
 
 @dataclass(frozen=True)
@@ -77,7 +63,7 @@ class FusionEntry:
 
 def layer_names(pattern: str) -> tuple[str, ...]:
     """The names a KernelConfig key uses for ``pattern``'s modules, in role order."""
-    return KERNEL_LAYER_NAMES.get(pattern, registry.get_family(pattern).roles)
+    return registry.get_family(pattern).kernel_layer_names
 
 
 def key_forms(pattern: str) -> str:
@@ -142,10 +128,10 @@ def _parse_value(key: Any, value: Any) -> tuple[str, bool, bool] | None:
             f"KernelConfig entry {key!r}: {value!r}: unknown inductor_fusion pattern {name!r}; "
             f"valid names: {valid}"
         )
-    if state == EAGER and name not in EAGER_PATTERNS:
+    if state == EAGER and registry.FAMILIES[name].eager_norm is None:
         raise ValueError(
             f"KernelConfig entry {key!r}: {value!r}: {name} has no eager layer; ':{EAGER}' is "
-            f"available for: {', '.join(EAGER_PATTERNS)}"
+            f"available for: {', '.join(registry.eager_patterns())}"
         )
     return name, state != OFF, state == EAGER
 

@@ -26,7 +26,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import stable_topological_sort
 
-from inductor_fusion import registry
+from inductor_fusion import catalogue, registry
 from inductor_fusion.config import FusionPlan
 from inductor_fusion.graph_paths import (
     canonicalize_joint_graph,
@@ -119,7 +119,7 @@ class FusionPass(CustomGraphPass):
         fused: list[FusedRegion] = []
         for name in sorted(self.plan.patterns):
             # A family may first normalise what it matches (e.g. specialize an eps input).
-            prepare = getattr(registry.pattern_module(name), "prepare_graph", None)
+            prepare = registry.family_hook(name, "prepare_graph")
             if prepare is not None:
                 prepare(graph)
             run = PassRun(plan=self.plan, rejected=self.rejected)
@@ -149,7 +149,7 @@ class FusionPass(CustomGraphPass):
             # there is a forward recomputed (by a checkpoint or our `recompute` mode) whose
             # region the forward graph already reported or fused.
             for name in () if has_tangents(graph) else sorted(self.plan.patterns):
-                scan = getattr(registry.pattern_module(name), "unmatched_candidates", None)
+                scan = registry.family_hook(name, "unmatched_candidates")
                 for keys, paths, message in scan(graph) if scan is not None else ():
                     # Regions the plan keeps out have their line already (or want none).
                     allowed = self.plan.allows(name, dict(paths))
@@ -183,7 +183,7 @@ class FusionPass(CustomGraphPass):
             chained_ids.append(repr(uid))
         modules = (
             "inductor_fusion",  # this package: pass, registry, config, backend
-            # Every pattern source: family modules share the engine (patterns/norm_mlp.py).
+            # Every pattern source: family modules share the engine (patterns/norm_mlp*.py).
             "inductor_fusion.patterns",
             "inductor_fusion.triton_kernels",  # every kernel source
         )
@@ -218,9 +218,12 @@ def normalize_joint_graph(graph: torch.fx.Graph) -> bool:
     return True
 
 
-# Module attributes that hold a norm's epsilon (LlamaRMSNorm.variance_epsilon, LayerNorm.eps...),
-# and the other scalars our patterns take as constants (Granite's residual multiplier).
-_EPS_ATTRIBUTE = re.compile(r"\.(variance_epsilon|epsilon|eps|residual_multiplier)$")
+def _constant_attribute() -> re.Pattern[str]:
+    """Sources of module attributes holding a norm's epsilon (LlamaRMSNorm.variance_epsilon,
+    LayerNorm.eps...) or another scalar our patterns take as a constant (Granite's residual
+    multiplier): the catalogue's names."""
+    names = (*catalogue.eps_attributes(), *catalogue.scalar_attributes())
+    return re.compile(rf"\.({'|'.join(map(re.escape, names))})$")
 
 
 def specialize_eps_inputs() -> tuple[tuple[str, float], ...]:
@@ -244,10 +247,11 @@ def specialize_eps_inputs() -> tuple[tuple[str, float], ...]:
     if shape_env is None:
         return ()
     specialized = []
+    constant_attribute = _constant_attribute()
     for sym, sources in list(shape_env.var_to_sources.items()):
         if not symbol_is_type(sym, SymT.FLOAT) or sym not in shape_env.backed_var_to_val:
             continue
-        names = [src.name for src in sources if _EPS_ATTRIBUTE.search(src.name)]
+        names = [src.name for src in sources if constant_attribute.search(src.name)]
         if not names:
             continue
         hint = float(shape_env.backed_var_to_val[sym])

@@ -16,7 +16,8 @@ Done literally, that moves the MLP's parameters under the norm's path and change
 The decoder layer's ``h = residual + self.mlp(self.post_attention_layernorm(h))`` therefore
 computes ``residual + identity(fused(h))``: the same thing, with the same keys.
 
-Which modules qualify, per family of the compile patterns (`RegionSpec` axes):
+Which modules qualify (the rows of `inductor_fusion.catalogue`), per family of the compile patterns
+(`RegionSpec` axes):
 
 - norms, by class: the Llama-style RMSNorms (Llama, Mistral, Qwen2/3, Phi-3, Granite), the
   Gemma-style ones (Gemma, Gemma2, Gemma3: ``1 + w`` in fp32), ``nn.LayerNorm`` (GPT-NeoX,
@@ -56,58 +57,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from inductor_fusion import catalogue
+from inductor_fusion.catalogue import MLPLayout
 from inductor_fusion.triton_kernels.region import LLAMA, RegionSpec
 from inductor_fusion.triton_kernels.rmsnorm_mlp import _rmsnorm_mlp_cuda
 
 log = logging.getLogger("inductor_fusion")
 
-__all__ = ["FusedAway", "NormMLP", "RMSNormMLP", "fuse_mlp", "fuse_norm_mlp", "region_spec"]
-
-_LLAMA_RMS = ("variance_epsilon", LLAMA)
-_GEMMA_RMS = ("eps", RegionSpec(norm_weight_offset=1.0, norm_weight_fp32=True))
-# Norm classes whose forward the op's reference reproduces bit for bit, by class name (no
-# transformers import here), with the attribute holding eps and the spec's norm axes.
-_NORMS: dict[str, tuple[str, RegionSpec]] = {
-    **{
-        f"{prefix}RMSNorm": _LLAMA_RMS
-        for prefix in ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "Granite")
-    },
-    **{f"{prefix}RMSNorm": _GEMMA_RMS for prefix in ("Gemma", "Gemma2", "Gemma3")},
-    # F.layer_norm(h, (H,), w, b, eps); LayerNorm1P passes ``w + 1`` (added in the weight's dtype,
-    # as the reference adds it).
-    "LayerNorm": ("eps", RegionSpec(norm="layer")),
-    "NemotronLayerNorm1P": ("eps", RegionSpec(norm="layer", norm_weight_offset=1.0)),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class _MLPLayout:
-    """Where an MLP keeps its projections and activation, and how they combine."""
-
-    gate: str  # the projection the activation reads (the only one of a non-gated MLP)
-    up: str | None  # gated with separate projections: the one multiplied in
-    down: str
-    act: str  # the activation module's attribute
-    fused_gate_up: bool = False  # one projection whose output halves are gate, then up
-
-    @property
-    def gated(self) -> bool:
-        return self.up is not None or self.fused_gate_up
-
-    @property
-    def children(self) -> tuple[str, ...]:
-        return tuple(name for name in (self.gate, self.up, self.down) if name)
-
-
-# Tried in order; the first whose projections are all present wins. Nemotron's (up_proj, down_proj)
-# comes after Llama's so that a gated MLP is never taken for a non-gated one.
-_MLP_LAYOUTS = (
-    _MLPLayout("gate_proj", "up_proj", "down_proj", "act_fn"),  # Llama, Gemma, Granite, ...
-    _MLPLayout("gate_up_proj", None, "down_proj", "activation_fn", fused_gate_up=True),  # Phi-3
-    _MLPLayout("dense_h_to_4h", None, "dense_4h_to_h", "act"),  # GPT-NeoX
-    _MLPLayout("c_fc", None, "c_proj", "act"),  # Starcoder2
-    _MLPLayout("up_proj", None, "down_proj", "act_fn"),  # Nemotron
-)
+__all__ = ["FusedAway", "NormMLP", "fuse_mlp", "fuse_norm_mlp", "region_spec"]
 
 
 class EagerFusionError(ValueError):
@@ -119,26 +76,25 @@ F_GELU = nn.functional.gelu
 
 def _activation(act: Any) -> str | None:
     """The op's activation name for an MLP's activation module, None if unsupported."""
-    name = type(act).__name__
-    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+    if isinstance(act, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    if isinstance(act, nn.SiLU):
         return "silu"
-    if name == "ReLUSquaredActivation":
-        return "relu2"
+    if type(act).__module__.startswith("torch."):
+        return None  # torch's other modules, or a subclass of nn.SiLU's name elsewhere in torch
+    name = catalogue.ACTIVATION_CLASSES.get(type(act).__name__)
     # transformers' GELU modules run F.gelu unless built with their Python formula (another
     # rounding); GELUTanh's F.gelu is a partial with approximate="tanh".
     inner = getattr(act, "act", None)
-    if name == "GELUActivation" and inner is F_GELU:
-        return "gelu"
-    if isinstance(act, nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
-    if (
-        name == "GELUTanh"
-        and isinstance(inner, functools.partial)
+    if name == "gelu" and inner is not F_GELU:
+        return None
+    if name == "gelu_tanh" and not (
+        isinstance(inner, functools.partial)
         and inner.func is F_GELU
         and inner.keywords == {"approximate": "tanh"}
     ):
-        return "gelu_tanh"
-    return None
+        return None
+    return name
 
 
 def _refuse_hooked(role: str, module: nn.Module, at: str) -> None:
@@ -149,12 +105,12 @@ def _refuse_hooked(role: str, module: nn.Module, at: str) -> None:
         )
 
 
-def _mlp_layout(mlp: nn.Module) -> _MLPLayout | None:
+def _mlp_layout(mlp: nn.Module) -> MLPLayout | None:
     """The first layout whose projections the MLP has, whatever their type (`region_spec` then
     requires plain ``nn.Linear``). Matching on names alone matters: a Llama MLP whose
     ``gate_proj`` is a LoRA layer must not pass for Nemotron's non-gated (up_proj, down_proj)."""
     children = dict(mlp.named_children())
-    for layout in _MLP_LAYOUTS:
+    for layout in catalogue.MLP_LAYOUTS:
         if all(name in children for name in layout.children):
             return layout
     return None
@@ -169,14 +125,16 @@ def region_spec(
     at = f" at {where}" if where else ""
     if norm is None:
         return _mlp_spec(mlp, RegionSpec(norm="none"), at), 0.0
-    kind = _NORMS.get(type(norm).__name__)
+    # By class name (no transformers import here): the catalogue's norms, whose forward the op's
+    # reference reproduces bit for bit.
+    known = catalogue.norm_class(type(norm).__name__)
     if type(norm).__name__ == "LayerNorm" and type(norm) is not nn.LayerNorm:
-        kind = None  # another library's LayerNorm: its forward is unknown
+        known = None  # another library's LayerNorm: its forward is unknown
     weight = getattr(norm, "weight", None)
-    if kind is None or not isinstance(weight, Tensor) or weight.dim() != 1:
+    if known is None or not isinstance(weight, Tensor) or weight.dim() != 1:
         raise EagerFusionError(
             f"eager norm -> MLP: the norm{at} is a {type(norm).__name__}; expected one of "
-            f"{', '.join(sorted(_NORMS))} with a 1-D weight"
+            f"{', '.join(catalogue.norm_class_names())} with a 1-D weight"
         )
     if isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) != tuple(weight.shape):
         raise EagerFusionError(
@@ -184,7 +142,10 @@ def region_spec(
             "not the last dimension alone"
         )
     _refuse_hooked("norm", norm, at)
-    eps_attribute, spec = kind
+    eps_attribute, form = known
+    spec = RegionSpec(
+        norm=form.kind, norm_weight_offset=form.weight_offset, norm_weight_fp32=form.weight_fp32
+    )
     eps = getattr(norm, eps_attribute, None)
     if not isinstance(eps, float):
         raise EagerFusionError(
@@ -200,7 +161,7 @@ def _mlp_spec(mlp: nn.Module, spec: RegionSpec, at: str, hidden: int | None = No
     _refuse_hooked("MLP", mlp, at)
     layout = _mlp_layout(mlp)
     if layout is None:
-        expected = "; ".join(", ".join(layout.children) for layout in _MLP_LAYOUTS)
+        expected = "; ".join(", ".join(layout.children) for layout in catalogue.MLP_LAYOUTS)
         raise EagerFusionError(
             f"eager norm -> MLP: the MLP{at} ({type(mlp).__name__}) lacks the nn.Linear "
             f"projections of a supported MLP (one of: {expected})"
@@ -243,7 +204,7 @@ def _mlp_spec(mlp: nn.Module, spec: RegionSpec, at: str, hidden: int | None = No
     return dataclasses.replace(spec, activation=activation, gated=layout.gated)
 
 
-def _projections(mlp: nn.Module, layout: _MLPLayout) -> tuple[Any, Any, Any]:
+def _projections(mlp: nn.Module, layout: MLPLayout) -> tuple[Any, Any, Any]:
     """(gate, up or None, down) modules of ``mlp``."""
     # From the children dict itself: nn.Module.__getattr__ is the slow path of attribute lookup
     # (~1 µs each), and the eager layer runs this on every call.
@@ -418,10 +379,6 @@ class NormMLP(nn.Module):
 # dispatcher (see `NormMLP.forward`). Elsewhere the op's body is the PyTorch reference, and the
 # call stays an op call, visible to dispatch modes and profilers.
 DIRECT_DEVICES: tuple[str, ...] = ("cuda",)
-
-
-# The name of the first eager layer (Llama's RMSNorm -> MLP), kept for code written against it.
-RMSNormMLP = NormMLP
 
 
 def fuse_mlp(parent: nn.Module, mlp_name: str, *, where: str = "") -> bool:

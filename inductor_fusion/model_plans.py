@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from inductor_fusion import registry
+from inductor_fusion import catalogue, registry
 from inductor_fusion.config import FusionPlan
 from inductor_fusion.fusion_entries import FusionEntry, key_forms, layer_names
 
@@ -139,47 +139,6 @@ def _plan_from_dynamo_frame() -> FusionPlan | None:
 # Registered by users, per class. Weak keys: a class defined and dropped (e.g. in a test) goes.
 _FUSABLE: weakref.WeakKeyDictionary[type, dict[str, str]] = weakref.WeakKeyDictionary()
 
-# Shipped defaults, keyed by the class's dotted name so that nothing imports transformers' model
-# modules for them. Registered on the base models; a head class (…ForCausalLM, …ForQuestionAnswering)
-# inherits them under its base_model_prefix (see `fusable_modules`).
-_DEFAULT_FUSABLE: dict[str, dict[str, str]] = (
-    {
-        f"transformers.models.{module}.modeling_{module}.{prefix}Model": {
-            "RMSNorm": "layers.*.post_attention_layernorm",
-            "MLP": "layers.*.mlp",
-        }
-        for module, prefix in (
-            ("llama", "Llama"),
-            ("mistral", "Mistral"),
-            ("qwen2", "Qwen2"),
-            ("qwen3", "Qwen3"),
-            ("gemma", "Gemma"),
-            ("phi3", "Phi3"),
-            ("granite", "Granite"),
-        )
-    }
-    | {
-        # A second norm follows their MLP; the region fused is the pre-feedforward norm -> MLP.
-        f"transformers.models.{module}.modeling_{module}.{prefix}": {
-            "RMSNorm": "layers.*.pre_feedforward_layernorm",
-            "MLP": "layers.*.mlp",
-        }
-        for module, prefix in (("gemma2", "Gemma2Model"), ("gemma3", "Gemma3TextModel"))
-    }
-    | {
-        f"transformers.models.{module}.modeling_{module}.{prefix}Model": {
-            "LayerNorm": "layers.*.post_attention_layernorm",
-            "MLP": "layers.*.mlp",
-        }
-        for module, prefix in (
-            ("gpt_neox", "GPTNeoX"),
-            ("starcoder2", "Starcoder2"),
-            ("nemotron", "Nemotron"),
-        )
-    }
-    | {"transformers.models.olmo2.modeling_olmo2.Olmo2Model": {"MLP": "layers.*.mlp"}}
-)
-
 
 def register_fusable_modules(model_class: type, modules: Mapping[str, str]) -> None:
     """Declares, by name, where ``model_class`` keeps modules our fusions span.
@@ -215,9 +174,12 @@ def register_fusable_modules(model_class: type, modules: Mapping[str, str]) -> N
 
 
 def _registered_for_class(model_class: type) -> dict[str, str]:
+    # The catalogue's rows name base models by dotted name, so that nothing imports transformers'
+    # model modules for them; a head class inherits them under its base_model_prefix.
+    shipped = catalogue.default_fusable()
     found: dict[str, str] = {}
     for klass in reversed(model_class.__mro__):  # subclasses override their bases
-        found.update(_DEFAULT_FUSABLE.get(f"{klass.__module__}.{klass.__qualname__}", {}))
+        found.update(shipped.get(f"{klass.__module__}.{klass.__qualname__}", {}))
         found.update(_FUSABLE.get(klass, {}))
     return found
 
@@ -302,9 +264,9 @@ def _warn_unpaired(model: torch.nn.Module, entry: FusionEntry, globs: tuple[str,
     a norm and the MLP it feeds, siblings in one block (``layers.0.post_attention_layernorm`` with
     ``layers.0.mlp``). Globs that pair only across blocks, or name the roles the other way round,
     would silently fuse nothing."""
-    if entry.pattern != "rmsnorm_mlp":
-        return
-    norm_glob, mlp_glob = globs
+    if len(globs) != 2:
+        return  # an MLP alone pairs with nothing
+    (norm_name, _), (norm_glob, mlp_glob) = entry.names, globs
     modules = dict(model.named_modules())
     norms = [p for p, m in modules.items() if fnmatch.fnmatchcase(p, norm_glob)]
     mlps = [p for p, m in modules.items() if fnmatch.fnmatchcase(p, mlp_glob)]
@@ -315,12 +277,12 @@ def _warn_unpaired(model: torch.nn.Module, entry: FusionEntry, globs: tuple[str,
         return
     swapped = any(_is_mlp(modules[n]) for n in norms) or any(_is_norm(modules[m]) for m in mlps)
     why = (
-        "the RMSNorm glob matches MLP modules or the MLP glob matches norms (roles swapped?)"
+        f"the {norm_name} glob matches MLP modules or the MLP glob matches norms (roles swapped?)"
         if swapped
         else "no matched norm sits in the same block as a matched MLP"
     )
     warnings.warn(
-        f"{entry.describe()}: RMSNorm glob {norm_glob!r} and MLP glob {mlp_glob!r} never pair "
+        f"{entry.describe()}: {norm_name} glob {norm_glob!r} and MLP glob {mlp_glob!r} never pair "
         f"in {type(model).__name__}: {why}; {entry.pattern} will fuse nothing there",
         UserWarning,
         stacklevel=4,

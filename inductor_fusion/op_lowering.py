@@ -3,11 +3,12 @@
 A graph can hold ``torch.ops.inductor_fusion.rmsnorm_mlp`` itself: a model whose layers were
 swapped for the eager layer (`inductor_fusion.layers.NormMLP`) and then compiled, or a user's
 own call of the op. Left as it is, the node is an extern call through the dispatcher, which
-plans and launches the kernels in Python on every call (about 285 µs of host time on the H200 machine, against ~60 µs for a lowered region). On CUDA
-this pass gives such a node what a fused region gets: our kernels as launches in Inductor's own
-code where they win (`patterns.norm_mlp.should_fuse`: gated MLPs, up to the shape's token bound),
-else the op's PyTorch reference as aten ops, so Inductor's GEMMs run the region. Elsewhere, and
-for what the kernels do not take, the node stays.
+plans and launches the kernels in Python on every call (about 285 µs of host time on the H200
+machine, against ~60 µs for a lowered region). On CUDA this pass gives such a node what a fused
+region gets: our kernels as launches in Inductor's own code where they win
+(`patterns.norm_mlp_checks.should_fuse`: gated MLPs, up to the shape's token bound), else the
+op's PyTorch reference as aten ops, so Inductor's GEMMs run the region. Elsewhere, and for what
+the kernels do not take, the node stays.
 
 Training regions' ``silu_mul`` calls (`inductor_fusion.patterns.training`) get the same on CUDA:
 the op's kernel as a launch in Inductor's code instead of a dispatcher call per backward.
@@ -101,7 +102,7 @@ _SPEC_KEYS = ("norm", "norm_weight_offset", "norm_weight_fp32", "activation", "g
 
 
 def _replace(graph: torch.fx.Graph, node: torch.fx.Node, call: dict[str, Any]) -> None:
-    from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
+    from inductor_fusion.patterns.norm_mlp_checks import RegionArgs, should_fuse
     from inductor_fusion.triton_kernels.region import RegionSpec, rmsnorm_mlp_reference
     from inductor_fusion.triton_kernels.rmsnorm_mlp import rmsnorm_mlp_lowered
 

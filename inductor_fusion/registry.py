@@ -11,13 +11,28 @@ from __future__ import annotations
 import functools
 import importlib
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from torch._inductor.pattern_matcher import PatternMatcherPass
+
+    from inductor_fusion.report import FusedRegion
+
+
+class FamilyModule(Protocol):
+    """What a family's pattern module provides (`PatternFamily.pattern_module`): ``register``,
+    and any of `OPTIONAL_HOOKS` (`family_hook`): ``register_training(pass_, on_match=...)``
+    (joint-graph variants), ``prepare_graph(graph)`` before matching, and
+    ``unmatched_candidates(graph) -> list`` after it (regions that look fusable but were not).
+    The norm -> MLP families also list their table rows as ``FORMS``."""
+
+    def register(self, pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None: ...
+
+
+OPTIONAL_HOOKS = ("register_training", "prepare_graph", "unmatched_candidates")
 
 
 @dataclass(frozen=True)
@@ -25,8 +40,7 @@ class PatternFamily:
     """One named fusion: where its patterns and its op live, and which modules it spans."""
 
     name: str
-    # Module holding the plain-PyTorch search/replacement pairs; it exposes
-    # `register(pass_, on_match)` and `ROLES`.
+    # Module holding the plain-PyTorch search/replacement pairs (a `FamilyModule`).
     pattern_module: str
     # Modules holding the custom op(s) the replacement calls. They must be imported before a
     # graph from the FX cache runs, because a cache hit skips our pass entirely.
@@ -34,12 +48,26 @@ class PatternFamily:
     # The module roles a match spans, in the order KernelConfig keys name them.
     roles: tuple[str, ...]
     description: str
+    # The names KernelConfig keys use for the roles' modules, aligned with them; they follow
+    # transformers' kernel layer names ("RMSNorm", "MLP"). Empty: the role names.
+    layer_names: tuple[str, ...] = ()
+    # The norm kind (`RegionSpec.norm`) of the modules a ":eager" entry may swap our eager layer
+    # in for (`inductor_fusion.layers`): it fuses in eager mode what the same entry fuses under
+    # torch.compile, never another family's region. None: the family has no eager layer.
+    eager_norm: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
             raise ValueError(f"pattern family name must be an identifier, got {self.name!r}")
         if not self.roles:
             raise ValueError(f"pattern family {self.name!r} declares no roles")
+        if self.layer_names and len(self.layer_names) != len(self.roles):
+            raise ValueError(f"pattern family {self.name!r}: one layer name per role")
+
+    @property
+    def kernel_layer_names(self) -> tuple[str, ...]:
+        """The names a KernelConfig key uses for the family's modules, in role order."""
+        return self.layer_names or self.roles
 
 
 FAMILIES: dict[str, PatternFamily] = {
@@ -54,6 +82,8 @@ FAMILIES: dict[str, PatternFamily] = {
                 "inductor_fusion.triton_kernels.rmsnorm_mlp_train",  # the eager layer
             ),
             roles=("norm", "mlp"),
+            layer_names=("RMSNorm", "MLP"),
+            eager_norm="rms",
             description=(
                 "RMSNorm (Llama's, Gemma's 1 + w) -> gated MLP (SiLU or GELU-tanh; separate or "
                 "fused gate/up), with or without the (scaled) residual add that follows"
@@ -64,6 +94,8 @@ FAMILIES: dict[str, PatternFamily] = {
             pattern_module="inductor_fusion.patterns.layernorm_mlp",
             op_modules=("inductor_fusion.triton_kernels.rmsnorm_mlp",),
             roles=("norm", "mlp"),
+            layer_names=("LayerNorm", "MLP"),
+            eager_norm="layer",
             description=(
                 "LayerNorm (with bias, or Nemotron's 1 + w) -> non-gated MLP (GELU, GELU-tanh, "
                 "ReLU^2), with or without the residual add that follows"
@@ -74,6 +106,8 @@ FAMILIES: dict[str, PatternFamily] = {
             pattern_module="inductor_fusion.patterns.mlp_postnorm",
             op_modules=("inductor_fusion.triton_kernels.rmsnorm_mlp",),
             roles=("mlp",),
+            layer_names=("MLP",),
+            eager_norm="none",
             description=(
                 "gated SiLU MLP on the residual stream whose output a second norm takes before "
                 "the add (OLMo-2); the MLP fuses, the post-norm and the add stay Inductor's"
@@ -84,6 +118,7 @@ FAMILIES: dict[str, PatternFamily] = {
             pattern_module="inductor_fusion.patterns.gqa_attention",
             op_modules=(),
             roles=("attention",),
+            layer_names=("Attention",),
             description=(
                 "grouped-query attention at decode (<= 16 query tokens): SDPA on the key/value "
                 "heads with the query heads packed as rows, instead of repeat_kv copies of the cache"
@@ -96,6 +131,17 @@ FAMILIES: dict[str, PatternFamily] = {
 def pattern_names() -> tuple[str, ...]:
     """Every valid pattern family name, sorted."""
     return tuple(sorted(FAMILIES))
+
+
+def eager_patterns() -> tuple[str, ...]:
+    """The families with an eager layer (":eager" KernelConfig entries), sorted."""
+    return tuple(name for name in pattern_names() if FAMILIES[name].eager_norm is not None)
+
+
+def norm_mlp_patterns() -> tuple[str, ...]:
+    """The norm -> MLP families, those that span two roles first (a model registering Llama's
+    "RMSNorm" and "MLP" names both is Llama's region, not an MLP alone), then by name."""
+    return tuple(sorted(eager_patterns(), key=lambda n: (-len(FAMILIES[n].roles), n)))
 
 
 def get_family(name: str) -> PatternFamily:
@@ -142,6 +188,13 @@ def pattern_module(name: str) -> ModuleType:
     return importlib.import_module(get_family(name).pattern_module)
 
 
+def family_hook(name: str, hook: str) -> Callable[..., Any] | None:
+    """The family module's optional ``hook`` (one of `OPTIONAL_HOOKS`), None where it has none."""
+    if hook not in OPTIONAL_HOOKS:
+        raise ValueError(f"unknown family hook {hook!r}; hooks: {', '.join(OPTIONAL_HOOKS)}")
+    return getattr(pattern_module(name), hook, None)
+
+
 _build_lock = threading.Lock()
 
 
@@ -153,11 +206,10 @@ def _built_pass(name: str, training: bool = False) -> PatternMatcherPass:
 
     suffix = ".training" if training else ""
     matcher = PatternMatcherPass(pass_name=f"inductor_fusion.{name}{suffix}")
-    module = pattern_module(name)
     if not training:
-        module.register(matcher, on_match=pass_state.on_match)
-    elif hasattr(module, "register_training"):  # families without training variants: empty
-        module.register_training(matcher, on_match=pass_state.on_match)
+        pattern_module(name).register(matcher, on_match=pass_state.on_match)
+    elif (register := family_hook(name, "register_training")) is not None:
+        register(matcher, on_match=pass_state.on_match)  # without training variants: empty
     return matcher
 
 

@@ -36,7 +36,6 @@ from inductor_fusion.pass_state import on_reject
 from inductor_fusion.report import FusedRegion
 
 NAME = "gqa_decode"
-ROLES = ("attention",)
 
 # Query tokens per sequence up to which a region is packed: decode and speculative decoding.
 # Prefill (hundreds of tokens) is compute-bound, and there the copies are a small share.

@@ -11,23 +11,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from inductor_fusion.patterns import norm_mlp
-from inductor_fusion.patterns.norm_mlp import Shape
+from inductor_fusion.patterns import norm_mlp, norm_mlp_graph
+from inductor_fusion.patterns.norm_mlp import RegionForm
 from inductor_fusion.report import FusedRegion
 
 NAME = "layernorm_mlp"
-ROLES = ("norm", "mlp")
 
-SHAPES: tuple[Shape, ...] = (
-    Shape(
+FORMS: tuple[RegionForm, ...] = (
+    RegionForm(
         "gpt_neox", "layer", "gelu", "plain", ("right", "parallel", "none"), biases=(True,),
         models="GPT-NeoX (sequential: mlp + h; parallel: mlp + attn, then + h)",
     ),
-    Shape(
+    RegionForm(
         "starcoder2", "layer", "gelu_tanh", "plain", ("left", "none"), biases=(True, False),
         models="Starcoder2 (use_bias=True or False)",
     ),
-    Shape(
+    RegionForm(
         "nemotron", "layer_1p", "relu2", "plain", ("left", "none"), biases=(False, True),
         models="Nemotron (LayerNorm1P, ReLU^2)",
     ),
@@ -35,9 +34,9 @@ SHAPES: tuple[Shape, ...] = (
 
 
 def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
-    norm_mlp.register(pass_, family=NAME, shapes=SHAPES, on_match=on_match)
+    norm_mlp.register(pass_, family=NAME, forms=FORMS, on_match=on_match)
 
 
 def prepare_graph(graph: Any) -> None:
-    """Run by the pass before matching: see `norm_mlp.prepare_graph`."""
-    norm_mlp.prepare_graph(graph)
+    """Run by the pass before matching: see `norm_mlp_graph.prepare_graph`."""
+    norm_mlp_graph.prepare_graph(graph)

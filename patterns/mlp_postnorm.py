@@ -6,7 +6,7 @@ post-norm and the add stay Inductor's, because a row norm over H cannot sit in t
 epilogue, whose programs each see only part of a row.
 
 An MLP with no norm in front looks like the MLP half of every norm -> MLP region, so this family
-matches only where OLMo-2's shape is (`norm_mlp.Shape.post_norm`): the MLP's input is the residual
+matches only where OLMo-2's shape is (`norm_mlp.RegionForm.post_norm`): the MLP's input is the residual
 stream (also used outside the region) and its output goes into a norm. An MLP fed by a norm is
 left to its norm's family (``rmsnorm_mlp``, ``layernorm_mlp``), which fuses the norm too.
 """
@@ -16,15 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from inductor_fusion.patterns import norm_mlp
-from inductor_fusion.patterns.norm_mlp import Shape
+from inductor_fusion.patterns import norm_mlp, norm_mlp_graph
+from inductor_fusion.patterns.norm_mlp import RegionForm
 from inductor_fusion.report import FusedRegion
 
 NAME = "mlp_postnorm"
-ROLES = ("mlp",)
 
-SHAPES: tuple[Shape, ...] = (
-    Shape(
+FORMS: tuple[RegionForm, ...] = (
+    RegionForm(
         "olmo2", "none", "silu", "separate", ("none",), post_norm=True,
         models="OLMo-2 (h + post_feedforward_layernorm(mlp(h)): the MLP fuses)",
     ),
@@ -32,9 +31,9 @@ SHAPES: tuple[Shape, ...] = (
 
 
 def register(pass_: Any, *, on_match: Callable[[FusedRegion], bool]) -> None:
-    norm_mlp.register(pass_, family=NAME, shapes=SHAPES, on_match=on_match)
+    norm_mlp.register(pass_, family=NAME, forms=FORMS, on_match=on_match)
 
 
 def prepare_graph(graph: Any) -> None:
-    """Run by the pass before matching: see `norm_mlp.prepare_graph`."""
-    norm_mlp.prepare_graph(graph)
+    """Run by the pass before matching: see `norm_mlp_graph.prepare_graph`."""
+    norm_mlp_graph.prepare_graph(graph)

@@ -43,7 +43,7 @@ MEMORY_MODES = ("default", "recompute")
 # a user picks for memory, lowers it 17-22 % (largest batch 17) at 0.91x. Elsewhere (the CPU)
 # every mode fuses, so that CPU runs exercise the graphs a GPU run compiles. The one switch for
 # compiled training on CUDA: the joint-graph pass (`fusion_pass.normalize_joint_graph`) and
-# `norm_mlp.should_fuse` read it through `cuda_reason`.
+# `norm_mlp_checks.should_fuse` read it through `cuda_reason`.
 CUDA_MODES: frozenset[str] = frozenset(MEMORY_MODES)
 
 

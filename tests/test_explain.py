@@ -17,7 +17,7 @@ from tiny_models import FAMILIES, TINY, fresh_compile, layer_paths, tiny_model, 
 from transformers import CompileConfig, LlamaConfig
 
 import inductor_fusion
-from inductor_fusion import explainer
+from inductor_fusion import layer_trace
 from inductor_fusion.config import ENV_DISABLE
 from inductor_fusion.patterns.gqa_attention import MAX_QUERY_TOKENS
 from inductor_fusion.triton_kernels.launch_config import MAX_PROFITABLE_TOKENS
@@ -222,8 +222,8 @@ def test_config_only_8b_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     inductor_fusion.explain(tiny_model("llama"))  # patterns registered: measure explain itself
     traces = []
-    trace = explainer._trace_layer
-    monkeypatch.setattr(explainer, "_trace_layer", lambda *a: traces.append(a) or trace(*a))
+    trace = layer_trace.trace_layer
+    monkeypatch.setattr(layer_trace, "trace_layer", lambda *a: traces.append(a) or trace(*a))
     start = time.perf_counter()
     explanation = inductor_fusion.explain(config, dtype=torch.bfloat16)
     elapsed = time.perf_counter() - start

@@ -194,7 +194,7 @@ def test_non_gated_regions_stay_inductors_on_cuda_only():
     (the op is the reference there, and CPU CI exercises the same graphs)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
+    from inductor_fusion.patterns.norm_mlp_checks import RegionArgs, should_fuse
 
     def args(device: str, gated: bool) -> RegionArgs:
         with FakeTensorMode():
@@ -229,7 +229,7 @@ def test_shapes_measured_slower_stop_fusing_earlier_on_cuda(hidden, inter, token
     and on 8 GPUs (I = 1792) it never fuses; other shapes keep the general bound (64)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
+    from inductor_fusion.patterns.norm_mlp_checks import RegionArgs, should_fuse
 
     with FakeTensorMode():
         shapes = [(1, tokens, hidden), (hidden,), (inter, hidden), (inter, hidden), (hidden, inter)]

@@ -20,7 +20,7 @@ from tiny_models import Region, assert_within_tolerance, fresh_compile, region_h
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from inductor_fusion.patterns.rmsnorm_mlp import RegionArgs, can_fuse
+from inductor_fusion.patterns.norm_mlp_checks import RegionArgs, can_fuse
 
 HID, INTER = 32, 48  # hidden and intermediate size of the direct cases
 

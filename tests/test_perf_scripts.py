@@ -99,7 +99,7 @@ def test_bench_expects_what_should_fuse_decides(spec, tokens, expected, perf_pat
     import bench
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
+    from inductor_fusion.patterns.norm_mlp_checks import RegionArgs, should_fuse
 
     shape = bench.Shape.parse(spec)
     region = types.SimpleNamespace(shape=shape, kind=bench.KINDS[shape.kind])

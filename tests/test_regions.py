@@ -118,10 +118,10 @@ def test_float64_is_left_to_inductor():
 
 
 def test_illegal_region_falls_back_with_one_log_line(monkeypatch, caplog):
-    from inductor_fusion.patterns import norm_mlp
+    from inductor_fusion.patterns import norm_mlp_checks
 
     # The engine's check, which every family's match calls.
-    monkeypatch.setattr(norm_mlp, "can_fuse", lambda args: "pretend the kernel cannot do it")
+    monkeypatch.setattr(norm_mlp_checks, "can_fuse", lambda args: "pretend the kernel cannot do it")
     region = Region(bias=False, residual="left").to(torch.bfloat16)
     h = region_hidden(3, torch.bfloat16)
     with caplog.at_level(logging.INFO, logger="inductor_fusion"):

@@ -689,7 +689,7 @@ def test_training_regions_fuse_on_cuda_only_in_the_measured_modes(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from inductor_fusion.patterns import training
-    from inductor_fusion.patterns.norm_mlp import RegionArgs, should_fuse
+    from inductor_fusion.patterns.norm_mlp_checks import RegionArgs, should_fuse
 
     def args(device: str, training: bool, memory: str = "default") -> RegionArgs:
         with FakeTensorMode():
@@ -787,7 +787,7 @@ def test_training_variants_register_under_inference_mode():
         pass_ = PatternMatcherPass()
         with torch.inference_mode(inference):
             norm_mlp.register(
-                pass_, family="rmsnorm_mlp", shapes=(norm_mlp.LLAMA,), on_match=lambda r: False,
+                pass_, family="rmsnorm_mlp", forms=(norm_mlp.LLAMA,), on_match=lambda r: False,
                 training=True,
             )  # fmt: skip
         return sum(len(entries) for entries in pass_.patterns.values())

@@ -25,6 +25,7 @@ __all__ = [
     "check_args",
     "rmsnorm_mlp_reference",
     "supports",
+    "token_count",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -126,6 +127,12 @@ _ACTIVATION_REFERENCE = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu2": lambda x: torch.square(F.relu(x)),
 }
+
+
+def token_count(hidden: Tensor) -> Any:
+    """The rows the region computes: every dimension of ``hidden`` but the last (H). A SymInt in
+    a graph with a dynamic token count; comparing it there guards on the comparison."""
+    return hidden.numel() // hidden.shape[-1] if hidden.shape[-1] else 0
 
 
 def supports(

@@ -38,6 +38,7 @@ from inductor_fusion.triton_kernels.region import (
     check_args,
     rmsnorm_mlp_reference,
     supports,
+    token_count,
 )
 
 __all__ = [
@@ -256,8 +257,7 @@ def eager_tma(hidden: Tensor) -> bool:
     (graph replay), so it is kept where the GPU is what counts: from ``EAGER_TMA_MIN_ROWS`` rows,
     and while a CUDA graph is captured (a replay costs no host time).
     """
-    features = hidden.shape[-1]
-    if features and hidden.numel() // features >= EAGER_TMA_MIN_ROWS:
+    if token_count(hidden) >= EAGER_TMA_MIN_ROWS:
         return True
     return hidden.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -313,7 +313,7 @@ def _region_plan(
     the exact token count when it is an int, the regime otherwise), the launches planned. None
     for an empty input. ``tensors`` are the weights and biases in the op's order."""
     check_args(hidden, *tensors, residual, norm_bias, spec)
-    m = hidden.numel() // hidden.shape[-1]
+    m = token_count(hidden)
     if isinstance(m, int) and m == 0:
         return None
     gate_weight = tensors[1]

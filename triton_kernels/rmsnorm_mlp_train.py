@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from inductor_fusion.triton_kernels.region import SUPPORTED_DTYPES, token_count
+
 __all__ = [
     "FUSED_TRAINING_ON_CUDA",
     "rmsnorm_mlp_train",
@@ -263,7 +265,7 @@ def _rmsnorm_mlp_train_fake(
     recompute: bool,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    m = hidden.numel() // hidden.shape[-1]
+    m = token_count(hidden)
     inter = gate_weight.shape[0]
     saved = (0 if recompute else m, inter)
     dtype = compute_dtype or hidden.dtype
@@ -318,7 +320,7 @@ def _rmsnorm_mlp_train_backward_cuda(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # Direct calls may bring dtypes the kernels do not take (float64): those get the reference.
     impl = train_backward_triton
-    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32) or hidden.numel() == 0:
+    if hidden.dtype not in SUPPORTED_DTYPES or hidden.numel() == 0:
         impl = train_backward_reference
     grads = impl(
         grad_out, hidden, norm_weight, gate_weight, up_weight, down_weight, rstd, gate, up,

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from inductor_fusion.triton_kernels.region import SUPPORTED_DTYPES
+
 __all__ = ["silu_mul", "silu_mul_lowered", "silu_mul_reference", "takes"]
 
 _BLOCK = 2048  # elements per program: 16-byte accesses, enough work per program to hide latency
@@ -50,7 +52,7 @@ def _silu_mul_fake(gate: Tensor, up: Tensor) -> Tensor:
 
 def takes(gate: Tensor) -> bool:
     """Whether the kernel takes tensors like ``gate`` (else the reference computes the op)."""
-    return gate.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return gate.dtype in SUPPORTED_DTYPES
 
 
 @silu_mul.register_kernel("cuda")

@@ -20,9 +20,10 @@ demo: $(STAMP)
 # kernel tests run under Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET).
 # Two pytest-xdist workers, one per core of CI's machine: compiles are single-threaded Python and
 # g++, so a lone process leaves a core idle. Whole files go to one worker (--dist loadfile) so
-# that a file's module-scoped models are built once. PYTEST_WORKERS=0 runs in one process.
+# that a file's module-scoped models are built once, costliest first (tests/conftest.py orders
+# them; --no-loadscope-reorder keeps that order). PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
-PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PYTEST) tests
 

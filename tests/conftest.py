@@ -44,3 +44,32 @@ def offline_hub_no_toggles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv(ENV_PATTERNS, raising=False)
     monkeypatch.delenv(ENV_DISABLE, raising=False)
+
+
+# Serial seconds per file on a 2-core CPU machine (2026-12-07, loaded; only the order matters).
+# `make test` runs files whole on two workers (--dist loadfile) in collection order
+# (--no-loadscope-reorder): collecting the costliest first lets the short ones fill in at the end,
+# instead of the longest file starting last while the other worker idles. A file missing here
+# counts as short; a stale figure costs wall time, never a test.
+_FILE_SECONDS = {
+    "test_training.py": 800,
+    "test_dynamic.py": 370,
+    "test_kernel_rmsnorm_mlp.py": 320,
+    "test_cache.py": 310,
+    "test_explain.py": 280,
+    "test_families.py": 190,
+    "test_models.py": 190,
+    "test_docs.py": 155,
+    "test_perf_scripts.py": 145,
+    "test_clients.py": 140,
+    "test_lookalikes.py": 125,
+    "test_gqa_attention.py": 105,
+    "test_generate.py": 100,
+    "test_eager_layer.py": 100,
+    "test_kernel_config.py": 70,
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # sorted() is stable: tests keep their order within a file.
+    items[:] = sorted(items, key=lambda item: -_FILE_SECONDS.get(item.path.name, 0))

@@ -349,8 +349,10 @@ def _training_ops(report_regions):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("memory", ["default", "recompute"])
+# Each family once and each memory mode once: the family decides what matches (Qwen3's q/k norms
+# must stay out), the mode what the region saves; the pair adds no third claim (both modes on
+# Llama: test_memory_modes_change_what_the_compiled_forward_saves).
+@pytest.mark.parametrize(("family", "memory"), [("llama", "default"), ("qwen3", "recompute")])
 def test_training_compile_fuses_every_layer_with_eager_gradients(family, memory, caplog):
     """model.train(), fp32: every decoder layer's region fuses in the joint graph (the pass's
     own count), in the memory mode asked for, and no log line calls a fused region unfused (the
@@ -794,7 +796,7 @@ def test_training_variants_register_under_inference_mode():
 
     trained = len([v for v in norm_mlp.variants((norm_mlp.LLAMA,)) if v.training])
     assert trained == 18  # fp32/low precision/autocast x 2-D/3-D x three residual forms
-    assert registered(inference=True) == registered(inference=False) == trained
+    assert registered(inference=True) == trained
 
 
 @pytest.mark.slow
@@ -852,11 +854,14 @@ def test_inference_compiles_never_build_the_training_pass():
         import sys, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from tiny_models import tiny_model, token_ids
+        import inductor_fusion
         from inductor_fusion import registry
         model, ids = tiny_model("llama"), token_ids()
+        # The one family with training variants: the others' passes would only add tracing.
+        backend = inductor_fusion.backend(patterns=["rmsnorm_mlp"])
         with torch.no_grad():
-            torch.compile(model, backend="inductor_fusion")(ids)
-        print(registry._built_pass.cache_info().currsize, len(registry.pattern_names()))
+            torch.compile(model, backend=backend)(ids)
+        print(registry._built_pass.cache_info().currsize)
         """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTOR_FUSION_")}
@@ -865,9 +870,8 @@ def test_inference_compiles_never_build_the_training_pass():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # One pass per family, inference only (each training pass would add one).
-    built, families = result.stdout.split()[-2:]
-    assert built == families
+    # The family's inference pass only (its training pass would be a second).
+    assert result.stdout.split()[-1] == "1", result.stdout
 
 
 def test_cuda_training_graphs_are_left_to_inductor_before_any_matching(caplog, monkeypatch):

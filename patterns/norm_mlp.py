@@ -61,7 +61,7 @@ from inductor_fusion.patterns.norm_mlp_checks import (
 )
 from inductor_fusion.patterns.training import trace_region
 from inductor_fusion.report import FusedRegion
-from inductor_fusion.triton_kernels.region import RegionSpec
+from inductor_fusion.triton_kernels.region import ACTIVATION_FUNCTIONS, RegionSpec
 
 # Example scalars that equal no other literal of any pattern (2 in pow, 1 in silu and 1 + w, -1
 # in mean, GELU's constants), so the scalar workaround turns exactly these into arguments.
@@ -101,14 +101,6 @@ def layer_norm_1p(
     return F.layer_norm(hidden, (hidden.shape[-1],), weight + 1.0, bias, eps)
 
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),  # "gelu_pytorch_tanh"
-    "relu2": lambda x: torch.square(F.relu(x)),  # ReLUSquaredActivation
-}
-
-
 # The search function of each norm formula of the catalogue (`catalogue.NORM_FORMS`, which spells
 # it as the op's axes): (hidden, weight[, bias], eps) -> normed; None for no norm.
 NORMS: dict[str, Callable[..., torch.Tensor] | None] = {
@@ -130,7 +122,7 @@ class RegionForm:
     # Variant-name prefix; "" for Llama's, whose unprefixed names users' reports and tests key on.
     name: str
     norm: str  # a key of NORMS (and of catalogue.NORM_FORMS)
-    activation: str  # a key of _ACTIVATIONS
+    activation: str  # a key of ACTIVATION_FUNCTIONS (the op's activation names)
     mlp: str  # one of MLPS
     residuals: tuple[str, ...]  # the residual forms registered, from RESIDUALS
     biases: tuple[bool, ...] = (False,)  # MLP biases registered (mlp_bias / use_bias)
@@ -145,7 +137,11 @@ class RegionForm:
     training: bool = False
 
     def __post_init__(self) -> None:
-        if self.norm not in NORMS or self.activation not in _ACTIVATIONS or self.mlp not in MLPS:
+        if (
+            self.norm not in NORMS
+            or self.activation not in ACTIVATION_FUNCTIONS
+            or self.mlp not in MLPS
+        ):
             raise ValueError(f"unknown axis value in {self}")
         if not set(self.residuals) <= set(RESIDUALS):
             raise ValueError(f"unknown residual form in {self}")
@@ -184,7 +180,7 @@ def _autocast_mlp(
 
 
 def mlp(form: RegionForm, x: torch.Tensor, a: dict[str, Any], bias: bool) -> torch.Tensor:
-    act = _ACTIVATIONS[form.activation]
+    act = ACTIVATION_FUNCTIONS[form.activation]
     gate_bias = a["gate_bias"] if bias else None
     down_bias = a["down_bias"] if bias else None
     if form.mlp == "plain":

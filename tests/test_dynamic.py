@@ -142,6 +142,16 @@ def test_globs_that_never_pair_warn(key, why):
         apply_kernel_config(model, {key: ON})
 
 
+def test_layernorm_globs_that_never_pair_warn():
+    # Every two-role family is checked, named by its own layer names, not only rmsnorm_mlp.
+    model = tiny_model("gpt_neox", torch.float32)
+    norm, mlp = "gpt_neox.layers.0.post_attention_layernorm", "gpt_neox.layers.1.mlp"
+    with pytest.warns(UserWarning, match="LayerNorm glob .* never pair.*same block"):
+        apply_kernel_config(
+            model, {(("LayerNorm", norm), ("MLP", mlp)): "inductor_fusion:layernorm_mlp"}
+        )
+
+
 def test_globs_that_pair_do_not_warn():
     model = tiny_model("llama", torch.float32)
     with warnings.catch_warnings():

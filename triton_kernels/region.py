@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS",
+    "ACTIVATION_FUNCTIONS",
     "LLAMA",
     "NORMS",
     "SUPPORTED_DTYPES",
@@ -30,7 +31,15 @@ __all__ = [
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NORMS = ("rms", "layer", "none")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
+# Each activation name as PyTorch computes it: the reference here, and the search functions of
+# the pattern table (`patterns.norm_mlp`), which must write what the models write.
+ACTIVATION_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu2": lambda x: torch.square(F.relu(x)),
+}
+ACTIVATIONS = tuple(ACTIVATION_FUNCTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +104,7 @@ def rmsnorm_mlp_reference(
     """
     n = _norm_reference(hidden, norm_weight, norm_bias, eps, spec)
     gate = F.linear(n, gate_weight, gate_bias)
-    act = _ACTIVATION_REFERENCE[spec.activation](gate)
+    act = ACTIVATION_FUNCTIONS[spec.activation](gate)
     if spec.gated:
         act = act * F.linear(n, up_weight, up_bias)
     y = F.linear(act, down_weight, down_bias)
@@ -119,14 +128,6 @@ def _norm_reference(
     if spec.norm_weight_fp32:  # GemmaRMSNorm
         return (n * (weight.float() + offset)).to(hidden.dtype)
     return n.to(hidden.dtype) * (weight if offset == 0.0 else weight + offset)  # LlamaRMSNorm
-
-
-_ACTIVATION_REFERENCE = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-    "relu2": lambda x: torch.square(F.relu(x)),
-}
 
 
 def token_count(hidden: Tensor) -> Any:

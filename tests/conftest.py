@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
 # compiling beside us, fails every later compile of that kernel with "file too short" (CI hit it
 # once). The suite therefore compiles into a directory of its own, made fresh for each session and
 # inherited by the subprocesses it starts; a caller that sets TORCHINDUCTOR_CACHE_DIR keeps theirs.
-# Tests that need a cold or shared cache set their own directory (test_cache, test_training).
+# Tests whose children must miss or hit the FX graph cache salt its key instead
+# (`tiny_models.child_environ`), so they still reuse the C++ kernels built here.
 # Under pytest-xdist (`make test` runs two workers) each worker inherits the controller's
 # variable, so a worker compiles into a directory of its own beneath it: two processes writing one
 # cache directory at once is the race above.

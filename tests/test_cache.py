@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from tiny_models import child_environ
 
 from inductor_fusion import records
 from inductor_fusion.report import FusedRegion, FusionReport
@@ -54,28 +55,17 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _environ(cache_dir: str, **env: str) -> dict[str, str]:
-    # Start from no toggles of ours, whatever the outer environment sets; caches on explicitly.
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTOR_FUSION_")}
-    return {
-        **inherited,
-        "TORCHINDUCTOR_CACHE_DIR": cache_dir,
-        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
-        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
-        **env,
-    }
-
-
-def _child(cache_dir: str, *, install: bool = False, **env: str) -> dict:
+def _child(tag: str, *, install: bool = False, **env: str) -> dict:
     """One process compiling the tiny Llama: with our backend, or with ``backend="inductor"``
-    after ``inductor_fusion.install()``."""
+    after ``inductor_fusion.install()``. Children of one ``tag`` share cache entries
+    (`child_environ`)."""
     tests = os.path.dirname(__file__)
     code = _CHILD.format(
         tests=tests, install=install, backend="inductor" if install else "inductor_fusion"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
-        env=_environ(cache_dir, **env),
+        env=child_environ(tag, **env),
         capture_output=True,
         text=True,
         timeout=600,
@@ -89,9 +79,9 @@ def _counts(result: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_cache_respects_toggles(tmp_path):
-    cache = str(tmp_path / "inductor-cache")
-    first = _child(cache)
+def test_cache_respects_toggles_and_reports_hits_from_the_records(tmp_path):
+    tag = str(tmp_path)
+    first = _child(tag)
     assert _counts(first) == {
         "op_calls": 2,
         "reported": 2,
@@ -99,14 +89,15 @@ def test_cache_respects_toggles(tmp_path):
         "cache_hits": 0,
         "matches_eager": True,
     }
+    assert len(first["regions"]) == 2 and "from cache" not in first["summary"]
     # Same model and shapes, other toggles: must not be served the fused graph.
-    disabled = _child(cache, INDUCTOR_FUSION_DISABLE="all")
+    disabled = _child(tag, INDUCTOR_FUSION_DISABLE="all")
     assert disabled["op_calls"] == 0 and disabled["matches_eager"]
     assert disabled["cache_hits"] == 0 and disabled["reported"] == 0
-    # Back to the first toggles: a cache hit, so our pass does not run, but the report lists
-    # the regions the first compile recorded, as served from the cache; the cached code calls
-    # our op, registered by the backend before the cached graph runs.
-    again = _child(cache)
+    # Back to the first toggles, in another process: a cache hit, so our pass does not run, but
+    # the report lists the regions the first compile recorded, as served from the cache; the
+    # cached code calls our op, registered by the backend before the cached graph runs.
+    again = _child(tag)
     assert _counts(again) == {
         "op_calls": 2,
         "reported": 2,
@@ -114,28 +105,17 @@ def test_cache_respects_toggles(tmp_path):
         "cache_hits": 1,
         "matches_eager": True,
     }
-
-
-@pytest.mark.slow
-def test_second_process_reports_the_first_ones_regions_from_the_cache(tmp_path):
-    cache = str(tmp_path / "inductor-cache")
-    first = _child(cache)
-    second = _child(cache)
-    assert first["cache_hits"] == 0 and first["from_cache"] == 0
-    assert second["cache_hits"] >= 1
-    assert second["regions"] == first["regions"] and len(first["regions"]) == 2
-    assert second["from_cache"] == second["reported"] == 2
-    assert "(2 served from Inductor's cache)" in second["summary"]
-    assert "from cache" not in first["summary"]
+    assert again["regions"] == first["regions"]
+    assert "(2 served from Inductor's cache)" in again["summary"]
 
 
 @pytest.mark.slow
 def test_install_reports_cache_hits_as_the_backend_does(tmp_path):
     # backend="inductor" under install(): no backend call of ours around the compile, so the
     # records are keyed and closed by the installed pass (see global_pass).
-    cache = str(tmp_path / "inductor-cache")
-    first = _child(cache, install=True)
-    second = _child(cache, install=True)
+    tag = str(tmp_path)
+    first = _child(tag, install=True)
+    second = _child(tag, install=True)
     assert first["cache_hits"] == 0 and first["from_cache"] == 0
     assert first["reported"] == 2 and first["op_calls"] == 2
     assert second["cache_hits"] >= 1 and second["op_calls"] == 2 and second["matches_eager"]
@@ -146,11 +126,11 @@ def test_install_reports_cache_hits_as_the_backend_does(tmp_path):
 
 @pytest.mark.slow
 def test_demo_passes_twice_in_a_row(tmp_path):
-    cache = str(tmp_path / "inductor-cache")
+    tag = str(tmp_path)
     for run in ("compiles", "served from the cache"):
         result = subprocess.run(
             [sys.executable, "-m", "inductor_fusion.demo"],
-            env=_environ(cache),
+            env=child_environ(tag),
             capture_output=True,
             text=True,
             timeout=600,

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from tiny_models import (
     Region,
     assert_within_tolerance,
+    child_environ,
     fresh_compile,
     layer_paths,
     region_hidden,
@@ -738,21 +739,18 @@ print(json.dumps({{
 """
 
 
-def _train_child(cache_dir: str, options: dict) -> dict:
+def _train_child(tag: str, options: dict) -> dict:
     import json
-    import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTOR_FUSION_")}
-    env.update(
-        TORCHINDUCTOR_CACHE_DIR=cache_dir,
-        TORCHINDUCTOR_FX_GRAPH_CACHE="1",
-        TORCHINDUCTOR_AUTOGRAD_CACHE="1",
-    )
     code = _TRAIN_CHILD.format(tests=os.path.dirname(__file__), options=options)
     result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code],
+        env=child_environ(tag),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -763,17 +761,17 @@ def test_training_cache_hit_runs_and_reports_the_fused_regions(tmp_path):
     """A second process served from Inductor's caches still calls our backward op (the forward
     is Inductor's code) and reports the training regions (from our records); another memory mode
     is not served the first one's graph."""
-    cache = str(tmp_path / "inductor-cache")
-    first = _train_child(cache, {})
+    tag = str(tmp_path)
+    first = _train_child(tag, {})
     assert first == {
         "activation_ops": LAYERS,
         "reported": LAYERS,
         "from_cache": 0,
         "variants": ["train_fp32_3d_residual_left"] * LAYERS,
     }
-    second = _train_child(cache, {})
+    second = _train_child(tag, {})
     assert second == {**first, "from_cache": LAYERS}
-    recompute = _train_child(cache, {"inductor_fusion": {"memory": "recompute"}})
+    recompute = _train_child(tag, {"inductor_fusion": {"memory": "recompute"}})
     assert recompute["from_cache"] == 0
     assert recompute["variants"] == ["train_fp32_3d_residual_left_recompute"] * LAYERS
 
@@ -841,37 +839,25 @@ def test_user_joint_pass_runs_first_and_globs_scope_training_regions():
 
 
 @pytest.mark.slow
-def test_inference_compiles_never_build_the_training_pass():
-    """Training variants live in a pass of their own, built on the first joint graph: a
-    process that only compiles for inference never traces them (a fresh process, so that no
-    earlier test has built it)."""
-    import subprocess
-    import sys
-    import textwrap
+def test_inference_compiles_never_build_the_training_pass(monkeypatch):
+    """Training variants live in a pass of their own, built on the first joint graph: a compile
+    for inference never traces them. The built passes are counted in a cache of this test's own
+    (earlier tests in this process have built theirs), with Inductor's caches off so that the
+    pass runs."""
+    import functools
 
-    code = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from tiny_models import tiny_model, token_ids
-        import inductor_fusion
-        from inductor_fusion import registry
-        model, ids = tiny_model("llama"), token_ids()
-        # The one family with training variants: the others' passes would only add tracing.
-        backend = inductor_fusion.backend(patterns=["rmsnorm_mlp"])
-        with torch.no_grad():
-            torch.compile(model, backend=backend)(ids)
-        print(registry._built_pass.cache_info().currsize)
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTOR_FUSION_")}
-    env.update(TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    from inductor_fusion import registry
+
+    built = functools.cache(registry._built_pass.__wrapped__)
+    monkeypatch.setattr(registry, "_built_pass", built)
+    model, ids = tiny_model("llama"), token_ids()
+    # The one family with training variants: the others' passes would only add tracing.
+    backend = inductor_fusion.backend(patterns=["rmsnorm_mlp"])
+    with fresh_compile(caches=False) as report, torch.no_grad():
+        torch.compile(model, backend=backend)(ids)
+    assert report.count("rmsnorm_mlp") == LAYERS
     # The family's inference pass only (its training pass would be a second).
-    assert result.stdout.split()[-1] == "1", result.stdout
+    assert built.cache_info().currsize == 1
 
 
 def test_cuda_training_graphs_are_left_to_inductor_before_any_matching(caplog, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 
 import torch
@@ -167,6 +168,23 @@ def fresh_compile(*, caches: bool = True) -> Iterator[inductor_fusion.FusionRepo
             stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
         yield inductor_fusion.get_report()
     torch._dynamo.reset()
+
+
+def child_environ(tag: str, **env: str) -> dict[str, str]:
+    """The environment of a test's child process: none of our toggles (whatever the outer
+    environment sets), Inductor's FX graph and AOTAutograd caches on, and their keys salted with
+    ``tag`` (``TORCH_COMPILE_CACHE_KEY_TAG``): a test's first child with a new tag misses and its
+    later ones hit, while every child reuses the C++ kernels already built in the worker's cache
+    dir (a cold dir costs a child ~20 s of g++). The parent is blocked in the child meanwhile, so
+    no two processes write that dir at once (see conftest)."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("INDUCTOR_FUSION_")}
+    return {
+        **inherited,
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+        "TORCH_COMPILE_CACHE_KEY_TAG": tag,
+        **env,
+    }
 
 
 def layer_paths(role_suffix: str, layers: int = TINY["num_hidden_layers"]) -> list[str]:

@@ -929,6 +929,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="an earlier results.json: its records for (shape, M) cells this run does not measure "
         "are kept (each record keeps the floor of its own run), so one sweep can span calls",
     )
+    parser.add_argument(
+        "--fuse-every-m",
+        action="store_true",
+        help="issue #27's measurement: compiled graphs fuse at every M on CUDA (the token bound "
+        "lifted), to time our kernels where the product leaves the region to Inductor",
+    )
+    parser.add_argument(
+        "--lowered-tma",
+        action="store_true",
+        help="compiled graphs launch the TMA kernels for M > 64 (launch_config.LOWERED_TMA)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     preset = "smoke" if args.cpu_smoke else "quick" if args.quick else "default"
@@ -964,6 +975,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def experiment(fuse_every_m: bool, lowered_tma: bool) -> None:
+    """The launch settings issue #27 measures, set before anything compiles (both are read when a
+    graph is traced)."""
+    from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned, launch_config
+
+    if fuse_every_m:
+        launch_config.MAX_PROFITABLE_TOKENS = 1 << 62
+        _rmsnorm_mlp_tuned.PROFITABLE_TOKENS.clear()
+    launch_config.LOWERED_TMA = lowered_tma
+
+
 def numerics_m(tokens: Sequence[int], wanted: int) -> int:
     """The swept M closest to ``wanted`` (ties: the smaller)."""
     return min(tokens, key=lambda m: (abs(math.log2(m) - math.log2(wanted)), m))
@@ -977,6 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device, dtype = ("cuda", DTYPE) if cuda else ("cpu", torch.float32)
     configure_compiler()
+    experiment(args.fuse_every_m, args.lowered_tma)
     budget = Budget(args.time_budget)
     out_dir: Path = args.out
     plan: TimingPlan = args.plan
@@ -1023,8 +1046,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "floor = max(bytes / copy_bw, flops / mm_rate), bytes = (W*H*I + MLP biases + "
             "2*M*H)*2, flops = 2*W*M*H*I, W = 3 weight matrices (gated) or 2 (not gated)",
             "ours fuses up to the profitability limit of 64 tokens on CUDA; above it the "
-            "region is Inductor's own code on purpose (records: fused = 0)",
+            "region is Inductor's own code on purpose (records: fused = 0), unless fuse_every_m",
         ],
+        fuse_every_m=args.fuse_every_m,
+        lowered_tma=args.lowered_tma,
     )
     records: list[dict] = []
     if args.merge is not None:

@@ -16,7 +16,7 @@ fused gate/up GEMM runs within a few % of cuBLAS. This script times, per M, on t
 and the down GEMM + residual: cuBLAS addmm vs the persistent kernel with the residual in its
 epilogue. CUDA-graph replay (``triton.testing.do_bench_cudagraph``), median.
 
-    python perf/exp_prefill_gemm.py --out perf/results/prefill_gemm
+    python perf/exp_prefill_gemm.py --out perf/results/prefill_gemm   (or: GPU_CHECK_STAGES=prefill bash perf/gpu_check.sh)
 """
 
 # Each closure is timed inside the iteration that defines it, so late binding is harmless here.
@@ -163,7 +163,15 @@ def main() -> int:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dt = torch.bfloat16
     silu_mul = torch.compile(lambda g, u: torch.nn.functional.silu(g) * u)
-    rows = []
+    rows: list[dict] = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": dist_version("triton"),
+        "sms": sms,
+    }
     for shape in args.shapes.split(","):
         hidden, inter = map(int, shape.split("x"))
         torch.manual_seed(0)
@@ -290,19 +298,14 @@ def main() -> int:
             flops = 2 * 2 * m * hidden * inter
             row = {"hidden": hidden, "intermediate": inter, "m": m, "us": times, "rel_err": errors}
             rows.append(row)
+            # After every row: a call that runs out of time keeps what it measured.
+            (out_dir / "prefill_gemm.json").write_text(
+                json.dumps({"meta": meta, "rows": rows}, indent=1)
+            )
             for name, us in sorted(times.items(), key=lambda kv: kv[1]):
                 f = flops if not name.startswith("down") else flops / 2
                 log(f"{hidden}x{inter} M={m:6d} {name:45s} {us:9.1f} us {f / us / 1e6:6.0f} TFLOP/s "
                     f"err={errors.get(name, float('nan')):.1e}")  # fmt: skip
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": dist_version("triton"),
-        "sms": sms,
-    }
-    (out_dir / "prefill_gemm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 
 

@@ -7,7 +7,8 @@
 #     bash perf/gpu_check.sh
 # It keeps inside GPU_CHECK_TOTAL_S seconds (default 540: the tool allows 600 a command), so give
 # the call timeout_s=600. A stage that fails or times out does not stop the later ones.
-# GPU_CHECK_STAGES picks stages (default "tests,demo,bench"; also "host": perf/bench_host.py,
+# GPU_CHECK_STAGES picks stages (default "tests,demo,bench"; also "prefill": issue #27's
+# experiment and sweep, then the bench stage with its flags; "host": perf/bench_host.py,
 # with BENCH_HOST_ARGS, "e2e": perf/bench_e2e.py with E2E_ARGS, its files straight into $OUT, and
 # "train": perf/bench_train.py with TRAIN_ARGS, into $OUT/train).
 # BENCH_EXTRA_ARGS go last on bench.py's command line (e.g. --shapes/--tokens/--providers: they win).
@@ -166,6 +167,18 @@ RC_E2E=$STAGE_RC
 # shellcheck disable=SC2086
 run_stage train 90 python3 perf/bench_train.py --out "$OUT/train" ${TRAIN_ARGS:-}
 RC_TRAIN=$STAGE_RC
+
+# Issue #27 in one stage: the GEMM-level experiment (persistent TMA gate/up vs cuBLAS), then the
+# region with compiled graphs fusing at every M, their TMA kernels launched from Inductor's wrapper,
+# against compile and max-autotune (PREFILL_ARGS replace the sweep's shapes/tokens).
+if stage prefill && (($(left) > 120)); then
+    say "(prefill) exp_prefill_gemm, limit $(($(left) / 3))s"
+    (cd perf && timeout -k 5 $(($(left) / 3)) python3 exp_prefill_gemm.py --out "$OUT" \
+        --shapes 4096x14336,2048x8192,3072x8192 --tokens 256,1024,4096,16384) 2>&1 | tee "$OUT/prefill_gemm.log"
+    say "(prefill) exp_prefill_gemm rc=${PIPESTATUS[0]}"
+    STAGES="$STAGES,bench,"
+    BENCH_EXTRA_ARGS="--fuse-every-m --lowered-tma --providers compile,max_autotune,ours,ours_op ${PREFILL_ARGS:---shapes 2048x8192,4096x14336,3072x8192 --tokens 64,128,256,1024,4096} ${BENCH_EXTRA_ARGS:-}"
+fi
 
 # --- (c) benchmark ------------------------------------------------------------------------------------
 # bench.py rewrites results.json after every (shape, M), so a timeout still leaves data. Its own

@@ -98,17 +98,54 @@ def test_many_tokens_stay_inductors(caplog):
     assert len(reasons) == 1 and "Inductor's code is faster" in reasons[0]
 
 
-def test_tiled_kernels_lower_too():
-    """The lowered form of the tiled regime (reachable by calling the lowered op directly)."""
+def _tiled_graph(rows: int = 512) -> torch.fx.GraphModule:
     with FakeTensorMode():
         args = [
             torch.empty(s, dtype=torch.bfloat16, device="cuda")
-            for s in ((512, H), (H,), (INTER, H), (INTER, H), (H, INTER))
+            for s in ((rows, H), (H,), (INTER, H), (INTER, H), (H, INTER))
         ]
-        gm = make_fx(lambda *a: kernels.rmsnorm_mlp_lowered(*a, None, None, None, a[0], 1e-5))(
+        return make_fx(lambda *a: kernels.rmsnorm_mlp_lowered(*a, None, None, None, a[0], 1e-5))(
             *args
         )
+
+
+def test_tiled_kernels_lower_too():
+    """The lowered form of the tiled regime (reachable by calling the lowered op directly): the
+    "tma" configuration's pointer-kernel form, with no descriptors in the graph."""
+    gm = _tiled_graph()
     assert _launched(gm) == ["norm_kernel", "gate_up_gemm_kernel", "down_gemm_kernel"]
+    for node in gm.graph.find_nodes(op="call_function", target=HOP):
+        assert node.kwargs["tma_descriptor_metadata"] == {}
+
+
+def test_lowered_tma_carries_each_descriptor_as_its_tensor_and_block(monkeypatch):
+    """With LOWERED_TMA (issue #27's measurement) the graph launches the TMA kernels, each
+    descriptor argument a graph tensor with torch's "stable" metadata: the tensor the eager plan
+    describes and the same block shape (Inductor builds the descriptor before each launch)."""
+    from inductor_fusion.triton_kernels import launch_config
+
+    monkeypatch.setattr(launch_config, "LOWERED_TMA", True)
+    gm = _tiled_graph()
+    assert _launched(gm) == ["norm_kernel", "gate_up_tma_kernel", "down_tma_kernel"]
+    config = launch_config.pick_config(512, H, INTER, torch.bfloat16, interpret=False)
+    up, down = config.gate_up, config.down
+    norm, gate_up, down_node = gm.graph.find_nodes(op="call_function", target=HOP)
+    assert norm.kwargs["tma_descriptor_metadata"] == {}
+    assert gate_up.kwargs["tma_descriptor_metadata"] == {
+        "x_desc": ("stable", ([up.block_m, up.block_k],)),
+        "gate_desc": ("stable", ([up.block_n, up.block_k],)),
+        "up_desc": ("stable", ([up.block_n, up.block_k],)),
+    }
+    assert down_node.kwargs["tma_descriptor_metadata"] == {
+        "a_desc": ("stable", ([down.block_m, down.block_k],)),
+        "w_desc": ("stable", ([down.block_n, down.block_k],)),
+    }
+    args = gate_up.kwargs["kwargs"]
+    # The normalised rows (what the norm launch wrote) and the weights, as placeholders.
+    assert args["x_desc"] is args["x_ptr"] and args["x_desc"].args[0] is norm
+    assert [args[k].op for k in ("gate_desc", "up_desc")] == ["placeholder", "placeholder"]
+    # The intermediate the gate/up launch wrote.
+    assert down_node.kwargs["kwargs"]["a_desc"].args[0] is gate_up
 
 
 def test_launch_buffers_belong_to_the_graph():

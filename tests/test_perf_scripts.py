@@ -115,6 +115,38 @@ def test_bench_expects_what_should_fuse_decides(spec, tokens, expected, perf_pat
     assert bench.expected_regions(torch.empty(1, tokens, h), region) == 1  # CPU always fuses
 
 
+def test_bench_fuse_every_m_lifts_every_bound_and_should_fuse_follows(perf_path, monkeypatch):
+    """--fuse-every-m (issue #27's measurement) makes compiled graphs fuse at any M on CUDA, the
+    shapes with a measured bound below 64 included, and bench expects exactly that."""
+    import types
+
+    import bench
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from inductor_fusion.patterns.norm_mlp_checks import RegionArgs, should_fuse
+    from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned, launch_config
+
+    monkeypatch.setattr(launch_config, "MAX_PROFITABLE_TOKENS", launch_config.MAX_PROFITABLE_TOKENS)
+    monkeypatch.setattr(launch_config, "LOWERED_TMA", launch_config.LOWERED_TMA)
+    monkeypatch.setattr(
+        _rmsnorm_mlp_tuned, "PROFITABLE_TOKENS", dict(_rmsnorm_mlp_tuned.PROFITABLE_TOKENS)
+    )
+    bench.experiment(fuse_every_m=True, lowered_tma=True)
+    assert launch_config.LOWERED_TMA
+    for spec in ("llama:2048x8192", "llama_tp:4096x1792"):
+        shape = bench.Shape.parse(spec)
+        region = types.SimpleNamespace(shape=shape, kind=bench.KINDS[shape.kind])
+        h, i = shape.hidden, shape.inter
+        with FakeTensorMode():
+            x = torch.empty(1, 4096, h, device="cuda", dtype=torch.bfloat16)
+            w = [
+                torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in [(h,), (i, h), (i, h)]
+            ]
+            down = torch.empty(h, i, device="cuda", dtype=torch.bfloat16)
+            assert bench.expected_regions(x, region) == 1
+            assert should_fuse(RegionArgs(x, *w, down, None, None, None, eps=1e-5)) is None
+
+
 @pytest.mark.slow
 def test_bench_tp_runs_two_gloo_ranks(tmp_path: Path) -> None:
     """perf/bench_tp.py waits for a multi-GPU machine (issue #13); its CPU smoke (2 gloo ranks,

@@ -24,6 +24,7 @@ from inductor_fusion.triton_kernels import _rmsnorm_mlp_tuned as _tuned
 __all__ = [
     "DEFAULT_CONFIGS",
     "INTERPRET_CONFIG",
+    "LOWERED_TMA",
     "MAX_PROFITABLE_TOKENS",
     "NON_GATED",
     "Blocks",
@@ -246,6 +247,14 @@ def fp32_form(config: Config) -> Config:
 # compute-bound: Inductor's cuBLAS GEMMs ran 3-20 % faster than our pointer-based tiled kernels
 # (e.g. 4096x14336 at M=4096: 2163 vs 2628 us), so a compiled graph keeps Inductor's code there.
 MAX_PROFITABLE_TOKENS = 64
+
+
+# Whether compiled graphs run the "tma" configurations (M > 64) with their TMA descriptors, which
+# Inductor's wrapper builds on the host before each launch (torch's "stable" descriptor metadata
+# for user kernels), rather than as the pointer kernels with the same tiles. Off: measured on no
+# GPU yet (issue #27), and no region above MAX_PROFITABLE_TOKENS fuses on CUDA today; perf/bench.py
+# --lowered-tma turns it on for the measurement.
+LOWERED_TMA = False
 
 
 def max_profitable_tokens(hidden_size: int, intermediate_size: int) -> int:

@@ -86,9 +86,10 @@ def plan_region(
 ) -> Plan:
     """The launches that compute the region, and the buffers they write (allocated here).
 
-    ``tma=False`` gives a plan made of pointer-based kernels only: a compiled graph cannot carry
-    the host-side TMA descriptors (they would be rebuilt in Python on every call), so there the
-    "tma" configurations run their pointer-kernel form, with the same tiles and split-K.
+    ``tma=False`` gives a plan made of pointer-based kernels only: the "tma" configurations run
+    their pointer-kernel form, with the same tiles and split-K. Compiled graphs take that form
+    unless ``launch_config.LOWERED_TMA``: a graph carries a descriptor as its tensor and block
+    shape (`emit`), and Inductor's wrapper builds it on the host before every launch.
     """
     hidden_size = hidden.shape[-1]
     inter_size = gate_weight.shape[0]
@@ -157,16 +158,21 @@ def emit(plan: Plan) -> Tensor:
     latest: dict[int, Tensor] = {}
     no_constants = kernel_side_table.add_constant_args({})
     for launch in plan.launches:
-        kwargs = {
-            name: latest.get(id(value), value) if isinstance(value, Tensor) else value
-            for name, value in launch.args.items()
-        }
+        kwargs: dict[str, Any] = {}
+        descriptors: dict[str, Any] = {}
+        for name, value in launch.args.items():
+            if isinstance(value, TensorDescriptor):
+                # A graph carries the tensor and the block shape; Inductor's wrapper builds the
+                # descriptor before each launch (torch's "stable" TMA metadata for user kernels).
+                descriptors[name] = ("stable", (list(value.block_shape),))
+                value = value.base
+            kwargs[name] = latest.get(id(value), value) if isinstance(value, Tensor) else value
         kernel = _single_config_kernel(launch.kernel, launch.num_warps, launch.num_stages)
         written = triton_kernel_wrapper_functional(
             kernel_idx=kernel_side_table.add_kernel(kernel),
             constant_args_idx=no_constants,
             grid=[tuple(launch.grid) + (1,) * (3 - len(launch.grid))],
-            tma_descriptor_metadata={},
+            tma_descriptor_metadata=descriptors,
             kwargs=kwargs,
             tensors_to_clone=list(launch.writes),
         )
@@ -312,9 +318,19 @@ def _tma_ok(*tensors: Tensor) -> bool:
     """Whether the copy engine can read these 2-D tensors: unit inner stride, 16-byte aligned base
     and row stride (its hardware constraints). Other layouts take the pointer-based kernels."""
     return all(
-        t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+        t.stride(1) == 1 and _base_aligned(t) and (t.stride(0) * t.element_size()) % 16 == 0
         for t in tensors
     )
+
+
+def _base_aligned(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t):
+        # Traced into a graph: only the offset into the storage is known. Inductor's buffers are
+        # aligned, and the descriptor Inductor builds before each launch checks the address.
+        return (t.storage_offset() * t.element_size()) % 16 == 0
+    return t.data_ptr() % 16 == 0
 
 
 def _descriptor(t: Tensor, block_rows: int, block_cols: int) -> TensorDescriptor:

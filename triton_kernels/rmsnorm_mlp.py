@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import Tensor
 
-from inductor_fusion.triton_kernels import _launch_cache
+from inductor_fusion.triton_kernels import _launch_cache, launch_config
 from inductor_fusion.triton_kernels.launch_config import Config, gpu_name, graph_config
 from inductor_fusion.triton_kernels.launch_plan import Plan, as_rows, emit, plan_region
 from inductor_fusion.triton_kernels.region import (
@@ -284,14 +284,17 @@ def rmsnorm_mlp_lowered(
     ``triton_kernel_wrapper_functional`` node, which Inductor reinplaces and lowers to a launch
     of our kernel from its own generated wrapper, with its own launcher and its memory planning
     for the buffers allocated here. So a call costs the host what Inductor's own kernels cost: no
-    dispatcher call, no Python config pick, no descriptors built per call.
+    dispatcher call, no Python config pick, and no TMA descriptors built per call unless
+    ``launch_config.LOWERED_TMA`` (then Inductor's wrapper builds them; see `plan_region`).
 
     The configuration is chosen while tracing: from the exact token count when it is static,
     else from the regime its size hint falls in, with a guard (so a token count from another
     regime recompiles once: at most one graph per regime, never one per M).
     """
     tensors = (norm_weight, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
-    plan = _region_plan(hidden, tensors, residual, eps, norm_bias, residual_scale, spec, tma=False)
+    # Read at call time, so that perf/bench.py --lowered-tma can set it.
+    tma = launch_config.LOWERED_TMA
+    plan = _region_plan(hidden, tensors, residual, eps, norm_bias, residual_scale, spec, tma=tma)
     if plan is None:  # a static token count of 0 (a symbolic one is never 0 here)
         return hidden.new_empty(hidden.shape)
     return emit(plan).view(hidden.shape)

@@ -20,14 +20,13 @@ if not torch.cuda.is_available():
 # inherited by the subprocesses it starts; a caller that sets TORCHINDUCTOR_CACHE_DIR keeps theirs.
 # Tests whose children must miss or hit the FX graph cache salt its key instead
 # (`tiny_models.child_environ`), so they still reuse the C++ kernels built here.
-# Under pytest-xdist (`make test` runs two workers) each worker inherits the controller's
-# variable, so a worker compiles into a directory of its own beneath it: two processes writing one
-# cache directory at once is the race above.
+# Under pytest-xdist (`make test` runs two workers) the workers inherit the controller's directory
+# and share it: Inductor builds each kernel under a file lock in that directory (and writes its
+# other cache entries atomically), so two workers needing one kernel build it once, where a
+# directory per worker built every kernel the two share twice.
 _SESSION_PREFIX = "inductor_fusion_tests_"
-_worker = os.environ.get("PYTEST_XDIST_WORKER")
-_inherited = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
-if not _inherited or (_worker and os.path.basename(_inherited).startswith(_SESSION_PREFIX)):
-    _session_cache = tempfile.mkdtemp(prefix=f"{_SESSION_PREFIX}{_worker or 'main'}_")
+if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    _session_cache = tempfile.mkdtemp(prefix=_SESSION_PREFIX)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _session_cache
     atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 

@@ -1,4 +1,5 @@
-"""Clients that compile with backend="inductor" and cannot name ours: Trainer, accelerate, generate().
+"""Clients that compile with backend="inductor" and cannot name ours: accelerate, generate() (the
+Trainer: test_docs runs docs/clients.md's snippet and compares its losses with the eager Trainer's).
 
 After ``inductor_fusion.install()`` each of them fuses. Inductor's caches are off in these tests: an
 installed pass reports the graphs it runs on, and a cache hit runs none (see global_pass).
@@ -9,13 +10,12 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from test_generate import Generated, assert_same_generation, every_layer, regions
 from tiny_models import FP32_VS_EAGER, TINY, fresh_compile, tiny_model, token_ids
-from transformers import CompileConfig, Trainer, TrainingArguments
+from transformers import CompileConfig
 
 import inductor_fusion
 
@@ -37,72 +37,6 @@ def fresh_accelerate_state() -> Iterator[None]:
     AcceleratorState._reset_state(reset_partial_state=True)
     os.environ.clear()
     os.environ.update(environ)
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: int = 8, seq: int = 8) -> None:
-        self.ids = token_ids(batch=samples, seq=seq, seed=3)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def evaluate_and_train(
-    output_dir: Path, *, compiled: bool = True
-) -> tuple[float, int, list[float], int]:
-    """One evaluation, then three training steps, with the Trainer's torch_compile=True
-    (``compiled=False``: the eager model, the reference).
-
-    Returns the evaluation loss and the regions fused while evaluating, the loss curve and the
-    regions fused while training. Evaluation comes first: transformers 5.24 compiles the model
-    for an evaluate() called before any training (prepare_model(evaluation_mode=True)), while an
-    evaluate() after train() runs the uncompiled model."""
-    # docs/clients.md's Trainer snippet, as tested here (test_docs executes the page's own):
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        torch_compile=compiled,  # backend "inductor": with install(), it fuses
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        max_steps=3,
-        logging_steps=1,
-        learning_rate=1e-3,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        data_seed=0,
-    )
-    data = TokenDataset()
-    trainer = Trainer(
-        model=tiny_model("llama").train(), args=args, train_dataset=data, eval_dataset=data
-    )
-    report = inductor_fusion.get_report()
-    evaluation = trainer.evaluate()
-    evaluated = report.count("rmsnorm_mlp")
-    trainer.train()
-    trained = report.count("rmsnorm_mlp") - evaluated
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return evaluation["eval_loss"], evaluated, losses, trained
-
-
-def test_trainer_torch_compile_fuses_in_evaluation(tmp_path: Path) -> None:
-    # The reference is the eager Trainer: the transformers modules' own result, and no compile.
-    plain = evaluate_and_train(tmp_path / "plain", compiled=False)
-    with fresh_compile(caches=False) as report, inductor_fusion.installed():
-        ours = evaluate_and_train(tmp_path / "ours")
-        found = regions(report)
-    eval_loss, evaluated, losses, trained = ours
-    # Evaluation (a no_grad forward, one graph for the one batch): every layer fused.
-    assert evaluated == LAYERS, report.summary()
-    assert eval_loss == pytest.approx(plain[0], rel=1e-5)
-    # Training (issue #11): every layer fuses once more, in the joint graph of the training
-    # step, and the loss curve is the eager one up to fp32 rounding.
-    assert trained == LAYERS and found == every_layer(2), report.summary()
-    assert len(losses) == 3
-    assert losses == pytest.approx(plain[2], rel=1e-5)
 
 
 def test_accelerate_dynamo_backend_fuses() -> None:

@@ -16,6 +16,7 @@ report lines the snippets print in comments are compared with what they print.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import os
 import re
@@ -385,14 +386,39 @@ class TokenDataset(torch.utils.data.Dataset):
 def test_trainer_snippet_fuses_evaluation_and_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The page's Trainer snippet fuses every layer in evaluation and in training, and its
+    training loss (the mean over its steps, each after the updates before it) is the eager
+    Trainer's up to fp32 rounding: the same arguments without compile, on a copy of the model.
+    (train() starts a new log, so the evaluation loss the snippet discards is not compared;
+    compiled inference logits are checked against eager throughout the suite.)"""
+    from transformers import Trainer, TrainingArguments
+
     monkeypatch.chdir(tmp_path)  # the snippet's output_dir="out"
-    namespace = {"model": doc_model().train(), "data": TokenDataset()}
+    model, data = doc_model().train(), TokenDataset()
+    eager_model = copy.deepcopy(model)
+    namespace = {"model": model, "data": data}
     with fresh_client_state(), fresh_compile() as report, undoes_installs():
         run(snippet("docs/clients.md", "trainer"), namespace)
     variants = [region.variant for region in report if region.pattern == "rmsnorm_mlp"]
     # evaluate(): every layer, inference graph; train(): every layer again, training graph.
     assert variants.count("fp32_3d_residual_left") == LAYERS, report.summary()
     assert variants.count("train_fp32_3d_residual_left") == LAYERS, report.summary()
+    with fresh_client_state():
+        eager = Trainer(
+            model=eager_model,
+            args=TrainingArguments(output_dir="eager"),
+            train_dataset=data,
+            eval_dataset=data,
+        )
+        eager.train()
+
+    def train_loss(trainer) -> float:
+        (loss,) = [
+            entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry
+        ]
+        return loss
+
+    assert train_loss(namespace["trainer"]) == pytest.approx(train_loss(eager), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ hit serves (from our records), marked as such. Real processes in a row, sharing 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -12,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from tiny_models import child_environ
+from tiny_models import child_environ, run_child
 
 from inductor_fusion import records
 from inductor_fusion.report import FusedRegion, FusionReport
@@ -63,15 +62,7 @@ def _child(tag: str, *, install: bool = False, **env: str) -> dict:
     code = _CHILD.format(
         tests=tests, install=install, backend="inductor" if install else "inductor_fusion"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=child_environ(tag, **env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(code, tag, **env)
 
 
 def _counts(result: dict) -> dict:

@@ -98,11 +98,11 @@ def test_many_tokens_stay_inductors(caplog):
     assert len(reasons) == 1 and "Inductor's code is faster" in reasons[0]
 
 
-def _tiled_graph(rows: int = 512) -> torch.fx.GraphModule:
+def _tiled_graph() -> torch.fx.GraphModule:
     with FakeTensorMode():
         args = [
             torch.empty(s, dtype=torch.bfloat16, device="cuda")
-            for s in ((rows, H), (H,), (INTER, H), (INTER, H), (H, INTER))
+            for s in ((512, H), (H,), (INTER, H), (INTER, H), (H, INTER))
         ]
         return make_fx(lambda *a: kernels.rmsnorm_mlp_lowered(*a, None, None, None, a[0], 1e-5))(
             *args

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from tiny_models import (
     Region,
     assert_within_tolerance,
-    child_environ,
     fresh_compile,
     layer_paths,
     region_hidden,
     rel_l2,
+    run_child,
     tiny_model,
     token_ids,
 )
@@ -740,20 +740,7 @@ print(json.dumps({{
 
 
 def _train_child(tag: str, options: dict) -> dict:
-    import json
-    import subprocess
-    import sys
-
-    code = _TRAIN_CHILD.format(tests=os.path.dirname(__file__), options=options)
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=child_environ(tag),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(_TRAIN_CHILD.format(tests=os.path.dirname(__file__), options=options), tag)
 
 
 @pytest.mark.slow

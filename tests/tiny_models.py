@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -185,6 +188,20 @@ def child_environ(tag: str, **env: str) -> dict[str, str]:
         "TORCH_COMPILE_CACHE_KEY_TAG": tag,
         **env,
     }
+
+
+def run_child(code: str, tag: str, **env: str) -> dict:
+    """Runs ``code`` in a child Python with `child_environ` (``tag``, ``env``) and returns the
+    JSON object its last line prints; a failing child fails the test with its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_environ(tag, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def layer_paths(role_suffix: str, layers: int = TINY["num_hidden_layers"]) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from inductor_fusion.triton_kernels import _rmsnorm_mlp_jit as _jit
@@ -324,8 +325,6 @@ def _tma_ok(*tensors: Tensor) -> bool:
 
 
 def _base_aligned(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
     if is_fake(t):
         # Traced into a graph: only the offset into the storage is known. Inductor's buffers are
         # aligned, and the descriptor Inductor builds before each launch checks the address.
